@@ -1,0 +1,59 @@
+"""Shared CLI plumbing: config loading with ``--set``, one-line errors, the rich console."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from ddkit.errors import DdkitError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Reused option declarations so every command spells them the same way.
+SetOption = typer.Option(
+    None, "--set", "-s", help="Override a config key: --set generate.cfg_scale=2.0 (repeatable)."
+)
+ConfigArg = typer.Option(None, "--config", "-c", help="Experiment YAML (configs/*.yaml); default: embedded MNIST-5k.")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one red line to stderr and return an Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn :class:`DdkitError` (and a few OS errors) into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DdkitError as e:
+            raise fail(str(e)) from None
+        except FileNotFoundError as e:
+            raise fail(f"{e.filename or e}: not found") from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; outputs written so far are complete, rerun to resume", 130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load(config: Optional[Path], sets: Optional[list[str]]):
+    """Load the experiment config (``ddkit.config.load_config``) from CLI arguments."""
+    from ddkit.config import load_config
+
+    return load_config(config, tuple(sets or ()))
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

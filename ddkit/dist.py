@@ -1,0 +1,125 @@
+"""Rank, world size and device, from ``torchrun`` or SLURM ``srun`` — the only module that reads that env.
+
+One code path serves a single process, ``torchrun --nproc-per-node N`` and ``srun`` with one task per GPU:
+:func:`dist_env` reads whichever launcher set the variables, :func:`init_distributed` starts the process
+group when the world has more than one rank (NCCL on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"  # "none" | "torchrun" | "slurm"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables.
+
+    torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; ``srun`` sets
+    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` and the node list, from which the master address is
+    the first node and the port is derived from the job id (so concurrent jobs on a node do not collide).
+    A SLURM *batch* step with a single task counts as one process.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``gpu[003-005,7],cpu1`` -> ``gpu003``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def init_distributed(env: DistEnv | None = None, backend: str | None = None) -> DistEnv:
+    """Initialise ``torch.distributed`` when the world has more than one rank; no-op otherwise."""
+    import torch
+    import torch.distributed as tdist
+
+    env = env or dist_env()
+    if env.distributed and not tdist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+        tdist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        )
+    return env
+
+
+def device_for(env: DistEnv | None = None, requested: str = "auto"):
+    """The torch device this rank should use: its local GPU, or the CPU."""
+    import torch
+
+    if requested != "auto":
+        return torch.device(requested)
+    env = env or dist_env()
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Synchronise ranks (no-op without a process group)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was started."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,204 @@
+"""Run directories, atomic writes, manifests.
+
+Every output ddkit writes goes through a temporary file (or directory) in the same folder followed by
+``os.replace``, so a crash or a SLURM preemption never leaves half a file behind, and a rerun can trust
+whatever exists. Stage completion is marked by a ``DONE`` file written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DONE = "DONE"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Atomic UTF-8 text write."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Atomic JSON write, indented and key-sorted for stable diffs."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
+
+    For writers that want a filename (``torch.save``, ``zipfile``, matplotlib's ``savefig``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through :func:`atomic_file` (checkpoints, tensors)."""
+    import torch
+
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    On error the temporary directory is removed and ``path`` is left as it was.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and flush (logs; a torn last line is skipped by :func:`read_jsonl`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=_json_default) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file, skipping a torn final line."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; raises :class:`ddkit.errors.DataError` naming the file when missing or corrupt."""
+    from ddkit.errors import DataError
+
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{p}: not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_run_config(run_dir: str | Path, cfg: Any, name: str = "config.yaml") -> Path:
+    """Write the resolved config (a dataclass from :mod:`ddkit.config`) into ``run_dir/name``."""
+    from ddkit.config import dump_yaml
+
+    return atomic_write_text(Path(run_dir) / name, dump_yaml(cfg))
+
+
+def mark_done(stage_dir: str | Path, info: dict[str, Any] | None = None) -> None:
+    """Mark a stage directory complete (written last, so its presence means every output exists)."""
+    atomic_write_json(Path(stage_dir) / DONE, info or {})
+
+
+def is_done(stage_dir: str | Path) -> bool:
+    """True when :func:`mark_done` has run for ``stage_dir``."""
+    return (Path(stage_dir) / DONE).is_file()
+
+
+def hardware_info() -> dict[str, Any]:
+    """What ran this: host, CPU count, torch version, accelerator name (for manifests)."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["device"] = torch.cuda.get_device_name(0)
+            info["gpus"] = torch.cuda.device_count()
+        else:
+            info["device"] = "cpu"
+            info["gpus"] = 0
+    except Exception:  # pragma: no cover - torch is a hard dependency
+        pass
+    return info
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
