@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine (both install what they need):
+#   make demo   the main job: `ddkit run configs/mnist.yaml` on the embedded MNIST-5k (about 20 min, 2 CPU cores)
+#   make test   the test suite (starts a real single-node SLURM cluster on localhost; installs it with apt)
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo quick test test-slow bench lint clean
+
+install: $(VENV)/.installed
+
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml: pip takes them from this machine's disk.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ddkit run configs/mnist.yaml
+
+quick: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ddkit run configs/mnist.yaml --quick --set run_dir=runs/mnist-quick
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: install
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: install
+	$(VENV)/bin/ruff check ddkit tests bench
+
+clean:
+	rm -rf runs shards .pytest_cache

@@ -1,0 +1,105 @@
+"""``report.md``: the results table, the sample grids and budget plots, and where the time went.
+
+Everything it shows is read back from the run directory (``eval/results.json``, ``gen-*/manifest.json``,
+``pipeline.json``), so the report can be rebuilt at any time with ``ddkit run CONFIG --stage report``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ddkit.config import ExperimentConfig
+from ddkit.io import atomic_write_text, read_json
+
+# Display order and labels: distilled sets first, then the two baselines.
+LABELS = {
+    "minimax": "Minimax DiT (ours)",
+    "dit": "plain DiT (no minimax)",
+    "d3hr": "D^3HR",
+    "random_real": "random real",
+    "full": "full real data",
+}
+
+
+def result_sets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-set entries of ``results.json`` (``{"sets": {...}}`` or a flat mapping)."""
+    sets = results.get("sets", results)
+    return {k: v for k, v in sets.items() if isinstance(v, dict) and "mean" in v}
+
+
+def results_table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows (label, IPC, accuracy "mean ± std" in %, runs) ordered as :data:`LABELS`, unknown names last."""
+    sets = result_sets(results)
+    order = [k for k in LABELS if k in sets] + [k for k in sets if k not in LABELS]
+    rows = []
+    for k in order:
+        r = sets[k]
+        rows.append(
+            (
+                LABELS.get(k, k),
+                str(r.get("ipc", "")),
+                f"{r['mean']:.2f} ± {r['std']:.2f}",
+                str(len(r.get("runs", [])) or ""),
+            )
+        )
+    return rows
+
+
+def write_report(cfg: ExperimentConfig) -> Path:
+    """Write ``RUN/report.md`` from what the run directory holds; returns its path."""
+    run = Path(cfg.run_dir)
+    lines = [f"# ddkit report: {cfg.name}", ""]
+    lines += [
+        f"Dataset `{cfg.data.dataset}`, backbone `{cfg.model.arch}`, methods {', '.join(cfg.methods)}; "
+        f"evaluation protocol `{cfg.evaluate.protocol}` with {cfg.evaluate.network}, "
+        f"{cfg.evaluate.repeats} repeat(s).",
+        "",
+    ]
+    eval_path = run / "eval" / "results.json"
+    if eval_path.exists():
+        results = read_json(eval_path)
+        lines += ["## Results (test accuracy, %)", "", "| set | IPC | accuracy | runs |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in results_table(results)]
+        lines.append("")
+    lines += ["## Generation", "", "| method | steps | IPC | images | wall s | budget s | budget used |", "|---|---|---|---|---|---|---|"]
+    pictures = []
+    for method in cfg.methods:
+        gen = run / f"gen-{method}"
+        man_path = gen / "manifest.json"
+        if not man_path.exists():
+            continue
+        m = read_json(man_path)
+        lines.append(
+            "| {} | {} | {} | {} | {} | {} | {} |".format(
+                method,
+                _fmt(m.get("steps")),
+                _fmt(m.get("ipc")),
+                _fmt(m.get("num_images", m.get("images"))),
+                _fmt(m.get("wall_seconds", m.get("wall_time", {}).get("total") if isinstance(m.get("wall_time"), dict) else None)),
+                _fmt(m.get("time_limit")),
+                _fmt(m.get("budget_share", m.get("budget_used"))),
+            )
+        )
+        for png in ("grid.png", "budget.png"):
+            if (gen / png).exists():
+                pictures.append(f"![{method} {png[:-4]}](gen-{method}/{png})")
+    lines.append("")
+    if pictures:
+        lines += ["## Samples and budget", "", *pictures, ""]
+    timings_path = run / "pipeline.json"
+    if timings_path.exists():
+        t = read_json(timings_path)
+        lines += ["## Stage wall times (s, last run of each)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+        lines.append("")
+    lines += ["Reproduce: `ddkit run configs/" + f"{cfg.name}.yaml`", ""]
+    return atomic_write_text(run / "report.md", "\n".join(lines))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
