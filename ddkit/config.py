@@ -38,11 +38,17 @@ class DataConfig:
     shard_size: int = 1000  # samples per tar shard; small enough that 2 ranks x 2 workers get shards
     encode_latents: Optional[str] = None  # VAE path/id: also store latent moments in the shards
     num_workers: int = 0  # loader worker processes; 0 on the 2-core CI machine
+    test_fraction: float = 0.2  # held-out share per class when the source has no test split (mnist5k: 100/500)
+    split_seed: int = 0  # seeds the stratified split and the sample order written into the shards
 
     def __post_init__(self) -> None:
         _positive(self, "resolution", "shard_size", "channels")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels: must be 1 or 3, got {self.channels}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,12 @@ class ModelConfig:
     vae_decoder: Optional[str] = None  # decoder VAE (stabilityai/sd-vae-ft-mse), as the reference
     latent_scale: float = 0.18215  # SD-VAE latent scaling factor (DiT, Peebles & Xie 2023)
     num_train_timesteps: int = 1000  # DiT: linear betas 1e-4..0.02 over 1000 steps
+    difffit_blocks: int = 0  # DiffFit gamma scales on the first N blocks (set by minimax difffit training)
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "input_size", "num_classes", "num_train_timesteps")
+        if self.difffit_blocks < 0:
+            raise ConfigError(f"difffit_blocks: must be >= 0, got {self.difffit_blocks}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW; the Minimax reference fine-tunes with 1e-3
     weight_decay: float = 0.0
     ema_decay: float = 0.9999  # EMA kept and used for sampling
+    ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)); the reference has none (tiny runs want it)
     class_dropout: float = 0.1  # label dropout so classifier-free guidance works
     trainable: Literal["all", "difffit"] = "all"  # difffit: biases, norms, class embedding, gammas
     difffit_blocks: int = 14  # gamma scales on the first N blocks (reference: 14)
@@ -93,17 +103,42 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class D3HRConfig:
-    """D^3HR (Zhao et al., ICML 2025): DDIM inversion, per-class Gaussian, representative groups."""
+    """D^3HR (Zhao et al., ICML 2025; lin-zhao-resoLve/D3HR ``generation/``): DDIM inversion of the real
+    training set, a per-class diagonal Gaussian at one timestep, and representative group sampling.
 
-    inversion_steps: int = 50  # DDIM steps over 1000 train timesteps (stride 20)
-    inversion_cfg_scale: float = 4.0
-    timestep: int = 600  # latent timestep whose per-class Gaussian is fitted
-    num_groups: int = 10000  # m candidate groups per class (a real count, unlike the reference loop)
-    lambda_mean: float = 1.0
-    lambda_std: float = 1.0
-    lambda_skew: float = 1.0
-    chunk: int = 1024  # groups scored per vectorised chunk
+    Defaults are the reference code's (``dit_inversion_save_statistic.py``, ``group_sampling.py``); see
+    :mod:`ddkit.methods.d3hr` for where each value comes from and where the paper differs.
+    """
+
+    inversion_steps: int = 50  # DDIM steps over 1000 train timesteps (stride 20), as the reference
+    inversion_cfg_scale: float = 4.0  # CFG scale used *during inversion* (reference: 4.0)
+    store_from: int = 480  # first timestep whose inverted latents are kept (reference: 480)
+    store_to: int = 760  # last one (reference: 760); statistics cover every stride in between
+    timestep: int = 600  # stored timestep whose per-class Gaussian is sampled (reference i_step=6 -> 600)
+    restart_strides: int = 1  # sampling restarts this many strides above `timestep` (reference: 600 -> 620)
+    num_groups: int = 10000  # m candidate groups per class, a real count (reference loop: 10^8, see module)
+    lambda_mean: float = 1.0  # weight of ||mean_g - mu||_2 (reference 1)
+    lambda_std: float = 1.0  # weight of ||std_g - sigma||_2 (reference 1)
+    lambda_skew: float = 0.1  # weight of ||skew_g||_2 (reference evaluate_distribution_batch: 0.1)
+    skewness: Literal["reference", "feature"] = "reference"  # see ddkit.methods.d3hr.group_skewness
+    chunk: int = 1024  # groups scored per vectorised chunk (capped further by memory, see module)
+    batch_size: int = 64  # real images inverted per forward (before CFG doubling)
     max_images_per_class: Optional[int] = None  # cap on inverted real images per class (None: all)
+
+    def __post_init__(self) -> None:
+        _positive(self, "inversion_steps", "num_groups", "chunk", "batch_size", "max_images_per_class")
+        if self.restart_strides < 0:
+            raise ConfigError(f"restart_strides: must be >= 0, got {self.restart_strides}")
+        if not 0 < self.store_from <= self.store_to:
+            raise ConfigError(f"store_from: must be in (0, store_to={self.store_to}], got {self.store_from}")
+        if not self.store_from <= self.timestep <= self.store_to:
+            raise ConfigError(
+                f"timestep: must lie in the stored range [{self.store_from}, {self.store_to}], got {self.timestep}"
+            )
+        if self.max_images_per_class is not None and self.max_images_per_class < 2:
+            raise ConfigError(
+                f"max_images_per_class: must be >= 2 (unbiased variance), got {self.max_images_per_class}"
+            )
 
 
 @dataclass(frozen=True)
@@ -126,6 +161,8 @@ class GenerateConfig:
     dsr_min_steps_quality: int = 25  # DSR: fewest steps that keep quality (challenge 2nd place)
     seed: int = 0
     use_ema: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the backbone (helps on GPU only)
+    compile: bool = False  # torch.compile the backbone (pays off on GPU for long budgets)
     d3hr: D3HRConfig = field(default_factory=D3HRConfig)
 
     def __post_init__(self) -> None:
@@ -142,17 +179,23 @@ class EvaluateConfig:
     """How a distilled set is judged (``ddkit evaluate``)."""
 
     protocol: Literal["eccv2024", "idc", "rded"] = "eccv2024"
-    network: str = "ConvNet-3"
-    epochs: Optional[int] = None  # None: the protocol's own
+    network: Optional[str] = None  # None: the protocol's own (eccv2024 ConvNet-3, idc ResNetAP-10, rded ResNet-18)
+    epochs: Optional[int] = None  # None: the protocol's own (shortens/lengthens any preset)
     repeats: int = 3
     batch_size: Optional[int] = None  # None: the protocol's own
     baselines: tuple[str, ...] = ("random_real", "full")
     full_epochs: Optional[int] = None  # epochs for the full-data baseline (None: same as epochs)
-    seed: int = 0
-    device: str = "auto"
+    ipc: Optional[int] = None  # IPC of random_real (None: the first distilled set's, else 10)
+    teacher_epochs: Optional[int] = None  # rded teacher epochs on the real train set (None: the protocol's 30)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast: ~1.6x faster on AVX-512-BF16 CPUs
+    seed: int = 0  # repeat r trains with seed + r, the same for every set
+    device: str = "auto"  # auto: cuda when available
 
     def __post_init__(self) -> None:
-        _positive(self, "repeats")
+        _positive(self, "repeats", "epochs", "batch_size", "full_epochs", "ipc", "teacher_epochs")
+        for b in self.baselines:
+            if b not in ("random_real", "full"):
+                raise ConfigError(f"baselines: unknown baseline {b!r} (known: random_real, full)")
 
 
 @dataclass(frozen=True)
@@ -161,7 +204,9 @@ class PackageConfig:
 
     format: Literal["eccv2024", "folder", "webdataset", "eccv2024-generator"] = "eccv2024"
     dataset: Optional[Literal["cifar100", "tinyimagenet"]] = None  # None: take from data.dataset
-    out: Optional[str] = None  # default: RUN/submission.zip
+    out: Optional[str] = None  # default: RUN/submission.zip (folder: RUN/distilled, generator: RUN/generator)
+    method: Optional[str] = None  # which RUN/gen-<method> (None: the only one, or minimax)
+    image: Optional[str] = None  # eccv2024-generator: Apptainer image copied into the bundle
 
 
 @dataclass(frozen=True)
@@ -170,15 +215,26 @@ class SlurmConfig:
 
     partition: str = "gpu"
     nodes: int = 1
-    gpus_per_node: int = 1
+    gpus_per_node: int = 1  # one task (rank) per GPU; 0: one CPU-only task per node
     cpus_per_task: int = 8
-    mem_gb: Optional[int] = None
-    time: str = "4:00:00"
+    mem_gb: Optional[int] = None  # per node; None: the partition's default (DefMemPerCPU x CPUs)
+    time: str = "4:00:00"  # SLURM time: MM, HH:MM:SS, D-HH[:MM[:SS]]
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
     container: Optional[str] = None  # Apptainer image to run the job's Python in
     binds: tuple[str, ...] = ()  # extra apptainer binds (src[:dst])
+    folder: Optional[str] = None  # submitit job folder (scripts, pickles, logs); None: RUN/slurm
+    signal_delay_s: int = 90  # USR2 this many seconds before the time limit -> checkpoint + requeue
+    max_timeouts: int = 3  # requeues after a time-out before the job is given up (preemptions: unlimited)
+    setup: tuple[str, ...] = ()  # shell lines run in the batch script before srun (module load ...)
+    additional: dict[str, str] = field(default_factory=dict)  # other sbatch flags: {"reservation": "x"}
+
+    def __post_init__(self) -> None:
+        _positive(self, "nodes", "cpus_per_task", "mem_gb", "signal_delay_s")
+        for name in ("gpus_per_node", "max_timeouts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@
 # Readiness is a smoke `sbatch --wrap true` that must complete (SLURM schedules its first job a few seconds
 # after slurmctld answers, so "slurmctld answers" is not enough).
 #
-# Env: DDKIT_SLURM_GPUS (fake GPUs on the node, default 2), DDKIT_SLURM_TIMEOUT (readiness deadline, s, 90).
+# Env: DDKIT_SLURM_GPUS (fake GPUs on the node, default 2), DDKIT_SLURM_CPUS (CPUs the node advertises,
+# default nproc; more than nproc oversubscribes, so tiny test jobs overlap their requeue waits),
+# DDKIT_SLURM_TIMEOUT (readiness deadline in seconds, default 90).
 set -euo pipefail
 
 die() { echo "start-local-cluster: $*" >&2; exit 1; }
@@ -36,11 +38,11 @@ T_START=$(date +%s.%N)
 
 export SLURM_CONF="$S/slurm.conf"
 
-alive() {  # alive NAME: the recorded PID runs and is the process we started (its command line names S)
+alive() {  # alive NAME: the recorded PID runs and is the process we started (its environment names S)
   local f="$S/pids/$1.pid" pid
   [[ -f $f ]] || return 1
   pid=$(<"$f")
-  [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$S"
+  [[ -r /proc/$pid/environ ]] && tr '\0' '\n' <"/proc/$pid/environ" | grep -qxF "SLURM_CONF=$S/slurm.conf"
 }
 
 deadline_wait() {  # deadline_wait SECONDS WHAT CMD...: poll CMD every 0.1 s until it succeeds
@@ -88,7 +90,7 @@ if compgen -G "$S/pids/*.pid" >/dev/null; then
 fi
 
 mkdir -p "$S"/{pids,log,run,ctld,d,dev,db,munge,tmp}
-chmod 700 "$S/munge"
+chmod 755 "$S/munge"  # munged wants its socket dir traversable; the key itself is 0400
 
 # ------------------------------------------------------------------------------------------------ ports
 if [[ ! -f $S/ports.env ]]; then
@@ -109,7 +111,9 @@ source "$S/ports.env"
 HOST=$(hostname -s)
 ADDR=$(getent hosts "$HOST" | awk '{print $1; exit}')
 [[ $ADDR == 127.* ]] || ADDR=127.0.0.1  # keep every daemon on loopback
-CPUS=$(nproc)
+CPUS=${DDKIT_SLURM_CPUS:-$(nproc)}
+OVERRIDES=""
+(( CPUS > $(nproc) )) && OVERRIDES="SlurmdParameters=config_overrides"  # else slurmd marks the node INVAL
 MEM_MB=$(awk '/MemTotal/ {print int($2/1024*0.8)}' /proc/meminfo)
 ID=$(printf '%s' "$S" | cksum | cut -c1-6)  # distinguishes clusters on one host (names, db)
 
@@ -168,6 +172,7 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$S/munge/sock
 AccountingStorageTRES=gres/gpu
 GresTypes=gpu
+$OVERRIDES
 NodeName=$HOST NodeAddr=$ADDR CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=gpu Nodes=$HOST Default=YES MaxTime=1-00:00:00 State=UP
 PartitionName=cpu Nodes=$HOST Default=NO MaxTime=1-00:00:00 State=UP
@@ -231,7 +236,7 @@ FLUSH PRIVILEGES;
 EOF
 
 # ----------------------------------------------------------------------------------------------- slurm
-start slurmdbd slurmdbd -D -f "$S/slurmdbd.conf"
+start slurmdbd slurmdbd -D  # reads slurmdbd.conf beside $SLURM_CONF
 deadline_wait 30 slurmdbd sacctmgr -n -i list cluster
 start slurmctld slurmctld -D -f "$S/slurm.conf"
 deadline_wait 30 slurmctld bash -c "scontrol ping | grep -q UP"
@@ -247,7 +252,7 @@ EOF
 end=$(( $(date +%s) + DEADLINE_S ))
 jid=""
 until [[ -n $jid ]]; do
-  jid=$(sbatch --parsable --partition=gpu --time=1 --output=/dev/null --job-name=ddkit-smoke --wrap true 2>/dev/null) || jid=""
+  jid=$(sbatch --parsable --partition=gpu --time=1 --output=/dev/null --job-name=local-cluster-smoke --wrap true 2>/dev/null) || jid=""
   (( $(date +%s) < end )) || die "sbatch kept failing for ${DEADLINE_S}s (logs: $S/log/)"
   [[ -n $jid ]] || sleep 0.2
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop the cluster that slurm/start-local-cluster.sh STATE_DIR started: cancel its jobs, then end each
 # daemon by the PID recorded in STATE_DIR/pids/ (TERM, then KILL after a deadline). A PID is signalled only
-# when its command line still names STATE_DIR, so a recycled PID is never hit. Idempotent: a stopped
+# when its environment still holds this STATE_DIR's SLURM_CONF, so a recycled PID is never hit. Idempotent: a stopped
 # cluster (or a STATE_DIR that never held one) is fine. STATE_DIR itself is kept (database, logs);
 # remove it yourself for a clean slate.
 set -uo pipefail
@@ -16,13 +16,12 @@ ours() {  # ours NAME -> prints the PID when the recorded process is alive and o
   local f="$S/pids/$1.pid" pid
   [[ -f $f ]] || return 1
   pid=$(<"$f")
-  [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$S" && echo "$pid"
+  [[ -r /proc/$pid/environ ]] && tr '\0' '\n' <"/proc/$pid/environ" | grep -qxF "SLURM_CONF=$S/slurm.conf" && echo "$pid"
 }
 
 # Jobs first, through SLURM itself: slurmstepd processes outlive slurmd, and scancel ends them cleanly.
 if pid=$(ours slurmctld) && [[ -f $SLURM_CONF ]]; then
-  timeout 10 scancel --full --quiet --state=PENDING,RUNNING,SUSPENDED,REQUEUED "$(printf '%s' '')" 2>/dev/null \
-    || timeout 10 scancel --quiet --user="$(id -un)" 2>/dev/null || true
+  timeout 10 scancel --quiet --user="$(id -un)" 2>/dev/null || true
   end=$(( $(date +%s) + 15 ))
   while [[ -n $(timeout 5 squeue -h -o %i 2>/dev/null) ]] && (( $(date +%s) < end )); do sleep 0.2; done
 fi

@@ -1,8 +1,80 @@
-"""`ddkit generate` (placeholder: filled in by its issue)."""
+"""`ddkit generate`: budgeted, sharded generation of the distilled set (library: :mod:`ddkit.generate`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, load
 
-def generate() -> None:
-    """Not implemented yet."""
-    raise typer.Exit(1)
+# Taken at import (CLI start-up); the library prefers the process start time from /proc when it can.
+_CLI_ENTRY = time.monotonic()
+
+
+@handle_errors
+def generate(
+    run: Optional[Path] = typer.Argument(
+        None, help="Run directory (uses RUN/config.yaml, or a stage's config.yaml, and sets run_dir=RUN)."
+    ),
+    config: Optional[Path] = ConfigArg,
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="minimax | dit | d3hr (default: generate.method)."),
+    time_limit: Optional[float] = typer.Option(
+        None, "--time-limit", "-t", help="Seconds for the whole generation, model loading included."
+    ),
+    merge: bool = typer.Option(False, "--merge", help="Only merge finished shards into dataset.pt + manifest."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Shard index (SLURM array task); default from torchrun/srun."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of shards (array size)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Generation dir (default RUN/gen-<method>)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Generate RUN/gen-<method>/ (shard-<rank>/, dataset.pt, manifest.json, grid.png, budget.png, DONE).
+
+    The budget (--time-limit) covers the whole process, model loading included; DDKIT_T0 (Unix epoch
+    seconds) makes every rank/array task share the job's start. Ranks come from torchrun/srun, or from
+    --rank/--world-size for SLURM array tasks (then run `ddkit generate --merge` once all are done; the
+    last rank to finish merges by itself too).
+    """
+    import sys
+
+    from ddkit.generate import process_start_monotonic
+
+    # As the process's own command (`ddkit generate ...`) the budget starts when the process started, so
+    # interpreter start-up and imports count; called in-process (tests, another command) it starts now.
+    own_process = Path(sys.argv[0]).name in ("ddkit", "ddkit.exe") and "generate" in sys.argv[1:3]
+    t0 = min(_CLI_ENTRY, process_start_monotonic()) if own_process else time.monotonic()
+    if config is None and run is not None:
+        for cand in (run / "config.yaml", run / "minimax" / "config.yaml", run / "pretrain" / "config.yaml"):
+            if cand.is_file():
+                config = cand
+                break
+    sets = list(sets or [])
+    if run is not None and not any(s.startswith("run_dir=") for s in sets):
+        sets.insert(0, f"run_dir={run}")
+    cfg = load(config, sets)
+    from ddkit import generate as lib
+
+    m = method or cfg.generate.method
+    gen_dir = out or lib.gen_dir_for(cfg, m)
+    if merge:
+        path = lib.merge(gen_dir)
+        console.print(f"[green]merged[/] {path}")
+        return
+    gen_dir = lib.generate(
+        cfg, method=m, time_limit=time_limit, out_dir=gen_dir, rank=rank, world_size=world_size,
+        progress=not no_progress, t0=t0,
+    )
+    if (gen_dir / "manifest.json").is_file():
+        from ddkit.io import read_json
+
+        man = read_json(gen_dir / "manifest.json")
+        console.print(
+            f"[green]generated[/] {gen_dir / 'dataset.pt'}: IPC {man['ipc']} x {man['num_classes']} classes, "
+            f"{man['steps']['min']}-{man['steps']['max']} steps, {man['elapsed_seconds']:.1f} s "
+            f"({100 * man['budget_share_used']:.0f}% of {man['time_limit']:.0f} s)"
+        )
+    else:
+        console.print(f"[green]shard done[/] in {gen_dir}; merge with `ddkit generate --merge` when all are")

@@ -1,0 +1,15 @@
+"""Evaluation of distilled sets: networks, protocols, augmentation, training loops and the report.
+
+- :func:`evaluate` (``ddkit evaluate``): train students on distilled sets and on the ``random_real`` /
+  ``full`` baselines with the same seeds; write ``results.json`` and ``table.md``; print a rich table.
+- :mod:`ddkit.evaluate.networks`: ``build(name, channels, num_classes, resolution)`` — ConvNet-D,
+  ResNetAP-10, ResNet-18 (timm).
+- :mod:`ddkit.evaluate.protocols`: the ``eccv2024``, ``idc`` and ``rded`` presets (:data:`PROTOCOLS`).
+- :mod:`ddkit.evaluate.augment`: DSA, IDC transforms, CutMix.
+- :mod:`ddkit.evaluate.trainer`: ``train_student`` / ``train_teacher`` / ``test_accuracy``.
+"""
+
+from ddkit.evaluate.protocols import PROTOCOLS, get_protocol
+from ddkit.evaluate.runner import evaluate, load_distilled, random_real_subset
+
+__all__ = ["PROTOCOLS", "evaluate", "get_protocol", "load_distilled", "random_real_subset"]

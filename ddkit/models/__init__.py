@@ -1,0 +1,125 @@
+"""Diffusion backbones: registry, diffusers DiT wrapper with DiffFit gammas, VAE and checkpoint helpers.
+
+Public API: :data:`REGISTRY`, :func:`build_backbone`, :func:`load_backbone`, :class:`Backbone`,
+:mod:`ddkit.models.vae` (``load_vae``/``encode``/``decode``), :mod:`ddkit.models.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ddkit.models.backbone import (
+    REGISTRY,
+    ArchSpec,
+    Backbone,
+    DiffFitGammas,
+    arch_spec,
+    build_backbone,
+    config_from_diffusers,
+    count_parameters,
+    init_dit_weights,
+    tie_conditioning,
+)
+from ddkit.models.checkpoint import checkpoint_path, load_checkpoint, resolve_checkpoint, save_checkpoint
+
+__all__ = [
+    "REGISTRY",
+    "ArchSpec",
+    "Backbone",
+    "DiffFitGammas",
+    "arch_spec",
+    "build_backbone",
+    "checkpoint_path",
+    "config_from_diffusers",
+    "count_parameters",
+    "init_dit_weights",
+    "load_backbone",
+    "load_checkpoint",
+    "model_config_from_dict",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "tie_conditioning",
+]
+
+
+def model_config_from_dict(d: dict, source: str = "<checkpoint>"):
+    """A :class:`ddkit.config.ModelConfig` from its dict form (as stored in checkpoints)."""
+    from ddkit.config import ModelConfig, from_dict
+
+    return from_dict(ModelConfig, d, source)
+
+
+def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difffit_blocks: int | None = None):
+    """Load a backbone from a ddkit checkpoint, a stage dir, or a diffusers DiT dir / Hugging Face id.
+
+    Args:
+        path: ``RUN/<stage>/ckpt/last.pt``, ``RUN/<stage>``, a diffusers ``DiTTransformer2DModel`` dir (or a
+            pipeline dir with ``transformer/``), or an HF id such as ``facebook/DiT-XL-2-256`` present in
+            the local HF cache (loaded with ``local_files_only=True``; no network).
+        use_ema: take the EMA weights of a ddkit checkpoint (what sampling uses).
+        device: where to put the model.
+        difffit_blocks: add DiffFit gammas (init 1) to the first N blocks when the source has fewer
+            (fine-tuning start); None keeps the source's.
+
+    Returns:
+        (Backbone in eval mode, ModelConfig).
+
+    Raises:
+        WeightsError: nothing loadable at ``path`` (names it); ConfigError: unknown architecture.
+    """
+    import torch
+
+    from ddkit.errors import WeightsError
+
+    ckpt = resolve_checkpoint(path)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        mcfg = model_config_from_dict(state["model_config"], str(ckpt))
+        src_blocks = mcfg.difffit_blocks
+        if difffit_blocks is not None and difffit_blocks > src_blocks:
+            mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
+        model = build_backbone(mcfg, seed=0)
+        weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        bad = [k for k in missing if not k.startswith("gammas.")] + list(unexpected)
+        if bad:
+            raise WeightsError(f"{ckpt}: weights do not match model {mcfg.arch} ({bad[0]} ...)")
+        return model.to(device).eval(), mcfg
+
+    from diffusers import DiTTransformer2DModel
+
+    src = str(path)
+    p = Path(src)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            kws = [{}]
+        elif (p / "transformer" / "config.json").is_file():
+            kws = [{"subfolder": "transformer"}]
+        else:
+            raise WeightsError(
+                f"{src}: no ddkit checkpoint (ckpt/last.pt) or diffusers DiT (config.json) here"
+            )
+    elif p.suffix in (".pt", ".pth", ".safetensors") or p.is_absolute() or src.startswith("."):
+        raise WeightsError(f"{src}: checkpoint not found")
+    else:
+        kws = [{"subfolder": "transformer"}, {}]
+    last = None
+    for kw in kws:
+        try:
+            dit = DiTTransformer2DModel.from_pretrained(
+                src, local_files_only=True, torch_dtype=torch.float32, **kw
+            )
+            break
+        except Exception as e:
+            last = e
+    else:
+        msg = str(last).splitlines()[0] if last else "missing"
+        raise WeightsError(
+            f"{src}: DiT weights not found locally (no network; put them in the HF cache or a dir): {msg}"
+        )
+    mcfg = config_from_diffusers(dict(dit.config), pretrained=src)
+    if difffit_blocks:
+        mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
+    model = Backbone(dit, mcfg)
+    return model.to(device).eval(), mcfg

@@ -1,0 +1,334 @@
+"""DiT backbones through diffusers' :class:`DiTTransformer2DModel`, with DiffFit gamma scales.
+
+Architectures follow DiT (Peebles & Xie 2023, facebookresearch/DiT ``models.py``: XL/L/B/S with patch
+2/4/8); the tiny ``DiT-T`` configs are ddkit's own, small enough to train on two CPU cores.
+
+Three deliberate deviations from a bare ``DiTTransformer2DModel`` make it behave like the reference DiT
+(vimar-gu/MinimaxDiffusion ``models.py``):
+
+* **One conditioning embedder.** diffusers gives every block (and the final layer, via block 0) its own
+  copy of the timestep + class embedder; the conversion script copies the same DiT weights into each. The
+  reference has ONE ``t_embedder``/``y_embedder``. Fine-tuning the class embedding per copy would let the
+  copies drift apart, so the copies are tied to block 0's module (lossless when they are equal).
+* **Class dropout outside the model.** diffusers' ``LabelEmbedding`` draws its own dropout mask on every
+  call, i.e. once per block; the reference drops the label once per sample. The internal dropout is
+  disabled (the table keeps the extra CFG row, index ``num_classes``) and the trainer drops labels itself.
+* **DiffFit gammas** (Xie et al. 2023; MinimaxDiffusion ``models.py``): on the first N blocks, a scale on
+  the qkv projection output (3·hidden), on the attention output projection (hidden), on the attention
+  residual branch (hidden) and on the MLP residual branch (hidden), all initialised to 1. They are applied
+  with forward hooks so the diffusers state-dict keys (and pretrained weights) stay unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddkit.config import ModelConfig
+from ddkit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Transformer shape of one registry entry."""
+
+    depth: int
+    hidden: int
+    heads: int
+    patch: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def _dit_family() -> dict[str, ArchSpec]:
+    sizes = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+    out = {}
+    for name, (depth, hidden, heads) in sizes.items():
+        for patch in (2, 4, 8):
+            out[f"DiT-{name}/{patch}"] = ArchSpec(depth, hidden, heads, patch)
+    # Tiny pixel-space configs (ddkit): 6 blocks, 4 heads x 32 = 128 hidden, ~2 M parameters.
+    out["DiT-T/4"] = ArchSpec(6, 128, 4, 4)
+    out["DiT-T/2"] = ArchSpec(6, 128, 4, 2)
+    return out
+
+
+#: Registry name -> :class:`ArchSpec` (DiT-XL/2 ... DiT-S/8 from DiT ``models.py``, plus DiT-T/4, DiT-T/2).
+REGISTRY: dict[str, ArchSpec] = _dit_family()
+
+
+def arch_spec(name: str) -> ArchSpec:
+    """The :class:`ArchSpec` of a registry name.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"model.arch: unknown architecture {name!r} (known: {', '.join(REGISTRY)})"
+        ) from None
+
+
+class DiffFitGammas(nn.Module):
+    """The DiffFit scales of one block (MinimaxDiffusion ``models.py``, ``Attention``/``DiTBlock``).
+
+    Parameters (all float32, initialised to 1):
+        gamma_qkv [3·hidden]: scales the concatenated q, k, v projections (reference ``Attention.gamma1``);
+        gamma_proj [hidden]: scales the attention output projection (reference ``Attention.gamma2``);
+        gamma_attn [hidden]: scales the attention residual branch (reference ``DiTBlock.gamma1``);
+        gamma_mlp [hidden]: scales the MLP residual branch (reference ``DiTBlock.gamma2``).
+
+    The residual-branch scales commute with adaLN's per-sample gate (both elementwise over the hidden
+    dimension), so hooking the attention and MLP module outputs gives the reference's
+    ``x + gamma * gate * branch`` exactly.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gamma_qkv = nn.Parameter(torch.ones(3 * hidden))
+        self.gamma_proj = nn.Parameter(torch.ones(hidden))
+        self.gamma_attn = nn.Parameter(torch.ones(hidden))
+        self.gamma_mlp = nn.Parameter(torch.ones(hidden))
+
+    def attach(self, block: nn.Module) -> None:
+        """Register the forward hooks on a diffusers ``BasicTransformerBlock``."""
+        attn = block.attn1
+        h = self.hidden
+        attn.to_q.register_forward_hook(_Scale(self, "gamma_qkv", 0, h))
+        attn.to_k.register_forward_hook(_Scale(self, "gamma_qkv", h, 2 * h))
+        attn.to_v.register_forward_hook(_Scale(self, "gamma_qkv", 2 * h, 3 * h))
+        attn.to_out[0].register_forward_hook(_Scale(self, "gamma_proj", 0, h))
+        attn.register_forward_hook(_Scale(self, "gamma_attn", 0, h))
+        block.ff.register_forward_hook(_Scale(self, "gamma_mlp", 0, h))
+
+
+class _Scale:
+    """Forward hook multiplying a module's output by a slice of a gamma parameter (looked up at call time,
+    so a ``deepcopy`` of the model keeps pointing at its own copy through the memo)."""
+
+    def __init__(self, owner: DiffFitGammas, name: str, lo: int, hi: int) -> None:
+        self.owner, self.name, self.lo, self.hi = owner, name, lo, hi
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        g = getattr(self.owner, self.name)
+        if self.lo != 0 or self.hi != g.shape[0]:
+            g = g[self.lo : self.hi]
+        return output * g.to(output.dtype)
+
+
+class Backbone(nn.Module):
+    """A class-conditional DiT predicting ε (and the variance interpolation v when ``learn_sigma``).
+
+    Attributes:
+        dit: the wrapped diffusers ``DiTTransformer2DModel`` (keys ``dit.*`` in the state dict).
+        gammas: DiffFit scales of the first ``config.difffit_blocks`` blocks (keys ``gammas.<i>.*``).
+        config: the :class:`ModelConfig` it was built from.
+        in_channels, input_size, num_classes, learn_sigma: as in the config; the CFG null class is
+            ``num_classes``.
+    """
+
+    def __init__(self, dit: nn.Module, config: ModelConfig, *, tie_embedders: bool = True) -> None:
+        super().__init__()
+        self.dit = dit
+        self.config = config
+        self.in_channels = config.in_channels
+        self.input_size = config.input_size
+        self.num_classes = config.num_classes
+        self.learn_sigma = config.learn_sigma
+        blocks = dit.transformer_blocks
+        for blk in blocks:
+            # Label dropout happens once per sample in the trainer (see module docstring).
+            blk.norm1.emb.class_embedder.dropout_prob = 0.0
+        if tie_embedders:
+            tie_conditioning(dit)
+        n = min(config.difffit_blocks, len(blocks))
+        self.gammas = nn.ModuleList([DiffFitGammas(dit.inner_dim) for _ in range(n)])
+        for g, blk in zip(self.gammas, blocks[: len(self.gammas)], strict=True):
+            g.attach(blk)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Predict noise.
+
+        Args:
+            x: float [B, C, H, W] noisy input x_t (pixels in [-1, 1] scale or SD-VAE latents ×0.18215).
+            t: int64 [B] timesteps in [0, num_train_timesteps).
+            y: int64 [B] backbone class indices; ``num_classes`` is the unconditional (CFG null) class.
+
+        Returns:
+            float [B, C, H, W] ε̂, or [B, 2C, H, W] (ε̂ then v in [-1, 1]) when ``learn_sigma``.
+        """
+        return self.dit(hidden_states=x, timestep=t, class_labels=y).sample
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free guidance on all output channels (Ho & Salimans 2022): one batched forward of the
+        conditional and unconditional inputs, ε = ε_u + s·(ε_c − ε_u); v (if any) is taken from the
+        conditional half. Shapes as :meth:`forward`."""
+        null = torch.full_like(y, self.num_classes)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = out.chunk(2)
+        c = self.in_channels
+        eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([eps, cond[:, c:]], dim=1)
+
+    def trainable_parameters(self, mode: str) -> list[tuple[str, nn.Parameter]]:
+        """Mark parameters trainable for ``mode`` ("all" or "difffit") and return the trainable ones.
+
+        DiffFit as MinimaxDiffusion ``train_dit.py`` (``mark_difffit_trainable``): names containing
+        ``bias``, ``norm``, ``gamma`` or ``y_embed``. The reference's ``norm`` modules carry no affine
+        parameters and its adaLN linear is ``adaLN_modulation``; in diffusers that linear is named
+        ``norm1.linear``, so matching the substring would unfreeze ~220 M adaLN weights on DiT-XL/2. Here
+        the rule is by role: every bias, every gamma, the class-embedding table and the affine weights of
+        real normalisation layers (none in DiT).
+        """
+        if mode not in ("all", "difffit"):
+            raise ConfigError(f"trainable: must be 'all' or 'difffit', got {mode!r}")
+        norm_weights = set()
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+                norm_weights.add(id(m.weight))
+        out = []
+        for name, p in self.named_parameters():
+            if mode == "all":
+                flag = True
+            else:
+                flag = (
+                    name.endswith("bias")
+                    or name.startswith("gammas.")
+                    or "class_embedder.embedding_table" in name
+                    or id(p) in norm_weights
+                )
+            p.requires_grad_(flag)
+            if flag:
+                out.append((name, p))
+        return out
+
+
+def tie_conditioning(dit: nn.Module) -> bool:
+    """Make every block use block 0's timestep + class embedder (see module docstring).
+
+    Returns:
+        True when tied; False (untouched) when the copies hold different weights, e.g. a model fine-tuned
+        untied elsewhere, because tying would change its outputs.
+    """
+    blocks = dit.transformer_blocks
+    first = blocks[0].norm1.emb
+    ref = first.state_dict()
+    for blk in blocks[1:]:
+        other = blk.norm1.emb
+        if other is first:
+            continue
+        sd = other.state_dict()
+        if any(not torch.equal(ref[k], sd[k]) for k in ref):
+            return False
+    for blk in blocks[1:]:
+        blk.norm1.emb = first
+    return True
+
+
+def make_dit(cfg: ModelConfig):
+    """A fresh ``DiTTransformer2DModel`` for ``cfg.arch`` (random init as DiT, see :func:`init_dit_weights`)."""
+    from diffusers import DiTTransformer2DModel
+
+    spec = arch_spec(cfg.arch)
+    if cfg.input_size % spec.patch:
+        raise ConfigError(
+            f"model.input_size: {cfg.input_size} not divisible by patch {spec.patch} of {cfg.arch}"
+        )
+    dit = DiTTransformer2DModel(
+        num_attention_heads=spec.heads,
+        attention_head_dim=spec.head_dim,
+        in_channels=cfg.in_channels,
+        out_channels=2 * cfg.in_channels if cfg.learn_sigma else cfg.in_channels,
+        num_layers=spec.depth,
+        sample_size=cfg.input_size,
+        patch_size=spec.patch,
+        num_embeds_ada_norm=cfg.num_classes,
+    )
+    init_dit_weights(dit)
+    return dit
+
+
+@torch.no_grad()
+def init_dit_weights(dit: nn.Module) -> None:
+    """DiT's initialisation (facebookresearch/DiT ``models.py``, ``initialize_weights``) on the diffusers
+    module names: xavier-uniform linears with zero bias, patch embedding as a linear, N(0, 0.02) class table
+    and timestep MLP, and zeroed adaLN modulation and output layers (adaLN-Zero)."""
+    for m in dit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = dit.pos_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(dit.pos_embed.proj.bias)
+    for blk in dit.transformer_blocks:
+        emb = blk.norm1.emb
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(blk.norm1.linear.weight)
+        nn.init.zeros_(blk.norm1.linear.bias)
+    for lin in (dit.proj_out_1, dit.proj_out_2):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    # Copies start equal so that tie_conditioning ties them.
+    first = dit.transformer_blocks[0].norm1.emb.state_dict()
+    for blk in dit.transformer_blocks[1:]:
+        blk.norm1.emb.load_state_dict(first)
+
+
+def build_backbone(model_cfg: ModelConfig, *, seed: int | None = None) -> Backbone:
+    """A randomly initialised :class:`Backbone` for ``model_cfg`` (``seed`` fixes the init when given).
+
+    Raises:
+        ConfigError: unknown ``arch`` or an input size the patch does not divide.
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            dit = make_dit(model_cfg)
+    else:
+        dit = make_dit(model_cfg)
+    return Backbone(dit, model_cfg)
+
+
+def config_from_diffusers(
+    dit_config: dict, *, pretrained: str | None = None, base: ModelConfig | None = None
+) -> ModelConfig:
+    """The :class:`ModelConfig` of a diffusers DiT config (``config.json``), matched against the registry.
+
+    Raises:
+        ConfigError: no registry entry has this depth/width/heads/patch.
+    """
+    import dataclasses
+
+    heads, head_dim = dit_config["num_attention_heads"], dit_config["attention_head_dim"]
+    key = ArchSpec(dit_config["num_layers"], heads * head_dim, heads, dit_config["patch_size"])
+    arch = next((n for n, s in REGISTRY.items() if s == key), None)
+    if arch is None:
+        raise ConfigError(f"{pretrained or 'diffusers config'}: no registry architecture matches {key}")
+    in_ch = dit_config["in_channels"]
+    out_ch = dit_config.get("out_channels") or in_ch
+    base = base or ModelConfig()
+    return dataclasses.replace(
+        base,
+        arch=arch,
+        in_channels=in_ch,
+        input_size=dit_config["sample_size"],
+        num_classes=dit_config["num_embeds_ada_norm"],
+        learn_sigma=out_ch == 2 * in_ch,
+        pretrained=pretrained,
+    )
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (unique) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

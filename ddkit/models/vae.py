@@ -1,0 +1,79 @@
+"""SD-VAE helpers for latent DiT models (DiT, Peebles & Xie 2023; MinimaxDiffusion ``train_dit.py``).
+
+The reference encodes with ``stabilityai/sd-vae-ft-ema`` (``latent_dist.sample() * 0.18215``) and its
+sampler decodes with ``sd-vae-ft-mse``; both load here offline (``local_files_only=True``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ddkit.errors import WeightsError
+
+#: SD-VAE latent scaling factor (DiT ``train.py``; Rombach et al. 2022).
+LATENT_SCALE = 0.18215
+
+
+def load_vae(
+    name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+):
+    """Load an ``AutoencoderKL`` from a local directory or the Hugging Face cache, never the network.
+
+    Accepts a VAE directory (``config.json`` + weights), a pipeline directory or HF id with a ``vae/``
+    subfolder (e.g. ``facebook/DiT-XL-2-256``), or a plain VAE id (``stabilityai/sd-vae-ft-ema``).
+
+    Raises:
+        WeightsError: nothing loadable at ``name_or_path`` (the message names it).
+    """
+    from diffusers import AutoencoderKL
+
+    src = str(name_or_path)
+    p = Path(src)
+    attempts: list[dict] = []
+    if p.is_dir():
+        attempts = [{"subfolder": "vae"}] if (p / "vae" / "config.json").is_file() else [{}]
+    else:
+        attempts = [{}, {"subfolder": "vae"}]
+    last = None
+    for kw in attempts:
+        try:
+            vae = AutoencoderKL.from_pretrained(src, local_files_only=True, **kw)
+            break
+        except Exception as e:  # diffusers raises OSError/EnvironmentError/ValueError variants
+            last = e
+    else:
+        raise WeightsError(
+            f"{src}: VAE weights not found locally (no network; download or copy them first): "
+            f"{str(last).splitlines()[0] if last else 'missing'}"
+        )
+    vae = vae.to(device=device, dtype=dtype) if dtype is not None else vae.to(device)
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode(
+    vae, x: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = True
+) -> torch.Tensor:
+    """Images -> scaled latents.
+
+    Args:
+        x: float [B, 3, H, W] in [-1, 1].
+        generator: for the posterior sample (the reference samples, ``latent_dist.sample()``).
+        sample: False takes the posterior mean instead.
+
+    Returns:
+        float [B, 4, H/8, W/8] latents × 0.18215, in the VAE's dtype.
+    """
+    dist = vae.encode(x.to(vae.dtype)).latent_dist
+    z = dist.sample(generator=generator) if sample else dist.mean
+    return z * LATENT_SCALE
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents float [B, 4, h, w] -> images float [B, 3, 8h, 8w] in [-1, 1] (clamped)."""
+    x = vae.decode(latents.to(vae.dtype) / LATENT_SCALE).sample
+    return x.clamp(-1, 1)

@@ -1,0 +1,180 @@
+"""The DSR budget planner against a fake clock and a fake machine (no torch, no sleeps)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ddkit.budget import (
+    Bounds,
+    CostModel,
+    Runner,
+    balanced_ipc,
+    calibrate,
+    make_batches,
+    plan,
+    rank_batches,
+)
+from ddkit.errors import BudgetError
+
+
+class FakeClock:
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeMachine:
+    """Sampling a batch advances the fake clock; ``slow`` maps a clock time to a slowdown factor."""
+
+    def __init__(self, clock: FakeClock, step_s: float, fixed_s: float, slow=lambda t: 1.0, noise=0.0, rng=None):
+        self.clock, self.step_s, self.fixed_s, self.slow = clock, step_s, fixed_s, slow
+        self.noise, self.rng = noise, rng or random.Random(0)
+
+    def run(self, steps: int, fixed: bool = True) -> None:
+        # Integrate in small slices so a slowdown can start in the middle of a batch.
+        work = steps * self.step_s + (self.fixed_s if fixed else 0.0)
+        work *= 1.0 + (self.rng.uniform(-self.noise, self.noise) if self.noise else 0.0)
+        while work > 1e-12:
+            f = self.slow(self.clock.t)
+            dt = min(work, 0.05)
+            self.clock.t += dt * f
+            work -= dt
+
+
+BOUNDS = Bounds(steps_min=10, steps_max=50, ipc_min=1, ipc_max=50, dsr_steps=25)
+WIDE = Bounds(steps_min=10, steps_max=50, ipc_min=1, ipc_max=10_000, dsr_steps=25)
+
+
+def simulate(limit, machine, clock, *, K=10, B=20, bounds=BOUNDS, margin=0.1, reserve=1.0, world=1, rank=0):
+    t0 = clock()
+    machine.run(0, fixed=True)  # "model loading"
+    cost = calibrate(lambda n: machine.run(n, fixed=False), clock=clock, batch_size=B, fixed=lambda: machine.run(0))
+    deadline = t0 + limit
+    avail = deadline - margin * limit - reserve - clock()
+    p = plan(avail, cost, bounds, num_classes=K, batch_size=B, world_size=world)
+    runner = Runner(
+        plan=p, cost=cost, batches=rank_batches(make_batches(K, p.ipc, B), rank, world), deadline=deadline,
+        clock=clock, steps_min=bounds.steps_min, t0=t0, margin_seconds=margin * limit, reserve_seconds=reserve,
+    )
+    done_items = []
+    while (nxt := runner.next()) is not None:
+        batch, steps = nxt
+        aborted = False
+        for i in range(steps):
+            machine.run(1, fixed=False)
+            if not runner.step_ok(i, steps):  # the sampler's per-step callback
+                runner.abort()
+                aborted = True
+                break
+        if aborted:
+            break
+        machine.run(0)  # per-batch fixed work (decode)
+        runner.done()
+        done_items.extend(batch.items)
+    clock.t += reserve  # save + merge
+    return p, runner, done_items, clock() - t0
+
+
+def test_dsr_holds_steps_and_spends_rest_on_ipc():
+    cost = CostModel(step_seconds=0.1, batch_seconds=0.5, batch_size=20)
+    # 30 s, 3 s per batch of 20 at 25 steps: DSR holds 25 steps and spends the rest on IPC (10 batches).
+    p2 = plan(30.0, cost, BOUNDS, num_classes=10, batch_size=20)
+    assert p2.steps == 25 and p2.ipc == 20 and p2.predicted_seconds <= 30.0
+    # 100 s: IPC 50 (25 batches, 75 s) reaches ipc_max, so the spare time goes to steps: 25 x 4 s = 100 s.
+    p = plan(100.0, cost, BOUNDS, num_classes=10, batch_size=20)
+    assert p.ipc == 50 and p.steps == 35 and p.predicted_seconds <= 100.0
+    # Too little for IPC 1 at 25 steps: steps drop towards steps_min.
+    p3 = plan(2.0, cost, BOUNDS, num_classes=10, batch_size=20)
+    assert p3.ipc == 1 and 10 <= p3.steps < 25
+
+
+def test_too_short_budget_is_refused_with_reason():
+    cost = CostModel(step_seconds=1.0, batch_seconds=0.0, batch_size=10)
+    with pytest.raises(BudgetError, match="steps_min=10 at ipc_min=1 needs 10.0 s"):
+        plan(5.0, cost, BOUNDS, num_classes=10, batch_size=10)
+
+
+def test_quality_table_picks_best_measured_point():
+    cost = CostModel(step_seconds=0.1, batch_seconds=0.0, batch_size=10)
+    table = {(50, 1): 20.0, (25, 2): 30.0, (10, 4): 28.0, (25, 10): 45.0}
+    p = plan(10.0, cost, BOUNDS, num_classes=10, batch_size=10, quality=table)
+    # 10 s: (25 steps, ipc 4) fits (4 batches x 2.5 s), (25, 10) does not -> best reachable is 30 at (25, 2+).
+    assert p.quality == "table" and p.steps >= 25
+    assert (p.steps, p.ipc) != (50, 1)
+    assert p.predicted_seconds <= 10.0
+
+
+def test_machine_turning_3x_slower_lowers_steps_and_never_overruns():
+    clock = FakeClock()
+    machine = FakeMachine(clock, step_s=0.1, fixed_s=0.1, slow=lambda t: 3.0 if t > 20.0 else 1.0)
+    limit = 60.0
+    p, runner, items, elapsed = simulate(limit, machine, clock, K=10, B=20)
+    assert elapsed <= limit
+    steps = [e.steps for e in runner.events]
+    assert steps[0] == p.steps == 25
+    assert min(steps) < p.steps  # re-planned down after the slowdown
+    assert min(steps) >= BOUNDS.steps_min
+    # Every started batch finished before the deadline, and the set can be balanced.
+    assert all(e.end <= limit for e in runner.events)
+    counts = {c: 0 for c in range(10)}
+    for c, _ in items:
+        counts[c] += 1
+    ipc = balanced_ipc(counts)
+    assert ipc >= 1 and max(counts.values()) - ipc <= 1
+
+
+def test_no_slowdown_uses_budget_and_finishes_all_batches():
+    clock = FakeClock()
+    machine = FakeMachine(clock, step_s=0.02, fixed_s=0.1)
+    p, runner, items, elapsed = simulate(60.0, machine, clock)
+    assert elapsed <= 60.0
+    assert not runner.dropped and len(items) == 10 * p.ipc
+    assert all(e.steps == p.steps for e in runner.events)
+
+
+def test_zero_overruns_over_many_random_runs():
+    rng = random.Random(1234)
+    overruns, used = 0, []
+    for _ in range(300):
+        clock = FakeClock()
+        change_at = rng.uniform(0, 60)
+        factor = rng.choice([0.5, 1.0, 1.5, 2.0, 3.0])
+        machine = FakeMachine(
+            clock, step_s=rng.uniform(0.005, 0.05), fixed_s=rng.uniform(0.0, 0.3),
+            slow=lambda t, c=change_at, f=factor: f if t > c else 1.0, noise=0.2, rng=rng,
+        )
+        K = rng.choice([5, 10, 100])
+        try:
+            p, runner, items, elapsed = simulate(60.0, machine, clock, K=K, B=rng.choice([10, 25, 50]), bounds=WIDE)
+        except BudgetError:
+            continue
+        overruns += elapsed > 60.0
+        used.append(elapsed / 60.0)
+    assert overruns == 0
+    assert len(used) >= 200
+    assert sum(used) / len(used) > 0.75  # the budget is actually used, not just respected
+
+
+def test_sharded_layout_covers_every_item_once_and_is_balanced_by_prefix():
+    batches = make_batches(7, 5, 4)
+    r0, r1 = rank_batches(batches, 0, 2), rank_batches(batches, 1, 2)
+    all_items = [it for b in r0 + r1 for it in b.items]
+    assert sorted(all_items) == sorted((c, i) for c in range(7) for i in range(5))
+    # Any prefix of the index-major order keeps classes within one image of each other.
+    flat = [it for b in batches for it in b.items]
+    for n in range(len(flat) + 1):
+        counts = [sum(1 for c, _ in flat[:n] if c == k) for k in range(7)]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_calibrate_recovers_cost_model():
+    clock = FakeClock()
+    machine = FakeMachine(clock, step_s=0.2, fixed_s=0.7)
+    cost = calibrate(lambda n: machine.run(n, fixed=False), clock=clock, batch_size=8, fixed=lambda: machine.run(0))
+    assert cost.step_seconds == pytest.approx(0.2, rel=1e-6)
+    assert cost.batch_seconds == pytest.approx(0.7, rel=1e-6)
+    assert cost.image_step_seconds == pytest.approx(0.025)

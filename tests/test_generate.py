@@ -1,0 +1,141 @@
+"""Budgeted, sharded generation end to end on CPU with a tiny DiT (real sampler, real files)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from ddkit.config import ModelConfig, load_config
+from ddkit.errors import BudgetError, DataError
+from ddkit.generate import generate, image_seed, merge
+from ddkit.io import is_done
+
+K = 10
+
+
+def tiny_model(seed: int = 0):
+    from ddkit.models import build_backbone
+
+    mcfg = ModelConfig(arch="DiT-T/4", in_channels=1, input_size=16, num_classes=K, learn_sigma=True)
+    return build_backbone(mcfg, seed=seed).eval()
+
+
+def make_cfg(tmp_path, *sets):
+    return load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.shards={tmp_path / 'no-shards'}",  # no shard index: classes are the backbone's 0..K-1
+            "model.input_size=16",
+            "generate.batch_size=10",
+            *sets,
+        ],
+    )
+
+
+def test_time_limit_30_ends_inside_the_limit_with_a_balanced_set(tmp_path):
+    t0 = time.monotonic()  # the budget includes building the model, as the CLI's includes loading it
+    model = tiny_model()
+    cfg = make_cfg(
+        tmp_path, "generate.steps_min=2", "generate.steps_max=20", "generate.dsr_min_steps_quality=10",
+        "generate.ipc_max=200",
+    )
+    gen_dir = generate(cfg, time_limit=30, model=model, progress=False, t0=t0)
+    man = json.loads((gen_dir / "manifest.json").read_text())
+    assert man["elapsed_seconds"] <= 30.0 and man["budget_share_used"] <= 1.0
+    ds = torch.load(gen_dir / "dataset.pt")
+    ipc = ds["ipc"]
+    assert ipc >= 1 and ds["images"].dtype == torch.uint8 and ds["images"].shape == (K * ipc, 1, 16, 16)
+    counts = torch.bincount(ds["labels"], minlength=K)
+    assert (counts == ipc).all()  # every class the same IPC
+    assert torch.equal(ds["labels"], torch.arange(K).repeat_interleave(ipc))  # class-major
+    assert man["ipc"] == ipc and 2 <= man["steps"]["min"] <= man["steps"]["max"] <= 20
+    assert (gen_dir / "grid.png").stat().st_size > 0 and (gen_dir / "budget.png").stat().st_size > 0
+    assert is_done(gen_dir) and is_done(gen_dir / "shard-0")
+    assert set(man["phases"]["rank0"]) >= {"load", "calibrate", "sample", "save"}
+    assert man["hardware"]["device"] == "cpu"
+
+
+FIXED = ("generate.steps_min=3", "generate.steps_max=3", "generate.ipc_min=3", "generate.ipc_max=3",
+         "generate.batch_size=4")
+
+
+def test_two_shards_give_the_same_images_as_one_process(tmp_path):
+    model = tiny_model(seed=1)
+    one = generate(make_cfg(tmp_path / "a", *FIXED), time_limit=600, model=model, progress=False)
+    cfg2 = make_cfg(tmp_path / "b", *FIXED)
+    d = generate(cfg2, time_limit=600, model=model, progress=False, rank=1, world_size=2)
+    assert is_done(d / "shard-1") and not is_done(d)  # rank 0 is still missing: no merge yet
+    with pytest.raises(DataError, match="shard-0"):
+        merge(d)
+    d = generate(cfg2, time_limit=600, model=model, progress=False, rank=0, world_size=2)
+    assert is_done(d)  # the last rank to finish merged
+    a, b = torch.load(one / "dataset.pt"), torch.load(d / "dataset.pt")
+    assert a["ipc"] == b["ipc"] == 3
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["images"], b["images"])
+    shard0 = torch.load(d / "shard-0" / "images.pt", weights_only=False)
+    assert 0 < shard0["images"].shape[0] < 30  # really split
+    # Rerun skips completed shards (and the finished merge).
+    mtime = (d / "shard-0" / "images.pt").stat().st_mtime_ns
+    generate(cfg2, time_limit=600, model=model, progress=False, rank=0, world_size=2)
+    assert (d / "shard-0" / "images.pt").stat().st_mtime_ns == mtime
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["world_size"] == 2 and man["seeds"]["per_image"][:2] == [[0, 0], [0, 1]]
+    assert image_seed(0, 0, 0) != image_seed(0, 0, 1) != image_seed(1, 0, 0)
+
+
+def test_too_short_budget_is_refused_before_sampling(tmp_path):
+    model = tiny_model()
+    cfg = make_cfg(tmp_path, "generate.steps_min=50", "generate.steps_max=50", "generate.ipc_min=100",
+                   "generate.ipc_max=100")
+    with pytest.raises(BudgetError, match="steps_min=50 at ipc_min=100 needs"):
+        generate(cfg, time_limit=5, model=model, progress=False)
+    gen_dir = tmp_path / "run" / "gen-minimax"
+    assert not (gen_dir / "shard-0").exists() and not (gen_dir / "dataset.pt").exists()
+
+
+def test_cli_merge_reports_missing_shards(tmp_path):
+    from typer.testing import CliRunner
+
+    from ddkit.cli import app
+
+    gen = tmp_path / "run" / "gen-minimax"
+    (gen / "shard-0").mkdir(parents=True)
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "run"), "--merge"])
+    assert res.exit_code == 2 and "shard-0" in res.output
+
+
+def test_cli_generate_from_a_checkpoint_ends_inside_the_limit(tmp_path):
+    """`ddkit generate RUN --time-limit 20` as its own process: model loading and start-up count."""
+    import os
+    import shutil
+    import subprocess
+
+    from ddkit.config import to_dict
+    from ddkit.models import save_checkpoint
+
+    model = tiny_model()
+    run = tmp_path / "run"
+    sd = model.state_dict()
+    save_checkpoint({"model": sd, "ema": sd, "model_config": to_dict(model.config), "step": 0},
+                    run / "minimax" / "ckpt" / "last.pt")
+    exe = shutil.which("ddkit")
+    assert exe is not None
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("DDKIT_T0", None)
+    res = subprocess.run(
+        [exe, "generate", str(run), "--time-limit", "20", "--no-progress",
+         "--set", f"data.shards={tmp_path / 'none'}", "--set", "model.input_size=16",
+         "--set", "generate.batch_size=10", "--set", "generate.steps_min=2", "--set", "generate.steps_max=10",
+         "--set", "generate.dsr_min_steps_quality=5"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    man = json.loads((run / "gen-minimax" / "manifest.json").read_text())
+    assert man["budget_share_used"] <= 1.0 and man["ipc"] >= 1
+    assert man["checkpoint"].endswith("minimax")
+    ds = torch.load(run / "gen-minimax" / "dataset.pt")
+    assert (torch.bincount(ds["labels"], minlength=K) == ds["ipc"]).all()

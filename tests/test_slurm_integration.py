@@ -1,0 +1,305 @@
+"""ddkit on a real SLURM cluster: slurm/start-local-cluster.sh started once per session (munge, MariaDB,
+slurmdbd, slurmctld, slurmd on localhost), real ddkit training and generation on the MNIST shards.
+
+Skipped, with the reason, only when the cluster cannot start here (not root, no apt); with CI=true that is
+a failure instead. Jobs use one thread each (OMP_NUM_THREADS=1) so an interrupted and an uninterrupted run
+compute bit-identical steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddkit import cluster
+from ddkit.config import SlurmConfig, load_config
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+START = ROOT / "slurm" / "start-local-cluster.sh"
+STOP = ROOT / "slurm" / "stop-local-cluster.sh"
+STEPS = 60  # reference / preemption runs: about 10 s of training at one thread
+
+
+@dataclass
+class Cluster:
+    state: Path
+    start_s: float
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The local cluster for this session (``DDKIT_SLURM_STATE`` reuses a running one and leaves it up)."""
+
+    def unavailable(reason: str):
+        if _in_ci():
+            pytest.fail(f"local SLURM cluster must start in CI but did not: {reason}", pytrace=False)
+        pytest.skip(f"local SLURM cluster unavailable: {reason}")
+
+    reuse = os.environ.get("DDKIT_SLURM_STATE")
+    if not sys.platform.startswith("linux"):
+        unavailable("needs Linux")
+    if os.geteuid() != 0:
+        unavailable("slurm/start-local-cluster.sh needs root")
+    # A short state path: slurmstepd's and munge's unix sockets live below it (108-byte limit).
+    state = Path(reuse) if reuse else Path(f"/tmp/ddks{os.getpid()}")
+    env = dict(os.environ, DDKIT_SLURM_CPUS="4")  # oversubscribe 2 cores: tiny jobs overlap their waits
+    t = time.monotonic()
+    try:
+        res = subprocess.run(
+            ["bash", str(START), str(state)], capture_output=True, text=True, env=env, timeout=900
+        )
+    except subprocess.TimeoutExpired:
+        unavailable("start-local-cluster.sh did not finish in 900 s")
+    start_s = time.monotonic() - t
+    if res.returncode != 0:
+        lines = (res.stderr or res.stdout).strip().splitlines()
+        if not reuse:
+            subprocess.run(["bash", str(STOP), str(state)], capture_output=True, timeout=120)
+        unavailable(lines[-1] if lines else f"start-local-cluster.sh exit {res.returncode}")
+    print(f"\nlocal SLURM cluster ready in {start_s:.1f}s ({(res.stderr.strip().splitlines() or [''])[-1]})")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SLURM_CONF", str(state / "slurm.conf"))
+    mp.setenv("OMP_NUM_THREADS", "1")  # exported to every job by sbatch
+    mp.setenv("DDKIT_JOBS_INDEX", str(tmp_path_factory.mktemp("index") / "jobs.jsonl"))
+    try:
+        yield Cluster(state, start_s)
+    finally:
+        mp.undo()
+        if not reuse:
+            subprocess.run(["bash", str(STOP), str(state)], capture_output=True, timeout=180)
+            shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, mnist_shards) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(
+        f"""\
+name: tiny
+data: {{shards: {mnist_shards}}}
+model: {{arch: DiT-T/4}}
+pretrain: {{steps: {STEPS}, batch_size: 16, log_every: 5, ckpt_every: 10}}
+generate: {{steps_min: 2, steps_max: 2, ipc_min: 1, ipc_max: 1, batch_size: 10}}
+"""
+    )
+    return path
+
+
+def ddkit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    code = "import sys; from ddkit.cli import main; sys.argv[0] = 'ddkit'; main()"
+    env = dict(os.environ, COLUMNS="200")  # rich tables unfolded
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def _log_steps(stage_dir: Path) -> list[dict]:
+    from ddkit.io import read_jsonl
+
+    return read_jsonl(stage_dir / "train_log.jsonl")
+
+
+def _wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def _params(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return {"model": state["model"], "ema": state["ema"], "step": state["step"]}
+
+
+def _assert_same_params(a: Path, b: Path) -> None:
+    pa, pb = _params(a), _params(b)
+    assert pa["step"] == pb["step"] == STEPS
+    for key in ("model", "ema"):
+        assert pa[key].keys() == pb[key].keys()
+        for name in pa[key]:
+            assert torch.equal(pa[key][name], pb[key][name]), f"{key}.{name} differs"
+
+
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, config_file, tmp_path_factory):
+    """An uninterrupted run submitted through the CLI and waited for: (process, checkpoint, seconds)."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    t = time.monotonic()
+    res = ddkit(
+        "submit",
+        "train",
+        str(config_file),
+        "--stage",
+        "pretrain",
+        "-p",
+        "cpu",
+        "-G",
+        "0",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+        "--set",
+        f"run_dir={run}",
+    )
+    return res, run / "pretrain" / "ckpt" / "last.pt", time.monotonic() - t
+
+
+def test_trivial_job_round_trip(slurm_cluster, tmp_path):
+    import operator
+
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    ex.update_parameters(slurm_partition="cpu", slurm_time=1, slurm_cpus_per_task=1)
+    t = time.monotonic()
+    job = ex.submit(operator.add, 2, 3)
+    assert cluster.wait_result(job, poll_s=0.05, timeout_s=60) == 5
+    print(
+        f"\ncluster start {slurm_cluster.start_s:.1f}s; trivial job submit-to-result {time.monotonic() - t:.2f}s"
+    )
+
+
+def test_wrong_partition_fails_before_submission(slurm_cluster, config_file, tmp_path):
+    run = tmp_path / "run"
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    res = ddkit("submit", "train", str(config_file), "--partition", "nope", "--set", f"run_dir={run}")
+    assert res.returncode == 2
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert lines == ["error: --partition 'nope': no such partition (sinfo lists: cpu, gpu)"]
+    assert not run.exists()  # nothing pickled, no job folder
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    res = ddkit(
+        "submit", "train", str(config_file), "-p", "gpu", "--gpus-per-node", "3", "--set", f"run_dir={run}"
+    )
+    assert res.returncode == 2 and "partition 'gpu' nodes have at most 2 GPU(s)" in res.stderr
+
+
+def test_submit_train_cli_returns_result(reference):
+    res, ckpt, seconds = reference
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.split("submitted ")[1].split()[0]
+    assert f"result: {ckpt}" in res.stdout
+    assert ckpt.is_file() and (ckpt.parent.parent / "DONE").is_file()
+    assert _log_steps(ckpt.parent.parent)[-1]["step"] == STEPS
+    print(f"\nddkit submit train --wait ({STEPS} steps): {seconds:.1f}s")
+    # the job is listed and its log is reachable by id
+    listing = ddkit("jobs")
+    assert listing.returncode == 0 and job_id in listing.stdout and "ddkit-train-pretr" in listing.stdout
+    logs = ddkit("jobs", "logs", job_id)
+    assert logs.returncode == 0 and "Job completed successfully" in logs.stdout
+
+
+def test_preempted_job_resumes_from_checkpoint_exactly(reference, config_file, tmp_path):
+    _, ref_ckpt, _ = reference
+    assert ref_ckpt.is_file(), "the reference run failed"
+    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}"])
+    stage = tmp_path / "run" / "pretrain"
+    job = cluster.submit_train(
+        cfg, "pretrain", slurm=SlurmConfig(partition="cpu", gpus_per_node=0, cpus_per_task=1, time="5")
+    )
+    _wait_for(lambda: any(r["step"] >= 15 for r in _log_steps(stage)), 120, "15 training steps")
+    job._interrupt()  # submitit's preemption path: SIGTERM, then USR2 -> checkpoint + scontrol requeue
+    ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=180))
+    events = cluster.read_events(stage)
+    assert [e["event"] for e in events] == ["start", "requeue", "start"], events
+    assert events[0]["resume_step"] is None and events[2]["restart"] == "1"
+    assert 10 <= events[2]["resume_step"] < STEPS  # resumed from a checkpoint, not from scratch
+    steps = [r["step"] for r in _log_steps(stage)]
+    assert steps == list(range(5, STEPS + 1, 5))  # lines after the checkpoint were dropped, none repeat
+    _assert_same_params(ckpt, ref_ckpt)
+
+
+def test_generation_array_completes_and_merges(reference, config_file, tmp_path):
+    _, ref_ckpt, _ = reference
+    assert ref_ckpt.is_file(), "the reference run failed"
+    run = tmp_path / "run"
+    res = ddkit(
+        "submit",
+        "generate",
+        str(run),
+        "-c",
+        str(config_file),
+        "--method",
+        "dit",
+        "--time-limit",
+        "60",
+        "--gpus",
+        "2",
+        "--array",
+        "-p",
+        "gpu",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+        "--set",
+        f"generate.checkpoint={ref_ckpt}",
+    )
+    assert res.returncode == 0, res.stderr
+    gen = run / "gen-dit"
+    assert f"result: {gen / 'dataset.pt'}" in res.stdout
+    data = torch.load(gen / "dataset.pt", weights_only=False)
+    assert data["ipc"] == 1 and data["labels"].tolist() == list(range(10))
+    assert data["images"].dtype == torch.uint8 and data["images"].shape == (10, 1, 32, 32)
+    manifest = json.loads((gen / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["slurm"]["requeues"] == 0
+    starts = [e for e in manifest["slurm"]["events"] if e["event"] == "start"]
+    assert sorted((e["shard"], e["array_task"]) for e in starts) == [(0, "0"), (1, "1")]
+    assert len({e["array_job_id"] for e in starts}) == 1
+
+
+def test_time_limit_requeues_and_finishes(reference, config_file, tmp_path):
+    res, ref_ckpt, _ = reference
+    assert ref_ckpt.is_file(), "the reference run failed"
+    # Enough steps that the first attempt is still running when SLURM's warning comes: with --time=1 and
+    # USR2@25 it is due 5 s in and sent at slurmctld's next 30-s limit check, so within 35 s of the start.
+    speed = _log_steps(ref_ckpt.parent.parent)[-1]["steps_per_s"]
+    steps = int(min(1000, max(120, math.ceil(40 * speed))))
+    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}", f"pretrain.steps={steps}"])
+    stage = tmp_path / "run" / "pretrain"
+    s = SlurmConfig(
+        partition="cpu", gpus_per_node=0, cpus_per_task=1, time="1", signal_delay_s=25, max_timeouts=10
+    )
+    job = cluster.submit_train(cfg, "pretrain", slurm=s)
+    _wait_for(
+        lambda: any(e["event"] == "requeue" for e in cluster.read_events(stage)),
+        120,
+        "the time-limit requeue",
+    )
+    # Give the requeued attempt room to finish (every attempt of a 1-minute job is warned within 35 s).
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job.job_id}", "TimeLimit=10"], check=True, capture_output=True
+    )
+    ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=240))
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["step"] == steps
+    assert (stage / "DONE").is_file()
+    events = cluster.read_events(stage)
+    assert (
+        events[0]["event"] == "start" and events[-1]["event"] == "start" and int(events[-1]["restart"]) >= 1
+    )
+    log = (Path(cfg.run_dir) / "slurm" / f"{job.job_id}_0_log.out").read_text()
+    assert "this job is timed-out" in log and "Job completed successfully" in log

