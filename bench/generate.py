@@ -75,17 +75,20 @@ def make_pipeline(backbone, device):
     return pipe
 
 
-def timed(fn, repeats: int, sync) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    sync()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timed_interleaved(fns: dict, repeats: int, sync) -> dict:
+    """Median seconds per callable; one warm-up each, then ``repeats`` rounds calling every callable once
+    per round, so a shared machine's load drifts over all of them alike."""
+    for fn in fns.values():
         fn()
         sync()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def throughput(backbone, *, batch: int, steps: int, repeats: int, device, variants: list[str], flops_per_img_step=None):
@@ -98,19 +101,17 @@ def throughput(backbone, *, batch: int, steps: int, repeats: int, device, varian
         return [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
 
     pipe = make_pipeline(backbone, device)
+    ref_name = "diffusers DiTPipeline (fp32)"
 
     def run_pipe():
         return pipe(class_labels=labels.tolist(), num_inference_steps=steps, guidance_scale=4.0,
                     generator=gens(), output_type="pt").images
 
-    results = {}
-    ref_s = timed(run_pipe, repeats, sync)
-    results["diffusers DiTPipeline (fp32)"] = batch / ref_s
-    ref_img = run_pipe()
+    fns = {ref_name: run_pipe}
+    notes = {}
     for v in variants:
         model = backbone
         autocast = torch.bfloat16 if "bf16" in v else None
-        compile_s = None
         if "compile" in v:
             t = time.perf_counter()
             model = torch.compile(backbone)
@@ -118,23 +119,23 @@ def throughput(backbone, *, batch: int, steps: int, repeats: int, device, varian
                 setattr(model, a, getattr(backbone, a))
             sample(model, labels, steps=2, sampler="ddim", generators=gens(), autocast_dtype=autocast)
             sync()
-            compile_s = time.perf_counter() - t
+            notes[f"ddkit sample ({v})"] = f", compile {time.perf_counter() - t:.1f} s"
 
         def run(model=model, autocast=autocast):
             return sample(model, labels, steps=steps, sampler="ddim", cfg_scale=4.0, generators=gens(),
                           autocast_dtype=autocast)
 
-        s = timed(run, repeats, sync)
-        name = f"ddkit sample ({v})"
-        results[name] = batch / s
-        out = ((run() / 2 + 0.5).clamp(0, 1)).float()
-        diff = (out - ref_img.float()).abs().max().item()
-        extra = f", compile {compile_s:.1f} s" if compile_s is not None else ""
-        print(f"    {name:38s} max |ddkit - pipeline| = {diff:.2e}{extra}")
-    print(f"  batch {batch}, {steps} DDIM steps, CFG 4.0, {device}:")
+        fns[f"ddkit sample ({v})"] = run
+    secs = timed_interleaved(fns, repeats, sync)
+    results = {k: batch / s for k, s in secs.items()}
+    ref_img = run_pipe().float()
+    print(f"  batch {batch}, {steps} DDIM steps, CFG 4.0, {device}, median of {repeats} interleaved rounds:")
     for name, ips in results.items():
-        ratio = ips / results["diffusers DiTPipeline (fp32)"]
+        ratio = ips / results[ref_name]
         line = f"    {name:38s} {ips:9.2f} images/s   x{ratio:.2f} vs DiTPipeline"
+        if name != ref_name:
+            out = ((fns[name]() / 2 + 0.5).clamp(0, 1)).float()
+            line += f"   max|diff| {(out - ref_img).abs().max().item():.1e}{notes.get(name, '')}"
         if flops_per_img_step is not None and device.type == "cuda":
             peak = next((p for k, p in BF16_PEAK.items() if k in torch.cuda.get_device_name(0)), None)
             achieved = ips * steps * flops_per_img_step
@@ -186,14 +187,17 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--skip-budget", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile on CPU (slow to compile)")
+    ap.add_argument("--cpu-bf16", action="store_true", help="also time bf16 autocast on CPU (very slow without "
+                    "native bf16 matmuls: a 600 s timeout was hit on the 2-core dev VM)")
     args = ap.parse_args()
 
     print(f"ddkit generate benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("[1] CPU: tiny DiT (DiT-T/2, 4x32x32 input, 1000 classes), ddkit sampler vs diffusers DiTPipeline")
+    print("[1] CPU: tiny DiT (DiT-T/4, 4x32x32 input, 1000 classes), ddkit sampler vs diffusers DiTPipeline")
     torch.manual_seed(0)
-    tiny = build_backbone(ModelConfig(arch="DiT-T/2", in_channels=4, input_size=32, num_classes=1000,
+    tiny = build_backbone(ModelConfig(arch="DiT-T/4", in_channels=4, input_size=32, num_classes=1000,
                                       learn_sigma=True), seed=0)
-    variants = ["fp32", "bf16 autocast"] + (["fp32 + torch.compile"] if args.compile else [])
+    variants = ["fp32"] + (["bf16 autocast"] if args.cpu_bf16 else []) + (
+        ["fp32 + torch.compile"] if args.compile else [])
     throughput(tiny, batch=args.batch, steps=args.steps, repeats=args.repeats, device=torch.device("cpu"),
                variants=variants)
 

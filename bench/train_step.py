@@ -62,10 +62,16 @@ def bench_minimax_overhead(steps: int, batch: int, device: str = "cpu", arch: st
     mcfg = ModelConfig(arch=arch, difffit_blocks=14)
     common = ["minimax.trainable=difffit", f"minimax.batch_size={batch}"]
     plain = Trainer.from_model(
-        _cfg([*common, "minimax.lambda_r=0", "minimax.lambda_d=0"]), "minimax", build_backbone(mcfg, seed=0), device=device
+        _cfg([*common, "minimax.lambda_r=0", "minimax.lambda_d=0"]),
+        "minimax",
+        build_backbone(mcfg, seed=0),
+        device=device,
     )
     mm = Trainer.from_model(
-        _cfg([*common, "minimax.lambda_r=0.002", "minimax.lambda_d=0.008"]), "minimax", build_backbone(mcfg, seed=0), device=device
+        _cfg([*common, "minimax.lambda_r=0.002", "minimax.lambda_d=0.008"]),
+        "minimax",
+        build_backbone(mcfg, seed=0),
+        device=device,
     )
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for i in range(6):  # warm-up; fills the memories (≈ batch/10 entries per class per step)
@@ -82,7 +88,13 @@ def bench_minimax_overhead(steps: int, batch: int, device: str = "cpu", arch: st
             acc.append(time.perf_counter() - t0)
     fill = min(len(v) for v in mm.memory.real.items.values())
     p, m = statistics.median(t_plain), statistics.median(t_mm)
-    return {"plain_s": p, "minimax_s": m, "overhead_pct": 100 * (m / p - 1), "memory_fill": fill, "batch": batch}
+    return {
+        "plain_s": p,
+        "minimax_s": m,
+        "overhead_pct": 100 * (m / p - 1),
+        "memory_fill": fill,
+        "batch": batch,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -125,7 +137,9 @@ def bench_cached_latents(steps: int, batch: int, work: Path) -> dict:
         Image.fromarray(im).save(d / f"{i}.png")
     common = dict(dataset="imagefolder", root=str(root), resolution=64, channels=3, shard_size=100)
     plain_dir = shard_dataset(DataConfig(**common, shards=str(work / "px")), work / "px")
-    lat_dir = shard_dataset(DataConfig(**common, shards=str(work / "lat"), encode_latents=str(vae_dir)), work / "lat")
+    lat_dir = shard_dataset(
+        DataConfig(**common, shards=str(work / "lat"), encode_latents=str(vae_dir)), work / "lat"
+    )
     half = max(steps // 2, 1)
     out = {}
     for name, shards in (("encode", plain_dir), ("cached", lat_dir)):
@@ -159,6 +173,59 @@ def bench_cached_latents(steps: int, batch: int, work: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
+def flop_bounds() -> dict:
+    """Per-image GFLOPs (``torch.utils.flop_counter`` on meta tensors, no compute) of a VAE encode and of a
+    DiffFit training step (forward + backward without frozen-weight gradients), and the speedup bound of
+    caching latents when both run at the same FLOP rate: (step + encode) / step."""
+    import torch
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddkit.config import ModelConfig
+    from ddkit.models import build_backbone
+
+    def vae_gf(widths, px):
+        with torch.device("meta"):
+            v = AutoencoderKL(
+                block_out_channels=widths,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2,
+                latent_channels=4,
+            )
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                v.encode(torch.randn(1, 3, px, px))
+        return fc.get_total_flops() / 1e9
+
+    def dit_gf(arch, size):
+        with torch.device("meta"):
+            m = build_backbone(
+                ModelConfig(
+                    arch=arch,
+                    in_channels=4,
+                    input_size=size,
+                    num_classes=1000,
+                    learn_sigma=True,
+                    difffit_blocks=14,
+                ),
+                init=False,
+            )
+            m.trainable_parameters("difffit")
+            x, t, y = torch.randn(1, 4, size, size), torch.tensor([5]), torch.tensor([3])
+            with FlopCounterMode(display=False) as fc:
+                m(x, t, y).square().mean().backward()
+        return fc.get_total_flops() / 1e9
+
+    out = {}
+    for name, widths, px, arch in (
+        ("sd_vae_256_dit_xl2", (128, 256, 512, 512), 256, "DiT-XL/2"),
+        ("cpu_analog_64_dit_s2", (32, 64, 128, 128), 64, "DiT-S/2"),
+    ):
+        enc, step = vae_gf(widths, px), dit_gf(arch, px // 8)
+        out[name] = {"encode_gflops": enc, "step_gflops": step, "speedup_bound": (enc + step) / step}
+    return out
+
+
 def bench_gpu(steps: int, batch: int) -> dict:
     """DiT-XL/2 256 (latents 4x32x32), random weights, bf16 autocast, on the GPU."""
     import torch
@@ -170,7 +237,9 @@ def bench_gpu(steps: int, batch: int) -> dict:
 
     dev = "cuda"
     torch.manual_seed(0)
-    mcfg = ModelConfig(arch="DiT-XL/2", in_channels=4, input_size=32, num_classes=1000, learn_sigma=True, difffit_blocks=14)
+    mcfg = ModelConfig(
+        arch="DiT-XL/2", in_channels=4, input_size=32, num_classes=1000, learn_sigma=True, difffit_blocks=14
+    )
     latents = torch.randn(batch, 4, 32, 32, device=dev)
     images = torch.rand(batch, 3, 256, 256, device=dev) * 2 - 1
     labels = torch.randint(0, 10, (batch,))
@@ -190,8 +259,12 @@ def bench_gpu(steps: int, batch: int) -> dict:
         "minimax_encode": (["minimax.lambda_r=0.002", "minimax.lambda_d=0.008"], "encode", vae),
     }
     for name, (sets, mode, v) in runs.items():
-        cfg = _cfg(["minimax.trainable=difffit", "minimax.precision=bf16", f"minimax.batch_size={batch}", *sets])
-        tr = Trainer.from_model(cfg, "minimax", build_backbone(mcfg, seed=0), device=dev, data_mode=mode, vae=v)
+        cfg = _cfg(
+            ["minimax.trainable=difffit", "minimax.precision=bf16", f"minimax.batch_size={batch}", *sets]
+        )
+        tr = Trainer.from_model(
+            cfg, "minimax", build_backbone(mcfg, seed=0), device=dev, data_mode=mode, vae=v
+        )
         b = (images, labels, latents)
         for _ in range(5):
             tr.train_step(b)
@@ -229,7 +302,9 @@ def main() -> None:
     if not args.skip_cpu:
         r = bench_minimax_overhead(args.steps, args.batch)
         results["minimax_overhead_cpu"] = r
-        t = Table(title=f"Minimax step vs plain diffusion step (DiT-T/4, MNIST 32 px, batch {r['batch']}, CPU)")
+        t = Table(
+            title=f"Minimax step vs plain diffusion step (DiT-T/4, MNIST 32 px, batch {r['batch']}, CPU)"
+        )
         for col in ("plain s/step", "minimax s/step", "overhead", "goal"):
             t.add_column(col)
         t.add_row(f"{r['plain_s']:.3f}", f"{r['minimax_s']:.3f}", f"{r['overhead_pct']:+.1f} %", "≤ 10 %")
@@ -237,11 +312,25 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ddkit-bench-") as tmp:
             r = bench_cached_latents(args.steps, args.latent_batch, Path(tmp))
         results["cached_latents_cpu"] = r
-        t = Table(title=f"Cached latent shards vs VAE encoding per step (DiT-S/2, 64 px RGB, batch {r['batch']}, CPU)")
+        t = Table(
+            title=f"Cached latent shards vs VAE encoding per step (DiT-S/2, 64 px RGB, batch {r['batch']}, CPU)"
+        )
         for col in ("encode steps/s", "cached steps/s", "speedup", "goal"):
             t.add_column(col)
-        t.add_row(f"{r['encode_steps_per_s']:.2f}", f"{r['cached_steps_per_s']:.2f}", f"{r['speedup']:.2f}x", "≥ 2x")
+        t.add_row(
+            f"{r['encode_steps_per_s']:.2f}", f"{r['cached_steps_per_s']:.2f}", f"{r['speedup']:.2f}x", "≥ 2x"
+        )
         console.print(t)
+    fl = flop_bounds()
+    results["flop_bounds"] = fl
+    t = Table(
+        title="Caching bound at equal FLOP rate (per image, DiffFit step = forward + input-grad backward)"
+    )
+    for col in ("pair", "VAE encode GFLOP", "DiT step GFLOP", "speedup bound"):
+        t.add_column(col)
+    for name, r in fl.items():
+        t.add_row(name, f"{r['encode_gflops']:.1f}", f"{r['step_gflops']:.1f}", f"{r['speedup_bound']:.2f}x")
+    console.print(t)
     if torch.cuda.is_available():
         r = bench_gpu(args.steps, args.gpu_batch)
         results["gpu"] = r

@@ -26,7 +26,9 @@ _T0 = time.monotonic()
 # Seconds kept back from --time-limit for converting, saving and checking the tensor
 # (CIFAR-100: 12 MB, Tiny-ImageNet: 98 MB float32; well under a second each on a GPU node).
 WRITE_RESERVE_S = 5.0
-WEIGHT_KEYS = (("generate", "checkpoint"), ("model", "pretrained"), ("model", "vae"), ("model", "vae_decoder"))
+# Config paths that a bundle holds relative to itself.
+BUNDLE_KEYS = (("generate", "checkpoint"), ("model", "pretrained"), ("model", "vae"), ("model", "vae_decoder"),
+               ("data", "shards"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def challenge_config(args: argparse.Namespace, work: Path):
     """The experiment config for one challenge run.
 
-    Weight paths in the bundle config are relative to the bundle; the run dir is ``work``; the time limit
+    Weight and shard-index paths in the bundle config are relative to the bundle; the run dir is ``work``; the time limit
     is ``--time-limit`` minus :data:`WRITE_RESERVE_S`; IPC is pinned to the scorer's 10.
 
     Raises:
@@ -56,15 +58,25 @@ def challenge_config(args: argparse.Namespace, work: Path):
 
     path = args.config or args.bundle / "configs" / f"{args.dataset}.yaml"
     cfg = load_config(path, tuple(args.sets))
-    sections = {"generate": cfg.generate, "model": cfg.model}
-    changes: dict[str, dict[str, str]] = {"generate": {}, "model": {}}
-    for sec, key in WEIGHT_KEYS:
+    sections = {"generate": cfg.generate, "model": cfg.model, "data": cfg.data}
+    changes: dict[str, dict[str, str]] = {"generate": {}, "model": {}, "data": {}}
+    for sec, key in BUNDLE_KEYS:
         val = getattr(sections[sec], key)
         if val and not Path(val).is_absolute() and (args.bundle / val).exists():
             changes[sec][key] = str((args.bundle / val).resolve())
     gen = replace(cfg.generate, **changes["generate"], time_limit=max(1.0, args.time_limit - WRITE_RESERVE_S),
                   ipc_min=IPC, ipc_max=IPC)
-    return replace(cfg, run_dir=str(work), generate=gen, model=replace(cfg.model, **changes["model"]))
+    return replace(cfg, run_dir=str(work), generate=gen, model=replace(cfg.model, **changes["model"]),
+                   data=replace(cfg.data, **changes["data"]))
+
+
+def budget_start() -> float:
+    """``time.monotonic()`` at which the budget started: the process start when ddkit.generate can tell
+    (``process_start_monotonic``: interpreter start-up counts), else this module's import time."""
+    import ddkit.generate as g
+
+    start = getattr(g, "process_start_monotonic", None)
+    return min(_T0, start()) if start is not None else _T0
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -79,18 +91,19 @@ def run(args: argparse.Namespace) -> Path:
     from ddkit.errors import PackageError
     from ddkit.generate import generate
     from ddkit.io import atomic_file
-    from ddkit.package import ECCV2024, check_tensor_file, load_distilled, scorer_tensor
+    from ddkit.package import ECCV2024, make_readable, check_tensor_file, load_distilled, scorer_tensor
 
     spec = ECCV2024[args.dataset]
     out = args.out.resolve()
     work = out / f".ddkit-{args.dataset}"
     cfg = challenge_config(args, work)
-    gen_dir = generate(cfg, time_limit=cfg.generate.time_limit, t0=_T0, progress=False)
+    gen_dir = generate(cfg, time_limit=cfg.generate.time_limit, t0=budget_start(), progress=False)
     d = load_distilled(gen_dir)
     tensor, _ = scorer_tensor(d, spec)
     target = out / spec.filename
     with atomic_file(target) as tmp:
         torch.save(tensor, tmp)
+        make_readable(tmp)
         verdict = check_tensor_file(tmp, spec)
         if not verdict.ok:
             raise PackageError(f"{target}: {verdict.message}")

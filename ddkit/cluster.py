@@ -523,7 +523,9 @@ class GenerateJob(Checkpointable):
         from ddkit.generate import generate, process_start_monotonic
 
         # The budget clock starts with this process (interpreter start-up and imports count), never with
-        # an earlier attempt of the same job. In-process executors (tests) start it now.
+        # an earlier attempt of the same job, nor with a DDKIT_T0 exported from the submitting shell.
+        # In-process executors (tests) start it now.
+        os.environ.pop("DDKIT_T0", None)
         in_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
         t0 = process_start_monotonic() if in_slurm else time.monotonic()
         kwargs: dict[str, Any] = {
@@ -553,6 +555,27 @@ class GenerateJob(Checkpointable):
         )
         job = type(self)(self.cfg, self.method, self.time_limit, self.shard, self.num_shards)
         return DelayedSubmission(job, *args, **kwargs)
+
+
+def task_info() -> dict[str, Any]:
+    """What one task of a job sees: rank, world size, master address/port (:func:`ddkit.dist.dist_env`),
+    its GPUs and host. Submitted as a job it checks how ``srun`` lays out the ranks (tests, debugging)."""
+    import socket
+
+    from ddkit.dist import dist_env
+
+    env = dist_env()
+    return {
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "local_rank": env.local_rank,
+        "master_addr": env.master_addr,
+        "master_port": env.master_port,
+        "launcher": env.launcher,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "host": socket.gethostname(),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+    }
 
 
 def merge_job(gen_dir: str) -> str:
@@ -907,4 +930,14 @@ def cancel(job_id: str) -> None:
         ClusterError: scancel failed (unknown job, not yours).
     """
     require_slurm()
-    _run(["scancel", str(job_id)], timeout=30)
+    try:
+        out = subprocess.run(
+            ["scancel", "--verbose", str(job_id)], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        raise ClusterError("scancel: no answer from slurmctld within 30s") from None
+    # scancel exits 0 even for an unknown job id and says so only with --verbose, on stderr.
+    errors = [ln for ln in out.stderr.splitlines() if "error" in ln.lower()]
+    if out.returncode != 0 or errors:
+        msg = (errors or out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise ClusterError(f"scancel {job_id}: {msg.split('error:', 1)[-1].strip()}")

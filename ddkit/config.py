@@ -84,6 +84,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA kept and used for sampling
     ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)); the reference has none (tiny runs want it)
     class_dropout: float = 0.1  # label dropout so classifier-free guidance works
+    hflip: bool = False  # random horizontal flip of x0 (the reference flips ImageNet images; not digits)
     trainable: Literal["all", "difffit"] = "all"  # difffit: biases, norms, class embedding, gammas
     difffit_blocks: int = 14  # gamma scales on the first N blocks (reference: 14)
     lambda_r: float = 0.0  # representativeness weight (Minimax: 0.002)
@@ -343,7 +344,13 @@ def from_dict(cls: type, data: Any, source: str = "<dict>", prefix: str = "") ->
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], source, prefix + f.name)
+            value = data[f.name]
+            # A partial nested section overrides the parent's default for that section (e.g. the minimax
+            # stage's lambda_r), not the section class's own defaults.
+            if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+                if f.default_factory is not dataclasses.MISSING:
+                    value = _deep_merge(to_dict(f.default_factory()), value)
+            kwargs[f.name] = _coerce(hints[f.name], value, source, prefix + f.name)
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -436,6 +443,13 @@ def _in_range(obj: Any, name: str, lo: float, hi: float) -> None:
     v = getattr(obj, name)
     if not lo <= v <= hi:
         raise ConfigError(f"{name}: must be in [{lo}, {hi}], got {v}")
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _deepcopy_dict(d: dict[str, Any]) -> dict[str, Any]:

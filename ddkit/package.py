@@ -274,7 +274,6 @@ def package_run(
     dataset: str | None = None,
     method: str | None = None,
     image: str | Path | None = None,
-    progress: bool = False,
 ) -> Path:
     """Package one or more generated runs; return the written archive or directory.
 
@@ -385,6 +384,7 @@ def write_eccv2024(sets: list[Distilled], out: str | Path, *, dataset: str | Non
                 z.writestr(name, blob)
             z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n",
                        compress_type=zipfile.ZIP_DEFLATED)
+        make_readable(tmp)
         report = check_submission(tmp, allow_partial=len(members) < len(ECCV2024))
         if not report.ok:
             raise PackageError(f"{out}: the written archive fails its check: {report.first_failure()}")
@@ -480,14 +480,17 @@ def package_generator(
     """Write the generative-track bundle: entry point, per-dataset configs and weights, the image.
 
     Layout: ``generate`` (sh entry point, see :data:`GENERATE_SH`), ``configs/<dataset>.yaml`` (the run's
-    resolved config with every weight path rewritten relative to the bundle), ``weights/<dataset>/...``
+    resolved config with every weight path rewritten relative to the bundle), ``data/<dataset>/``
+    (the shard index ``dataset.json`` + ``classes.json``: class names and ImageNet mapping, no images),
+    ``weights/<dataset>/...``
     (the generation checkpoint, and local pretrained/VAE directories), ``ddkit.sif`` (copied from
     ``image`` when given, otherwise built later with ``ddkit container build --out BUNDLE/ddkit.sif``),
     ``manifest.json``. Weights named by HF id stay HF ids: they must be in the image's baked HF cache or
     in ``HF_HOME`` bound at run time (``containers/ddkit.def``, %help).
 
     Raises:
-        PackageError: a run that is not a challenge dataset, or a checkpoint that cannot be found.
+        PackageError: a run that is not a challenge dataset, or a checkpoint or shard index that cannot be
+            found.
     """
     import yaml
 
@@ -501,18 +504,32 @@ def package_generator(
             wdir = tmp / "weights" / spec.name
             wdir.mkdir(parents=True)
             ckpt = _find_checkpoint(d)
-            shutil.copy2(ckpt, wdir / "last.pt")
-            cfg.setdefault("generate", {})["checkpoint"] = f"weights/{spec.name}/last.pt"
+            run_method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
+            cfg.setdefault("generate", {})["method"] = run_method  # the bundle samples the way the run did
+            if ckpt is not None:
+                shutil.copy2(ckpt, wdir / "last.pt")
+                cfg.setdefault("generate", {})["checkpoint"] = f"weights/{spec.name}/last.pt"
             model = cfg.setdefault("model", {})
             for key in ("pretrained", "vae", "vae_decoder"):
                 src = model.get(key)
                 if src and Path(src).is_dir():
                     shutil.copytree(src, wdir / key)
                     model[key] = f"weights/{spec.name}/{key}"
+            # Generation takes the class list and the backbone class mapping from the shard index.
+            index = _find_index(d)
+            if index is None:
+                raise PackageError(f"{d.gen_dir}: shard index (data.shards/dataset.json) not found; the generator "
+                                   "needs its class list and ImageNet mapping")
+            ddir = tmp / "data" / spec.name
+            ddir.mkdir(parents=True)
+            for name in ("dataset.json", "classes.json"):
+                if (index / name).is_file():
+                    shutil.copy2(index / name, ddir / name)
+            cfg.setdefault("data", {})["shards"] = f"data/{spec.name}"
             cfg.setdefault("package", {})["dataset"] = spec.name
             (tmp / "configs").mkdir(exist_ok=True)
             (tmp / "configs" / f"{spec.name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            entries[spec.name] = {"checkpoint_source": str(ckpt), "method": d.manifest.get("method"),
+            entries[spec.name] = {"checkpoint_source": str(ckpt) if ckpt else None, "method": d.manifest.get("method"),
                                   "generation": d.manifest}
         (tmp / "generate").write_text(GENERATE_SH)
         (tmp / "generate").chmod(0o755)
@@ -528,7 +545,8 @@ def package_generator(
     return out
 
 
-def _find_checkpoint(d: Distilled) -> Path:
+def _find_checkpoint(d: Distilled) -> Path | None:
+    """The generation checkpoint file; None when the method samples the pretrained model (an HF id/dir)."""
     cands = [d.manifest.get("checkpoint"), (d.config.get("generate") or {}).get("checkpoint")]
     method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
     stage = "pretrain" if method == "dit" else "minimax"
@@ -538,6 +556,8 @@ def _find_checkpoint(d: Distilled) -> Path:
             return Path(c)
         if c and (Path(c) / "ckpt" / "last.pt").is_file():
             return Path(c) / "ckpt" / "last.pt"
+    if method != "minimax" and (d.config.get("model") or {}).get("pretrained"):
+        return None  # dit / d3hr sample model.pretrained, handled with the other model weights
     raise PackageError(f"{d.gen_dir}: generation checkpoint not found (tried {', '.join(str(c) for c in cands if c)})")
 
 
@@ -580,7 +600,7 @@ def check_submission(path: str | Path, *, allow_partial: bool = False, tolerance
     """Validate a submission against the scorer's rules; one :class:`Verdict` per file.
 
     Accepts an ``eccv2024`` zip or the unpacked directory (``cifar100.pt`` / ``tinyimagenet.pt`` at its
-    root), a ``folder`` directory or a ``webdataset`` directory (told apart by their ``manifest.json``).
+    root), a single scorer ``.pt`` file, a ``folder`` directory or a ``webdataset`` directory (told apart by their ``manifest.json``).
 
     For each scorer file: present at the archive root; loads with ``torch.load(weights_only=True)``; a bare
     tensor (not a dict); float32; shape ``[classes x 10, 3, H, W]`` (a first dimension not divisible by the
@@ -599,6 +619,12 @@ def check_submission(path: str | Path, *, allow_partial: bool = False, tolerance
     path = Path(path)
     if not path.exists():
         raise PackageError(f"{path}: not found")
+    if path.is_file() and path.suffix == ".pt":
+        spec = ECCV2024.get(path.stem)
+        if spec is None:
+            return CheckReport(path, "eccv2024", [Verdict(path.name, False, "the scorer loads only "
+                                                          "cifar100.pt and tinyimagenet.pt")])
+        return CheckReport(path, "eccv2024", [_check_tensor(spec, path.read_bytes(), {}, tolerance)])
     if path.is_dir():
         man = _read_optional_json(path / MANIFEST)
         if man.get("format") in ("folder", "webdataset"):
@@ -762,7 +788,9 @@ def _entry(d: Distilled, spec: ScorerSpec | None, perm: list[int]) -> dict[str, 
         "ipc": ipc,
         "class_order": classes,
         "class_counts": [ipc] * len(classes),
-        "steps": gm.get("steps"),
+        # the generation manifest's steps, without its per-image list (kept under generation_manifest)
+        "steps": ({k: v for k, v in gm["steps"].items() if k != "per_image"} if isinstance(gm.get("steps"), dict)
+                  else gm.get("steps")),
         "method": gm.get("method") or d.gen_dir.name.removeprefix("gen-"),
         "budget": {k: v for k, v in gm.items() if "budget" in k or "time" in k or "wall" in k},
         "generation_hardware": gm.get("hardware"),
@@ -792,16 +820,32 @@ def _manifest(fmt: str, entries: dict[str, Any], files: dict[str, str]) -> dict[
     }
 
 
-def _index_class_ids(d: Distilled) -> list[str] | None:
+def _find_index(d: Distilled) -> Path | None:
+    """The run's shard directory holding ``dataset.json`` (``data.shards``, absolute or run-relative)."""
     shards = (d.config.get("data") or {}).get("shards")
     if not shards:
         return None
     for base in (Path(shards), d.gen_dir.parent / shards):
-        idx = base / "dataset.json"
-        if idx.is_file():
-            ids = read_json(idx).get("class_ids")
-            return [str(c) for c in ids] if ids else None
+        if (base / "dataset.json").is_file():
+            return base
     return None
+
+
+def _index_class_ids(d: Distilled) -> list[str] | None:
+    base = _find_index(d)
+    if base is None:
+        return None
+    ids = read_json(base / "dataset.json").get("class_ids")
+    return [str(c) for c in ids] if ids else None
+
+
+def make_readable(p: Path) -> None:
+    """mkstemp files are 0600; a submission is read by other users (organisers, a scorer account)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    p.chmod(0o644 & ~umask)
 
 
 def _read_optional_json(p: Path) -> Any:
@@ -828,6 +872,6 @@ def _describe(x: Any) -> str:
 
 __all__ = [
     "CIFAR100_CLASSES", "ECCV2024", "FORMATS", "IPC", "CheckReport", "Distilled", "ScorerSpec", "Verdict",
-    "canonical_order", "check_submission", "check_tensor_file", "scorer_tensor", "load_distilled", "normalize", "package_generator", "package_run",
+    "canonical_order", "check_submission", "check_tensor_file", "make_readable", "scorer_tensor", "load_distilled", "normalize", "package_generator", "package_run",
     "resize_uint8", "resolve_gen_dir", "to_scorer_tensor", "write_eccv2024", "write_folder", "write_webdataset",
 ]

@@ -155,9 +155,9 @@ class Trainer:
             from ddkit.models import build_backbone, model_config_from_dict
 
             mcfg = model_config_from_dict(state["model_config"], str(self.ckpt_path))
-            model = build_backbone(mcfg, seed=cfg.seed)
+            model = build_backbone(mcfg, init=False)
             model.load_state_dict(state["model"])
-            ema = build_backbone(mcfg, seed=cfg.seed)
+            ema = build_backbone(mcfg, init=False)
             ema.load_state_dict(state["ema"])
         else:
             model, mcfg = self._initial_model()
@@ -331,13 +331,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train until ``steps`` (or ``max_steps``); return the checkpoint path. Idempotent: a DONE stage
-        returns at once under ``resume="auto"``."""
+        returns at once under ``resume="auto"`` (unless ``steps`` was raised since: then it continues)."""
         global _CURRENT
         from ddkit import dist
         from ddkit.io import is_done
 
         if self.resume == "auto" and is_done(self.stage_dir) and self.ckpt_path.is_file():
-            return self.ckpt_path
+            from ddkit.io import DONE, read_json
+
+            try:
+                done_step = int(read_json(self.stage_dir / DONE).get("step", self.tcfg.steps))
+            except Exception:
+                done_step = self.tcfg.steps
+            if done_step >= self.tcfg.steps:  # complete; more steps in the config continue from it
+                return self.ckpt_path
         if not self._ready:
             self.setup()
         _CURRENT = self
@@ -358,7 +365,9 @@ class Trainer:
         (self.stage_dir / DONE).unlink(missing_ok=True)
         log = self.stage_dir / "train_log.jsonl"
         if self.step == 0:
+            # A fresh start: a stale log or checkpoint of an earlier run must not be resumed later.
             log.unlink(missing_ok=True)
+            self.ckpt_path.unlink(missing_ok=True)
         elif log.exists():
             # Lines logged after the checkpoint we resume from would be logged again: drop them.
             from ddkit.io import atomic_write_text
@@ -368,7 +377,6 @@ class Trainer:
         write_run_config(self.stage_dir, self.cfg)
 
     def _loop(self) -> None:
-
         from ddkit import dist
         from ddkit.data import make_loader
         from ddkit.io import append_jsonl, mark_done
@@ -453,15 +461,18 @@ class Trainer:
         tcfg, dev, gen = self.tcfg, self.device, self.generator
         images, labels = batch[0], batch[1]
         labels_cpu = labels.to("cpu")
+        b = labels_cpu.shape[0]
+        flip = torch.rand(b, generator=gen, device=dev) < 0.5 if tcfg.hflip else None
         if self.data_mode == "latents":
-            x0 = batch[2].to(dev, non_blocking=True).float()
+            # Flipping a cached latent approximates encoding the flipped image (as fast-DiT's caches).
+            x0 = _maybe_flip(batch[2].to(dev, non_blocking=True).float(), flip)
         elif self.data_mode == "encode":
             from ddkit.models.vae import encode
 
-            x0 = encode(self.vae, images.to(dev, non_blocking=True), generator=gen).float()
+            x = _maybe_flip(images.to(dev, non_blocking=True), flip)
+            x0 = encode(self.vae, x, generator=gen).float()
         else:
-            x0 = images.to(dev, non_blocking=True).float()
-        b = x0.shape[0]
+            x0 = _maybe_flip(images.to(dev, non_blocking=True).float(), flip)
         y = self.cond_map[labels_cpu.to(dev, non_blocking=True)]
         if tcfg.class_dropout > 0:
             drop = torch.rand(b, generator=gen, device=dev) < tcfg.class_dropout
@@ -641,11 +652,20 @@ class Trainer:
             err_console.print(f"[yellow]{msg}[/]")
 
 
+def _maybe_flip(x, flip):
+    """Mirror the rows of x [B, C, H, W] where flip [B] is True (reference: ``RandomHorizontalFlip``)."""
+    if flip is None:
+        return x
+    import torch
+
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def _clone_backbone(model, mcfg: ModelConfig):
     """A second Backbone with the same weights (the EMA; reference ``deepcopy`` + ``update_ema(decay=0)``)."""
     from ddkit.models import build_backbone
 
-    ema = build_backbone(mcfg, seed=0)
+    ema = build_backbone(mcfg, init=False)
     ema.load_state_dict(model.state_dict())
     return ema
 
@@ -697,6 +717,16 @@ class _ProgressBar:
             txt += f" L_r {rec['l_r']:.4f} L_d {rec['l_d']:.4f}"
         sps = rec.get("steps_per_s")
         self.p.update(self.task, terms=txt, speed=f"{sps:.2f} step/s" if sps else "")
+        if not self.p.console.is_terminal:
+            # Batch logs (SLURM) get no live bar: one plain line per log interval instead.
+            task = self.p.tasks[0]
+            eta = task.time_remaining
+            self.p.console.print(
+                f"{task.description} step {int(task.completed)}/{int(task.total or 0)} {txt}"
+                + (f" {sps:.2f} step/s" if sps else "")
+                + (f" ETA {eta:.0f}s" if eta is not None else ""),
+                highlight=False,
+            )
 
     def close(self) -> None:
         if self.enabled:

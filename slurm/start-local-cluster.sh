@@ -239,8 +239,8 @@ EOF
 start slurmdbd slurmdbd -D  # reads slurmdbd.conf beside $SLURM_CONF
 deadline_wait 30 slurmdbd sacctmgr -n -i list cluster
 start slurmctld slurmctld -D -f "$S/slurm.conf"
+start slurmd slurmd -D -f "$S/slurm.conf"  # registers as soon as slurmctld answers
 deadline_wait 30 slurmctld bash -c "scontrol ping | grep -q UP"
-start slurmd slurmd -D -f "$S/slurm.conf"
 T_DAEMONS=$(date +%s.%N)
 
 cat >"$S/env.sh" <<EOF

@@ -19,6 +19,12 @@ ours() {  # ours NAME -> prints the PID when the recorded process is alive and o
   [[ -r /proc/$pid/environ ]] && tr '\0' '\n' <"/proc/$pid/environ" | grep -qxF "SLURM_CONF=$S/slurm.conf" && echo "$pid"
 }
 
+running() {  # running PID: exists and is not a zombie (daemons are reparented; their reaper may be slow)
+  local st
+  st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n $st && $st != Z && $st != X ]]
+}
+
 # Jobs first, through SLURM itself: slurmstepd processes outlive slurmd, and scancel ends them cleanly.
 if pid=$(ours slurmctld) && [[ -f $SLURM_CONF ]]; then
   timeout 10 scancel --quiet --user="$(id -un)" 2>/dev/null || true
@@ -31,8 +37,8 @@ for name in slurmd slurmctld slurmdbd mariadbd munged; do
   pid=$(ours "$name") || { rm -f "$S/pids/$name.pid"; continue; }
   kill -TERM "$pid" 2>/dev/null
   end=$(( $(date +%s) + 15 ))
-  while kill -0 "$pid" 2>/dev/null && (( $(date +%s) < end )); do sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
+  while running "$pid" && (( $(date +%s) < end )); do sleep 0.05; done
+  if running "$pid"; then
     log "$name ($pid) ignored TERM for 15s; killing"
     kill -KILL "$pid" 2>/dev/null
   fi

@@ -116,3 +116,11 @@ def test_cli_lists_command_groups():
     out = CliRunner().invoke(app, ["--help"]).output
     for group in ("data", "train", "generate", "evaluate", "package", "submit", "container", "run", "jobs"):
         assert group in out
+
+
+def test_partial_section_keeps_the_experiments_section_defaults():
+    """`minimax:` with one key must keep the minimax stage's own defaults (lambda_r 0.002), not TrainConfig's."""
+    cfg = load_config(None, ["minimax.steps=10"])
+    assert cfg.minimax.steps == 10
+    assert (cfg.minimax.lambda_r, cfg.minimax.lambda_d, cfg.minimax.trainable) == (0.002, 0.008, "difffit")
+    assert cfg.pretrain.lambda_r == 0.0

@@ -215,7 +215,9 @@ def test_shadow_build(tmp_path):
                           test_env={"DDKIT_TEST_GENERATE": "1" if full else "0"})
     print({k: round(v, 1) for k, v in res.seconds.items()})
     assert "Usage: ddkit" in res.outputs["runscript"]
-    assert "cuda False" in res.outputs["test"]  # the %test smoke line ran (CPU torch in the shadow base)
+    assert "cuda False" in res.outputs["test"]  # the %test smoke line ran (no GPU in the shadow root)
+    if full:  # the tiny generation ran, was packaged as a folder and passed `ddkit package --check`
+        assert "OK   classes: 10 classes x IPC" in res.outputs["test"], res.outputs["test"][-2000:]
     site = next((tmp_path / "root" / "opt" / "conda" / "lib").glob("python3*/site-packages"))
     assert (site / "diffusers").is_dir() and list(site.glob("ddkit-*.dist-info"))
     assert os.access(tmp_path / "root" / "opt" / "conda" / "bin" / "ddkit", os.X_OK)

@@ -1,4 +1,4 @@
-"""D^3HR: DDIM inversion round trip on real MNIST digits, group-sampling score, determinism, statistics cache."""
+"""D^3HR: DDIM inversion round trip on real MNIST digits, group score, determinism, statistics cache."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_schedule_mapping():
 
 def test_inversion_matches_reference_update(model, digits):
     """diffusers' DDIMInverseScheduler, first timestep skipped, reproduces the reference's explicit update:
-    x_t = (x_{t-20} - sqrt(1-a_{t-20}) eps) * sqrt(a_t / a_{t-20}) + sqrt(1-a_t) eps, eps = eps(x_{t-20}, t)."""
+    x_t = (x_{t-20} - sqrt(1-a_{t-20}) eps) * sqrt(a_t / a_{t-20}) + sqrt(1-a_t) eps,
+    eps = eps(x_{t-20}, t)."""
     x, y = digits[0][:4], digits[1][:4]
     cfg = D3HRConfig()
     ours = d3hr.ddim_invert(model, x, y, cfg=cfg, store=[20, 40, 60])
@@ -104,9 +105,9 @@ def test_inversion_matches_reference_update(model, digits):
 
 
 def test_inversion_reconstructs_real_digits(model, digits):
-    """DDIM inversion to t=600 then DDIM denoising back stays close to the real digits (bounded MSE), while the
-    inverted latent is far from a rescaled image (the model's ε really moved it) and forward noising at the
-    same level does not come back."""
+    """DDIM inversion to t=600 then DDIM denoising back stays close to the real digits (bounded MSE),
+    while the inverted latent is far from a rescaled image (the model's ε really moved it) and forward
+    noising to the same level does not come back."""
     x, y = digits[0][::300][:16], digits[1][::300][:16]
     cfg = D3HRConfig()
     lat = d3hr.ddim_invert(model, x, y, cfg=cfg)
@@ -174,8 +175,8 @@ def test_initial_latents_best_of_m_and_deterministic(monkeypatch):
     stats = _toy_stats()
     cfg = D3HRConfig(num_groups=1000, chunk=300)
     scored = []
-    real = d3hr.group_scores
-    monkeypatch.setattr(d3hr, "group_scores", lambda g, *a: scored.append(g.shape[0]) or real(g, *a))
+    real, fast = d3hr.group_scores, d3hr._standard_scores
+    monkeypatch.setattr(d3hr, "_standard_scores", lambda z, *a: scored.append(z.shape[0]) or fast(z, *a))
     lat, score = d3hr.initial_latents(stats, 1, 5, seed=7, cfg=cfg, return_score=True)
     assert sum(scored) == 1000  # m is a real count of groups (chunks 300+300+300+100)
     assert lat.shape == (5, 1, 8, 8) and lat.dtype == torch.float32
@@ -264,3 +265,58 @@ def test_class_statistics_fit_and_cache(model, mnist_shards, tmp_path, monkeypat
         with torch.no_grad():
             model.dit.proj_out_2.bias.sub_(1e-3)
     assert changed.computed and changed.key not in (stats.key, other.key)
+
+
+@pytest.mark.parametrize("ipc", [1, 2, 6])
+@pytest.mark.parametrize("kind", ["reference", "feature"])
+def test_standardised_scores_equal_group_scores(ipc, kind):
+    """Selection scores z (x = μ + σ·z, never formed); it must rank exactly like the explicit score on x,
+    including features with σ = 0 (constant across the class)."""
+    torch.manual_seed(0)
+    mu, sigma = torch.randn(50), torch.rand(50) + 0.1
+    sigma[:3] = 0.0
+    z = torch.randn(64, ipc, 50)
+    cfg = D3HRConfig(skewness=kind)
+    explicit = d3hr.group_scores(mu + sigma * z, mu, sigma, cfg)
+    torch.testing.assert_close(d3hr._standard_scores(z, sigma, cfg), explicit, rtol=1e-4, atol=1e-4)
+
+
+def test_class_statistics_resume_after_interrupt(model, mnist_shards, tmp_path, monkeypatch):
+    """A run killed after some classes keeps their fits; the rerun inverts only the missing classes."""
+    d = D3HRConfig(inversion_steps=10, store_from=500, store_to=700, max_images_per_class=2)
+    cfg = ExperimentConfig(
+        data=DataConfig(dataset="mnist5k", shards=str(mnist_shards)),
+        model=ModelConfig(in_channels=1, input_size=32, num_classes=10),
+        generate=GenerateConfig(method="d3hr", d3hr=d),
+    )
+    fitted, real = [], d3hr._class_fit
+
+    def flaky(model, vae, images, y, *a):
+        if len(fitted) == 4:
+            raise KeyboardInterrupt  # stands in for a preemption
+        fitted.append(y)
+        return real(model, vae, images, y, *a)
+
+    monkeypatch.setattr(d3hr, "_class_fit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path)
+    assert fitted == [0, 1, 2, 3] and len(list(tmp_path.glob("*.parts/class-*.pt"))) == 4
+    monkeypatch.setattr(d3hr, "_class_fit", lambda *a: fitted.append(a[3]) or real(*a))
+    stats = d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path)
+    assert fitted == list(range(10)) and stats.computed and torch.isfinite(stats.var).all()
+    assert not list(tmp_path.glob("*.parts"))  # parts removed once the full file exists
+
+
+def test_generation_sampler_restarts_like_reference(model):
+    """``ddkit.sampling.sample`` fed the D^3HR latents at start_timestep(cfg) = 620 with 32 DDIM steps runs
+    the reference's chain 620, 600, ..., 0 (group_sampling.py, start_step 18 of 50): same result as
+    :func:`ddim_denoise`."""
+    sampling = pytest.importorskip("ddkit.sampling")
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 3, 5, 9])
+    t0 = d3hr.start_timestep(D3HRConfig())
+    ours = d3hr.ddim_denoise(model, x, y, start_t=t0, cfg_scale=4.0)
+    theirs = sampling.sample(
+        model, y, steps=t0 // 20 + 1, sampler="ddim", cfg_scale=4.0, latents=x, start_timestep=t0
+    )
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ flips to 10 images for each of the 100 (or 200) classes, in the generation contr
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import json
@@ -143,12 +144,20 @@ def test_cli_package_then_check(cifar_run, tmp_path):
     r = CliRunner().invoke(app, ["package", str(cifar_run), "--format", "eccv2024", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert out.is_file() and "wrote" in r.output
+    assert out.stat().st_mode & 0o044, oct(out.stat().st_mode)  # not mkstemp's 0600
     # One dataset only: the scorer also loads tinyimagenet.pt, so a plain check fails and says why.
     r = CliRunner().invoke(app, ["package", "--check", str(out)])
     assert r.exit_code == 1 and "tinyimagenet.pt: missing" in r.output, r.output
     r = CliRunner().invoke(app, ["package", "--check", str(out), "--partial"])
     assert r.exit_code == 0, r.output
     assert "OK   cifar100.pt: float32 [1000, 3, 32, 32]" in r.output
+    with zipfile.ZipFile(out) as z:
+        z.extract("cifar100.pt", tmp_path)
+    r = CliRunner().invoke(app, ["package", "--check", str(tmp_path / "cifar100.pt")])  # a single file
+    assert r.exit_code == 0 and "OK   cifar100.pt" in r.output, r.output
+    (tmp_path / "cifar100.pt").rename(tmp_path / "cifar10.pt")
+    r = CliRunner().invoke(app, ["package", "--check", str(tmp_path / "cifar10.pt")])
+    assert r.exit_code == 1 and "loads only cifar100.pt and tinyimagenet.pt" in r.output
 
 
 def test_classes_are_put_in_the_scorers_order_and_extra_ipc_is_cut(tmp_path):
@@ -220,8 +229,18 @@ def test_refuses_unequal_ipc_low_ipc_wrong_classes_and_non_challenge_data(tmp_pa
 # ----------------------------------------------------------------------------------------------------------
 # --check on malformed submissions
 # ----------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _cifar_images() -> torch.Tensor:
+    return make_images(100, 10)
+
+
+@functools.lru_cache(maxsize=1)
+def _good_all() -> torch.Tensor:
+    return normalized(_cifar_images(), CIFAR_MEAN, CIFAR_STD)
+
+
 def _good(num: int = 1000) -> torch.Tensor:
-    return normalized(make_images(100, 10), CIFAR_MEAN, CIFAR_STD)[:num]
+    return _good_all()[:num]
 
 
 def _write_zip(path: Path, members: dict[str, object], nested: str = "") -> Path:
@@ -247,10 +266,10 @@ MALFORMED = {
     "dict instead of tensor": (lambda: {"images": _good(), "labels": torch.zeros(1000)}, "needs a bare tensor"),
     "NaN": (_nan, "1 NaN/Inf values"),
     "float64": (lambda: _good().double(), "dtype float64, expected float32"),
-    "0..255 pixels": (lambda: make_images(100, 10).float(), "outside [0, 1]"),
-    "un-normalised 0..1": (lambda: make_images(100, 10).float() / 255, "looks un-normalised"),
-    "pixels in -1..1": (lambda: make_images(100, 10).float() / 127.5 - 1, "span only"),
-    "ImageNet constants": (lambda: normalized(make_images(100, 10), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "0..255 pixels": (lambda: _cifar_images().float(), "outside [0, 1]"),
+    "un-normalised 0..1": (lambda: _cifar_images().float() / 255, "looks un-normalised"),
+    "pixels in -1..1": (lambda: _cifar_images().float() / 127.5 - 1, "span only"),
+    "ImageNet constants": (lambda: normalized(_cifar_images(), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                            "outside [0, 1]"),
 }
 
@@ -338,10 +357,24 @@ def test_generator_bundle(cifar_run, tmp_path):
     ckpt = cifar_run / "minimax" / "ckpt" / "last.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": {"w": torch.ones(3)}, "step": 7}, ckpt)
-    out = package_run(cifar_run, fmt="eccv2024-generator", out=tmp_path / "gen")
+    with pytest.raises(PackageError, match="shard index .* not found"):
+        package_run(cifar_run, fmt="eccv2024-generator", out=tmp_path / "gen")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "dataset.json").write_text(json.dumps({"dataset": "cifar100", "classes": list(CIFAR100_CLASSES)}))
+    (shards / "classes.json").write_text(json.dumps(list(CIFAR100_CLASSES)))
+    cfg_file = cifar_run / "gen-minimax" / "config.yaml"
+    original = cfg_file.read_text()
+    cfg_file.write_text(yaml.safe_dump({**yaml.safe_load(original), "data": {"dataset": "cifar100",
+                                                                             "shards": str(shards)}}))
+    try:
+        out = package_run(cifar_run, fmt="eccv2024-generator", out=tmp_path / "gen")
+    finally:
+        cfg_file.write_text(original)  # the module-scoped run is shared with other tests
     assert torch.load(out / "weights" / "cifar100" / "last.pt")["step"] == 7
     cfg = yaml.safe_load((out / "configs" / "cifar100.yaml").read_text())
-    assert cfg["generate"]["checkpoint"] == "weights/cifar100/last.pt"
+    assert cfg["generate"]["checkpoint"] == "weights/cifar100/last.pt" and cfg["data"]["shards"] == "data/cifar100"
+    assert json.loads((out / "data" / "cifar100" / "dataset.json").read_text())["classes"][0] == "apple"
     man = json.loads((out / "manifest.json").read_text())
     assert "weights/cifar100/last.pt" in man["files"] and man["image"] is None
     script = out / "generate"
@@ -362,8 +395,9 @@ def test_challenge_entry_point_writes_a_scorer_file(cifar_run, tmp_path, monkeyp
     (bundle / "configs").mkdir(parents=True)
     (bundle / "weights").mkdir()
     (bundle / "weights" / "last.pt").write_bytes(b"ckpt")
+    (bundle / "data" / "cifar100").mkdir(parents=True)
     (bundle / "configs" / "cifar100.yaml").write_text(yaml.safe_dump({
-        "name": "cifar100", "data": {"dataset": "cifar100", "channels": 3},
+        "name": "cifar100", "data": {"dataset": "cifar100", "channels": 3, "shards": "data/cifar100"},
         "generate": {"checkpoint": "weights/last.pt", "ipc_max": 50}}))
     seen = {}
 
@@ -381,9 +415,54 @@ def test_challenge_entry_point_writes_a_scorer_file(cifar_run, tmp_path, monkeyp
     assert rc == 0
     cfg = seen["cfg"]
     assert cfg.generate.checkpoint == str((bundle / "weights" / "last.pt").resolve())
+    assert cfg.data.shards == str((bundle / "data" / "cifar100").resolve())
     assert cfg.generate.ipc_min == cfg.generate.ipc_max == 10  # the scorer's IPC, nothing wasted on more
     assert seen["time_limit"] == 600 - challenge.WRITE_RESERVE_S and seen["t0"] == challenge._T0
     data = torch.load(tmp_path / "out" / "cifar100.pt")
     assert tuple(data.shape) == (1000, 3, 32, 32)
     assert check_submission(tmp_path / "out", allow_partial=True).ok
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cifar100.pt"]
+    assert (tmp_path / "out" / "cifar100.pt").stat().st_mode & 0o044  # readable by the organisers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_generative_track_end_to_end(tmp_path):
+    """Real CIFAR-100 pickles (foolbox images) -> shards -> tiny DiT -> generation at IPC 10 -> eccv2024 zip;
+    then the generator bundle -> `python -m ddkit.challenge` -> a checked cifar100.pt. About 2 min on CPU."""
+    import pickle
+
+    import ddkit.challenge as challenge
+    from ddkit.cli import app
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split, ipc in (("train", 6), ("test", 2)):
+        imgs = make_images(100, ipc)
+        with open(raw / split, "wb") as f:
+            pickle.dump({b"data": imgs.reshape(len(imgs), -1).numpy(), b"fine_labels": class_major_labels(100, ipc)
+                         .tolist(), b"filenames": [b"x.png"] * len(imgs)}, f)
+    with open(raw / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
+    run = tmp_path / "run"
+    sets = []
+    for kv in (f"run_dir={run}", "data.dataset=cifar100", f"data.root={raw}", "data.channels=3",
+               f"data.shards={tmp_path / 'shards'}", "model.in_channels=3", "model.num_classes=100",
+               "pretrain.steps=3", "pretrain.batch_size=32", "generate.steps_min=2", "generate.steps_max=2",
+               "generate.ipc_min=10", "generate.ipc_max=10"):
+        sets += ["--set", kv]
+    for args in (["data", "shard", "cifar100"], ["train", "--stage", "pretrain", "--no-progress"],
+                 ["generate", "--method", "dit", "--no-progress", "--time-limit", "300"]):
+        r = CliRunner().invoke(app, args + sets)
+        assert r.exit_code == 0, (args, r.output)
+    r = CliRunner().invoke(app, ["package", str(run), "--method", "dit", "--out", str(tmp_path / "s.zip")] + sets)
+    assert r.exit_code == 0, r.output
+    assert check_submission(tmp_path / "s.zip", allow_partial=True).ok
+    r = CliRunner().invoke(app, ["package", str(run), "--method", "dit", "--format", "eccv2024-generator",
+                                 "--out", str(tmp_path / "bundle")] + sets)
+    assert r.exit_code == 0, r.output
+    rc = challenge.main(["--bundle", str(tmp_path / "bundle"), "--dataset", "cifar100", "--out",
+                         str(tmp_path / "out"), "--time-limit", "300"])
+    assert rc == 0
+    data = torch.load(tmp_path / "out" / "cifar100.pt")
+    assert tuple(data.shape) == (1000, 3, 32, 32) and data.dtype == torch.float32

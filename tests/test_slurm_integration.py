@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 START = ROOT / "slurm" / "start-local-cluster.sh"
 STOP = ROOT / "slurm" / "stop-local-cluster.sh"
-STEPS = 60  # reference / preemption runs: about 10 s of training at one thread
+STEPS = 40  # reference / preemption runs: about 7 s of training at one thread
 
 
 @dataclass
@@ -94,7 +94,7 @@ def config_file(tmp_path_factory, mnist_shards) -> Path:
 name: tiny
 data: {{shards: {mnist_shards}}}
 model: {{arch: DiT-T/4}}
-pretrain: {{steps: {STEPS}, batch_size: 16, log_every: 5, ckpt_every: 10}}
+pretrain: {{steps: {STEPS}, batch_size: 16, log_every: 5, ckpt_every: 5}}
 generate: {{steps_min: 2, steps_max: 2, ipc_min: 1, ipc_max: 1, batch_size: 10}}
 """
     )
@@ -182,6 +182,33 @@ def test_trivial_job_round_trip(slurm_cluster, tmp_path):
     )
 
 
+def test_multi_gpu_job_starts_one_task_per_gpu_with_ranks_from_slurm(slurm_cluster, tmp_path):
+    s = SlurmConfig(partition="gpu", gpus_per_node=2, cpus_per_task=1, time="1")
+    params = cluster.slurm_parameters(s, name="ddkit-probe", time_min=1, tasks_per_node=2, gpus_per_node=2)
+    job = cluster.make_executor(tmp_path, s, params).submit(cluster.task_info)
+    _wait_for(lambda: job.done(force_check=True), 60, "the 2-task job", poll_s=0.2)
+    tasks = sorted(job.results(), key=lambda t: t["rank"])
+    assert [t["rank"] for t in tasks] == [0, 1] and {t["world_size"] for t in tasks} == {2}
+    assert {t["launcher"] for t in tasks} == {"slurm"} and [t["local_rank"] for t in tasks] == [0, 1]
+    # one rendezvous for the job: the first node of the step, a port derived from the job id
+    assert {t["master_addr"] for t in tasks} == {tasks[0]["host"]}
+    assert {t["master_port"] for t in tasks} == {20000 + int(job.job_id) % 20000}
+    assert {t["cuda_visible_devices"] for t in tasks} == {"0,1"}  # the fake GRES GPUs of the node
+
+
+def test_jobs_cancel_ends_a_running_job(slurm_cluster, tmp_path):
+    s = SlurmConfig(partition="cpu", gpus_per_node=0, cpus_per_task=1, time="2")
+    params = cluster.slurm_parameters(s, name="ddkit-sleep", time_min=2, tasks_per_node=1, gpus_per_node=0)
+    job = cluster.make_executor(tmp_path, s, params).submit(time.sleep, 300)
+    res = ddkit("jobs", "cancel", job.job_id)
+    assert res.returncode == 0 and f"cancelled {job.job_id}" in res.stdout
+    _wait_for(
+        lambda: job.watcher.get_state(job.job_id, mode="force").startswith("CANCELLED"), 60, "CANCELLED", 0.2
+    )
+    bad = ddkit("jobs", "cancel", "999999")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "scancel" in bad.stderr
+
+
 def test_wrong_partition_fails_before_submission(slurm_cluster, config_file, tmp_path):
     run = tmp_path / "run"
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
@@ -212,7 +239,29 @@ def test_submit_train_cli_returns_result(reference):
     assert logs.returncode == 0 and "Job completed successfully" in logs.stdout
 
 
-def test_preempted_job_resumes_from_checkpoint_exactly(reference, config_file, tmp_path):
+@pytest.fixture(scope="module")
+def timeout_job(reference, config_file, tmp_path_factory):
+    """A training job that outlives its 1-minute limit, submitted early so it runs beside the next tests.
+
+    SLURM warns (USR2) ``signal_delay_s`` before the limit, checked by slurmctld every 30 s: with --time=1
+    and USR2@20 the warning is due 10 s in and sent within 40 s of each attempt's start. The job gets ~40 s
+    of steps (from the reference run's speed) after a start-up of several seconds, so the first attempt is
+    still training when warned.
+    """
+    _, ref_ckpt, _ = reference
+    if not ref_ckpt.is_file():
+        pytest.fail("the reference run failed", pytrace=False)
+    speed = _log_steps(ref_ckpt.parent.parent)[-1]["steps_per_s"]
+    steps = int(min(1000, max(150, math.ceil(40 * speed))))
+    run = tmp_path_factory.mktemp("timeout") / "run"
+    cfg = load_config(config_file, [f"run_dir={run}", f"pretrain.steps={steps}"])
+    s = SlurmConfig(
+        partition="cpu", gpus_per_node=0, cpus_per_task=1, time="1", signal_delay_s=20, max_timeouts=10
+    )
+    return cluster.submit_train(cfg, "pretrain", slurm=s), run / "pretrain", steps
+
+
+def test_preempted_job_resumes_from_checkpoint_exactly(reference, timeout_job, config_file, tmp_path):
     _, ref_ckpt, _ = reference
     assert ref_ckpt.is_file(), "the reference run failed"
     cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}"])
@@ -220,13 +269,13 @@ def test_preempted_job_resumes_from_checkpoint_exactly(reference, config_file, t
     job = cluster.submit_train(
         cfg, "pretrain", slurm=SlurmConfig(partition="cpu", gpus_per_node=0, cpus_per_task=1, time="5")
     )
-    _wait_for(lambda: any(r["step"] >= 15 for r in _log_steps(stage)), 120, "15 training steps")
+    _wait_for(lambda: any(r["step"] >= 10 for r in _log_steps(stage)), 120, "10 training steps")
     job._interrupt()  # submitit's preemption path: SIGTERM, then USR2 -> checkpoint + scontrol requeue
     ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=180))
     events = cluster.read_events(stage)
     assert [e["event"] for e in events] == ["start", "requeue", "start"], events
     assert events[0]["resume_step"] is None and events[2]["restart"] == "1"
-    assert 10 <= events[2]["resume_step"] < STEPS  # resumed from a checkpoint, not from scratch
+    assert 5 <= events[2]["resume_step"] < STEPS  # resumed from a checkpoint, not from scratch
     steps = [r["step"] for r in _log_steps(stage)]
     assert steps == list(range(5, STEPS + 1, 5))  # lines after the checkpoint were dropped, none repeat
     _assert_same_params(ckpt, ref_ckpt)
@@ -272,34 +321,24 @@ def test_generation_array_completes_and_merges(reference, config_file, tmp_path)
     assert len({e["array_job_id"] for e in starts}) == 1
 
 
-def test_time_limit_requeues_and_finishes(reference, config_file, tmp_path):
-    res, ref_ckpt, _ = reference
-    assert ref_ckpt.is_file(), "the reference run failed"
-    # Enough steps that the first attempt is still running when SLURM's warning comes: with --time=1 and
-    # USR2@25 it is due 5 s in and sent at slurmctld's next 30-s limit check, so within 35 s of the start.
-    speed = _log_steps(ref_ckpt.parent.parent)[-1]["steps_per_s"]
-    steps = int(min(1000, max(120, math.ceil(40 * speed))))
-    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}", f"pretrain.steps={steps}"])
-    stage = tmp_path / "run" / "pretrain"
-    s = SlurmConfig(
-        partition="cpu", gpus_per_node=0, cpus_per_task=1, time="1", signal_delay_s=25, max_timeouts=10
-    )
-    job = cluster.submit_train(cfg, "pretrain", slurm=s)
+def test_time_limit_requeues_and_finishes(timeout_job):
+    job, stage, steps = timeout_job
     _wait_for(
         lambda: any(e["event"] == "requeue" for e in cluster.read_events(stage)),
-        120,
+        150,
         "the time-limit requeue",
     )
-    # Give the requeued attempt room to finish (every attempt of a 1-minute job is warned within 35 s).
+    # Every attempt of a 1-minute job is warned within 40 s; give the requeued one room to finish.
     subprocess.run(
         ["scontrol", "update", f"JobId={job.job_id}", "TimeLimit=10"], check=True, capture_output=True
     )
-    ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=240))
+    ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=300))
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["step"] == steps
     assert (stage / "DONE").is_file()
     events = cluster.read_events(stage)
     assert (
         events[0]["event"] == "start" and events[-1]["event"] == "start" and int(events[-1]["restart"]) >= 1
     )
-    log = (Path(cfg.run_dir) / "slurm" / f"{job.job_id}_0_log.out").read_text()
+    assert sum(e["event"] == "requeue" for e in events) >= 1
+    log = (stage.parent / "slurm" / f"{job.job_id}_0_log.out").read_text()
     assert "this job is timed-out" in log and "Job completed successfully" in log

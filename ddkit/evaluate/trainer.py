@@ -64,19 +64,35 @@ def _batches(n: int, batch_size: int):
         yield perm[i : i + batch_size]
 
 
+def as01(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 [0, 1]; float tensors are taken as [0, 1] units already."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
 @torch.no_grad()
 def test_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256, precision: str = "fp32"
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Top-1 accuracy in percent of ``model`` on normalised ``x`` float32 ``[N,C,H,W]``, ``y`` int64 ``[N]``."""
+    """Top-1 accuracy in percent of ``model`` on ``x`` ``[N,C,H,W]``, ``y`` int64 ``[N]``.
+
+    ``transform`` (e.g. uint8 -> normalised float) is applied per batch so a large test split stays compact.
+    """
     was_training = model.training
     model.eval()
     correct = 0
-    dev = x.device
+    dev = next(model.parameters()).device
     for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size].to(dev)
+        xb = transform(xb) if transform is not None else xb
         with _autocast(dev, precision):
-            out = model(x[i : i + batch_size])
-        correct += int((out.argmax(1) == y[i : i + batch_size]).sum().item())
+            out = model(xb)
+        correct += int((out.argmax(1) == y[i : i + batch_size].to(dev)).sum().item())
     model.train(was_training)
     return 100.0 * correct / max(1, x.shape[0])
 
@@ -119,8 +135,9 @@ def train_student(
     Args:
         protocol: a preset from :mod:`ddkit.evaluate.protocols` (``epochs``/batch come from the args).
         network: name for :func:`ddkit.evaluate.networks.build`.
-        train_x: float32 ``[N, C, H, W]`` in [0, 1] units (un-normalised); train_y: int64 ``[N]``.
-        test_x: float32 ``[M, C, H, W]`` in [0, 1] units; test_y: int64 ``[M]``.
+        train_x: ``[N, C, H, W]``, uint8 0..255 or float32 in [0, 1] units (un-normalised; converted per
+            batch, so a large real split stays uint8 in memory); train_y: int64 ``[N]``.
+        test_x: ``[M, C, H, W]``, uint8 or float32 in [0, 1] units; test_y: int64 ``[M]``.
         mean, std: per-channel normalisation (length C).
         num_classes: logits of the student.
         epochs: the protocol's epoch count (the eccv2024 scorer runs ``epochs + 1``).
@@ -144,8 +161,18 @@ def train_student(
     norm = _normaliser(mean, std, c, device)
     train_x = train_x.to(device)
     train_y = train_y.to(device)
-    test_xn = norm(test_x.to(device))
     test_y = test_y.to(device)
+
+    def test() -> float:
+        return test_accuracy(
+            model,
+            test_x,
+            test_y,
+            batch_size=protocol.test_batch_size,
+            precision=precision,
+            transform=lambda t: norm(as01(t)),
+        )
+
     model = build(network, c, num_classes, res).to(device)
     model.train()
     n = train_x.shape[0]
@@ -159,7 +186,6 @@ def train_student(
 
     if isinstance(protocol, ECCV2024Protocol):
         # The scorer receives normalised data and augments it there (evaluate.py + DiffAugment).
-        xn = norm(train_x)
         lr = protocol.lr
 
         def sgd(lr_: float) -> torch.optim.Optimizer:
@@ -172,7 +198,7 @@ def train_student(
         decay_at = protocol.decay_epoch(epochs)
         for ep in range(total):
             for idx in _batches(n, batch_size):
-                xb = augment.dsa(xn[idx.to(device)], protocol.dsa_strategy, protocol.dsa)
+                xb = augment.dsa(norm(as01(train_x[idx.to(device)])), protocol.dsa_strategy, protocol.dsa)
                 with _autocast(device, precision):
                     loss = F.cross_entropy(model(xb), train_y[idx.to(device)])
                 step(opt, loss)
@@ -182,7 +208,7 @@ def train_student(
                 opt = sgd(lr)  # the scorer builds a new optimizer: momentum buffers are dropped
             if on_epoch:
                 on_epoch(ep + 1)
-        acc = test_accuracy(model, test_xn, test_y, batch_size=protocol.test_batch_size, precision=precision)
+        acc = test()
         history.append((total, acc))
         return RunResult(acc, acc, history, time.perf_counter() - t0, seen, total)
 
@@ -200,7 +226,7 @@ def train_student(
             for idx in _batches(n, batch_size):
                 idx = idx.to(device)
                 xb = augment.idc_train_transform(
-                    train_x[idx], res, protocol.rrc_scale, protocol.jitter, protocol.lighting
+                    as01(train_x[idx]), res, protocol.rrc_scale, protocol.jitter, protocol.lighting
                 )
                 xb, yb = norm(xb), train_y[idx]
                 with _autocast(device, precision):
@@ -215,9 +241,7 @@ def train_student(
                 step(opt, loss)
                 seen += len(idx)
             if epoch % every == 0 or epoch == epochs:
-                acc = test_accuracy(
-                    model, test_xn, test_y, batch_size=protocol.test_batch_size, precision=precision
-                )
+                acc = test()
                 history.append((epoch, acc))
                 best = max(best, acc)
             sched.step()
@@ -241,7 +265,9 @@ def train_student(
         for ep in range(epochs):
             for idx in _batches(n, batch_size):
                 idx = idx.to(device)
-                xb = augment.random_flip(augment.random_resized_crop(train_x[idx], res, protocol.rrc_scale))
+                xb = augment.random_flip(
+                    augment.random_resized_crop(as01(train_x[idx]), res, protocol.rrc_scale)
+                )
                 mixed, _, _ = augment.cutmix(norm(xb), protocol.cutmix_beta)
                 with torch.no_grad(), _autocast(device, precision):
                     soft = F.softmax(teacher(mixed).float() / t, dim=1)
@@ -251,9 +277,7 @@ def train_student(
                 step(opt, loss)
                 seen += len(idx)
             if ep >= epochs - protocol.eval_last:
-                acc = test_accuracy(
-                    model, test_xn, test_y, batch_size=protocol.test_batch_size, precision=precision
-                )
+                acc = test()
                 history.append((ep + 1, acc))
                 best = max(best, acc)
             sched.step()
@@ -281,7 +305,7 @@ def train_teacher(
 ) -> nn.Module:
     """Train the soft-label teacher on the full real train set (our recipe; see :class:`RDEDProtocol`).
 
-    ``real_x``: float32 ``[N, C, H, W]`` in [0, 1] units; ``real_y``: int64 ``[N]``. SGD(lr
+    ``real_x``: ``[N, C, H, W]`` uint8 or float32 in [0, 1] units; ``real_y``: int64 ``[N]``. SGD(lr
     ``protocol.teacher_lr``, momentum 0.9, weight decay 5e-4), cosine annealing to 0 over ``epochs`` epochs,
     batch ``protocol.teacher_batch_size``, the student's train transform (RRC + flip), cross-entropy.
 
@@ -299,7 +323,7 @@ def train_teacher(
     for ep in range(epochs):
         for idx in _batches(real_x.shape[0], protocol.teacher_batch_size):
             idx = idx.to(device)
-            xb = augment.random_flip(augment.random_resized_crop(real_x[idx], res, protocol.rrc_scale))
+            xb = augment.random_flip(augment.random_resized_crop(as01(real_x[idx]), res, protocol.rrc_scale))
             with _autocast(device, precision):
                 loss = F.cross_entropy(model(norm(xb)), real_y[idx])
             opt.zero_grad(set_to_none=True)

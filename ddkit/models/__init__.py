@@ -79,7 +79,7 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difff
         src_blocks = mcfg.difffit_blocks
         if difffit_blocks is not None and difffit_blocks > src_blocks:
             mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
-        model = build_backbone(mcfg, seed=0)
+        model = build_backbone(mcfg, init=False)
         weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
         missing, unexpected = model.load_state_dict(weights, strict=False)
         bad = [k for k in missing if not k.startswith("gammas.")] + list(unexpected)

@@ -133,7 +133,7 @@ class Backbone(nn.Module):
             ``num_classes``.
     """
 
-    def __init__(self, dit: nn.Module, config: ModelConfig, *, tie_embedders: bool = True) -> None:
+    def __init__(self, dit: nn.Module, config: ModelConfig, *, tie_embedders: bool | str = True) -> None:
         super().__init__()
         self.dit = dit
         self.config = config
@@ -146,7 +146,7 @@ class Backbone(nn.Module):
             # Label dropout happens once per sample in the trainer (see module docstring).
             blk.norm1.emb.class_embedder.dropout_prob = 0.0
         if tie_embedders:
-            tie_conditioning(dit)
+            tie_conditioning(dit, force=tie_embedders == "force")
         n = min(config.difffit_blocks, len(blocks))
         self.gammas = nn.ModuleList([DiffFitGammas(dit.inner_dim) for _ in range(n)])
         for g, blk in zip(self.gammas, blocks[: len(self.gammas)], strict=True):
@@ -211,17 +211,17 @@ class Backbone(nn.Module):
         return out
 
 
-def tie_conditioning(dit: nn.Module) -> bool:
+def tie_conditioning(dit: nn.Module, force: bool = False) -> bool:
     """Make every block use block 0's timestep + class embedder (see module docstring).
 
     Returns:
         True when tied; False (untouched) when the copies hold different weights, e.g. a model fine-tuned
-        untied elsewhere, because tying would change its outputs.
+        untied elsewhere, because tying would change its outputs (``force`` skips that check).
     """
     blocks = dit.transformer_blocks
     first = blocks[0].norm1.emb
     ref = first.state_dict()
-    for blk in blocks[1:]:
+    for blk in blocks[1:] if not force else []:
         other = blk.norm1.emb
         if other is first:
             continue
@@ -233,26 +233,33 @@ def tie_conditioning(dit: nn.Module) -> bool:
     return True
 
 
-def make_dit(cfg: ModelConfig):
-    """A fresh ``DiTTransformer2DModel`` for ``cfg.arch`` (random init as DiT, see :func:`init_dit_weights`)."""
+def make_dit(cfg: ModelConfig, *, init: bool = True):
+    """A fresh ``DiTTransformer2DModel`` for ``cfg.arch``: DiT's random init (:func:`init_dit_weights`), or
+    with ``init=False`` uninitialised memory (fast; DiT-XL/2 init takes seconds) for weights loaded next."""
+    import contextlib
+
     from diffusers import DiTTransformer2DModel
+    from diffusers.models.modeling_utils import no_init_weights
 
     spec = arch_spec(cfg.arch)
     if cfg.input_size % spec.patch:
         raise ConfigError(
             f"model.input_size: {cfg.input_size} not divisible by patch {spec.patch} of {cfg.arch}"
         )
-    dit = DiTTransformer2DModel(
-        num_attention_heads=spec.heads,
-        attention_head_dim=spec.head_dim,
-        in_channels=cfg.in_channels,
-        out_channels=2 * cfg.in_channels if cfg.learn_sigma else cfg.in_channels,
-        num_layers=spec.depth,
-        sample_size=cfg.input_size,
-        patch_size=spec.patch,
-        num_embeds_ada_norm=cfg.num_classes,
-    )
-    init_dit_weights(dit)
+    ctx = contextlib.nullcontext() if init else no_init_weights()
+    with ctx:
+        dit = DiTTransformer2DModel(
+            num_attention_heads=spec.heads,
+            attention_head_dim=spec.head_dim,
+            in_channels=cfg.in_channels,
+            out_channels=2 * cfg.in_channels if cfg.learn_sigma else cfg.in_channels,
+            num_layers=spec.depth,
+            sample_size=cfg.input_size,
+            patch_size=spec.patch,
+            num_embeds_ada_norm=cfg.num_classes,
+        )
+    if init:
+        init_dit_weights(dit)
     return dit
 
 
@@ -285,12 +292,16 @@ def init_dit_weights(dit: nn.Module) -> None:
         blk.norm1.emb.load_state_dict(first)
 
 
-def build_backbone(model_cfg: ModelConfig, *, seed: int | None = None) -> Backbone:
-    """A randomly initialised :class:`Backbone` for ``model_cfg`` (``seed`` fixes the init when given).
+def build_backbone(model_cfg: ModelConfig, *, seed: int | None = None, init: bool = True) -> Backbone:
+    """A :class:`Backbone` for ``model_cfg``: DiT's random init (``seed`` fixes it when given), or with
+    ``init=False`` uninitialised weights (DiffFit gammas still 1) that the caller overwrites with
+    ``load_state_dict`` — the conditioning embedders are tied regardless.
 
     Raises:
         ConfigError: unknown ``arch`` or an input size the patch does not divide.
     """
+    if not init:
+        return Backbone(make_dit(model_cfg, init=False), model_cfg, tie_embedders="force")
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -1,8 +1,12 @@
 """ddkit checkpoints (``RUN/<stage>/ckpt/last.pt``): atomic save, CPU load, path resolution.
 
-A checkpoint is a dict with keys ``model``, ``ema`` (Backbone state dicts), ``optimizer``, ``step``,
-``rng``, ``data_pos``, ``memories``, ``config`` (resolved ExperimentConfig as dict), ``model_config``
-(ModelConfig dict), ``trainable`` and ``stage`` (see :mod:`ddkit.train`).
+A checkpoint is a dict with keys ``model``, ``ema`` (Backbone state dicts: ``dit.*`` diffusers keys plus
+``gammas.<i>.*``), ``optimizer`` (AdamW state), ``step`` (optimizer steps done), ``rng`` and ``memories``
+(lists with one entry per rank: ``{"generator", "torch", "numpy", "python"[, "cuda"]}`` RNG states and the
+minimax memories or None), ``log_acc`` (per rank: loss sums not logged yet), ``data_pos``
+(``{"epoch", "batch"}``: the next batch to consume), ``config`` (resolved ExperimentConfig as dict),
+``model_config`` (ModelConfig dict), ``trainable`` ("all" | "difffit"), ``trainable_names``, ``stage`` and
+``world_size`` (see :mod:`ddkit.train`).
 """
 
 from __future__ import annotations
