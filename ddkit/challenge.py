@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> Path:
     from ddkit.errors import PackageError
     from ddkit.generate import generate
     from ddkit.io import atomic_file
-    from ddkit.package import ECCV2024, make_readable, check_tensor_file, load_distilled, scorer_tensor
+    from ddkit.package import ECCV2024, check_tensor_file, load_distilled, make_readable, scorer_tensor
 
     spec = ECCV2024[args.dataset]
     out = args.out.resolve()

@@ -101,7 +101,7 @@ class Partition:
 
 def require_slurm() -> None:
     """Raise :class:`ClusterError` unless the SLURM client commands are on PATH."""
-    for tool in ("sbatch", "sinfo"):
+    for tool in ("sbatch", "sinfo", "srun"):  # submitit also insists on srun on the submitting host
         if shutil.which(tool) is None:
             raise ClusterError(
                 f"{tool}: not found on PATH (no SLURM client here); for a local cluster run "
@@ -378,7 +378,8 @@ def make_executor(
         ctor["slurm_python"] = python
     if cluster not in (None, "slurm"):
         ctor = {}
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **ctor)
+    # Never let AutoExecutor fall back to running the job locally when it cannot see SLURM.
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster or "slurm", **ctor)
     if ex.cluster == "slurm":
         ex.update_parameters(**params)
     else:

@@ -160,7 +160,7 @@ def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int], d
     )
 
 
-@torch.inference_mode()
+@torch.no_grad()  # measured: inference_mode was ~2x slower on CPU with the DiffFit hooks
 def sample(
     model: Callable[..., torch.Tensor],
     labels: torch.Tensor,

@@ -251,10 +251,12 @@ def test_cli_dry_run_prints_the_container_script(tmp_path, monkeypatch):
     # --dry-run checks against sinfo; a tiny sinfo stand-in on PATH plays the cluster here.
     fake = tmp_path / "bin"
     fake.mkdir()
-    for tool, body in (("sbatch", "exit 1"), ("sinfo", f"cat <<'EOF'\n{SINFO}EOF")):
+    for tool, body in (("sbatch", "exit 1"), ("srun", "exit 1"), ("sinfo", f"cat <<'EOF'\n{SINFO}EOF")):
         (fake / tool).write_text(f"#!/bin/sh\n{body}\n")
         (fake / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hf-cache"))  # not there: no cache bind
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     run = tmp_path / "run"
     res = CliRunner().invoke(
         app,
@@ -276,6 +278,8 @@ def test_cli_dry_run_prints_the_container_script(tmp_path, monkeypatch):
             "/scratch:/scratch",
             "--set",
             f"run_dir={run}",
+            "--set",
+            f"data.shards={tmp_path / 'no-shards'}",
         ],
     )
     assert res.exit_code == 0, res.output
@@ -426,7 +430,12 @@ def test_jobs_index_finds_logs_and_the_listing_keeps_ddkit_jobs(tmp_path, monkey
     fake = tmp_path / "bin"
     fake.mkdir()
     sacct = "41|ddkit-train-pretrain-x|COMPLETED|gpu|00:01:02|vm\n42_0|ddkit-gen-dit-x|CANCELLED by 0|gpu|00:00:01|vm\n7|other|RUNNING|cpu|00:00:09|vm\n"
-    for tool, body in (("sbatch", "exit 1"), ("sinfo", "exit 1"), ("sacct", f"cat <<'EOF'\n{sacct}EOF")):
+    for tool, body in (
+        ("sbatch", "exit 1"),
+        ("srun", "exit 1"),
+        ("sinfo", "exit 1"),
+        ("sacct", f"cat <<'EOF'\n{sacct}EOF"),
+    ):
         (fake / tool).write_text(f"#!/bin/sh\n{body}\n")
         (fake / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
