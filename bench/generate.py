@@ -91,7 +91,9 @@ def timed_interleaved(fns: dict, repeats: int, sync) -> dict:
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def throughput(backbone, *, batch: int, steps: int, repeats: int, device, variants: list[str], flops_per_img_step=None):
+def throughput(
+    backbone, *, batch: int, steps: int, repeats: int, device, variants: list[str], flops_per_img_step=None
+):
     """Print images/s of DiTPipeline and ddkit variants; return {name: images/s}."""
     backbone = backbone.to(device).eval()
     labels = torch.arange(batch, device=device) % backbone.num_classes
@@ -104,8 +106,13 @@ def throughput(backbone, *, batch: int, steps: int, repeats: int, device, varian
     ref_name = "diffusers DiTPipeline (fp32)"
 
     def run_pipe():
-        return pipe(class_labels=labels.tolist(), num_inference_steps=steps, guidance_scale=4.0,
-                    generator=gens(), output_type="pt").images
+        return pipe(
+            class_labels=labels.tolist(),
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            generator=gens(),
+            output_type="pt",
+        ).images
 
     fns = {ref_name: run_pipe}
     notes = {}
@@ -122,8 +129,15 @@ def throughput(backbone, *, batch: int, steps: int, repeats: int, device, varian
             notes[f"ddkit sample ({v})"] = f", compile {time.perf_counter() - t:.1f} s"
 
         def run(model=model, autocast=autocast):
-            return sample(model, labels, steps=steps, sampler="ddim", cfg_scale=4.0, generators=gens(),
-                          autocast_dtype=autocast)
+            return sample(
+                model,
+                labels,
+                steps=steps,
+                sampler="ddim",
+                cfg_scale=4.0,
+                generators=gens(),
+                autocast_dtype=autocast,
+            )
 
         fns[f"ddkit sample ({v})"] = run
     secs = timed_interleaved(fns, repeats, sync)
@@ -147,23 +161,37 @@ def throughput(backbone, *, batch: int, steps: int, repeats: int, device, varian
 
 
 def budget_runs(runs: int, time_limit: float) -> None:
-    """``runs`` budgeted generations on CPU with a tiny pixel DiT (10 classes, 32x32, 1 channel)."""
+    """``runs`` budgeted generations on CPU with a tiny pixel DiT (10 classes, 16x16, 1 channel)."""
     import json
 
+    from ddkit.errors import BudgetError
     from ddkit.generate import generate
 
-    mcfg = ModelConfig(arch="DiT-T/4", in_channels=1, input_size=32, num_classes=10, learn_sigma=True)
-    uses, shares, overruns, ipcs, steps = [], [], 0, [], []
+    mcfg = ModelConfig(arch="DiT-T/4", in_channels=1, input_size=16, num_classes=10, learn_sigma=True)
+    uses, shares, overruns, ipcs, steps, refused = [], [], 0, [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(runs):
             t0 = time.monotonic()
             model = build_backbone(mcfg, seed=r).eval()  # "loading" is inside the budget
-            cfg = load_config(None, [
-                f"run_dir={tmp}/run{r}", f"data.shards={tmp}/none", "generate.batch_size=50",
-                "generate.steps_min=5", "generate.steps_max=50", "generate.ipc_max=100000",
-                f"generate.seed={r}",
-            ])
-            d = generate(cfg, time_limit=time_limit, model=model, progress=False, t0=t0)
+            cfg = load_config(
+                None,
+                [
+                    f"run_dir={tmp}/run{r}",
+                    f"data.shards={tmp}/none",
+                    "generate.batch_size=20",
+                    "model.input_size=16",
+                    "generate.steps_min=2",
+                    "generate.steps_max=50",
+                    "generate.ipc_max=100000",
+                    f"generate.seed={r}",
+                ],
+            )
+            try:
+                d = generate(cfg, time_limit=time_limit, model=model, progress=False, t0=t0)
+            except BudgetError as e:
+                refused += 1
+                print(f"    run {r}: refused ({e})")
+                continue
             wall = time.monotonic() - t0
             man = json.loads((d / "manifest.json").read_text())
             overruns += wall > time_limit
@@ -171,11 +199,18 @@ def budget_runs(runs: int, time_limit: float) -> None:
             shares.append(wall / time_limit)
             ipcs.append(man["ipc"])
             steps.append(f"{man['steps']['min']}-{man['steps']['max']}")
-            print(f"    run {r}: IPC {man['ipc']:4d}, steps {steps[-1]:>5s}, wall {wall:6.2f} s "
-                  f"({100 * wall / time_limit:.0f}%), images made/possible {uses[-1]:.2f}")
-    print(f"  {runs} runs, --time-limit {time_limit:g}: overruns {overruns}, "
-          f"budget use (images made / possible) mean {statistics.mean(uses):.2f} min {min(uses):.2f}, "
-          f"wall share of limit mean {statistics.mean(shares):.2f} max {max(shares):.2f}")
+            print(
+                f"    run {r}: IPC {man['ipc']:4d}, steps {steps[-1]:>5s}, wall {wall:6.2f} s "
+                f"({100 * wall / time_limit:.0f}%), images made/possible {uses[-1]:.2f}"
+            )
+    if not uses:
+        print(f"  {runs} runs: all refused")
+        return
+    print(
+        f"  {runs} runs ({refused} refused), --time-limit {time_limit:g}: overruns {overruns}, "
+        f"budget use (images made / possible) mean {statistics.mean(uses):.2f} min {min(uses):.2f}, "
+        f"wall share of limit mean {statistics.mean(shares):.2f} max {max(shares):.2f}"
+    )
 
 
 def main() -> None:
@@ -186,20 +221,39 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--skip-budget", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile on CPU (slow to compile)")
-    ap.add_argument("--cpu-bf16", action="store_true", help="also time bf16 autocast on CPU (very slow without "
-                    "native bf16 matmuls: a 600 s timeout was hit on the 2-core dev VM)")
+    ap.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="also time bf16 autocast on CPU (very slow without "
+        "native bf16 matmuls: a 600 s timeout was hit on the 2-core dev VM)",
+    )
     args = ap.parse_args()
 
     print(f"ddkit generate benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("[1] CPU: tiny DiT (DiT-T/4, 4x32x32 input, 1000 classes), ddkit sampler vs diffusers DiTPipeline")
-    torch.manual_seed(0)
-    tiny = build_backbone(ModelConfig(arch="DiT-T/4", in_channels=4, input_size=32, num_classes=1000,
-                                      learn_sigma=True), seed=0)
-    variants = ["fp32"] + (["bf16 autocast"] if args.cpu_bf16 else []) + (
-        ["fp32 + torch.compile"] if args.compile else [])
-    throughput(tiny, batch=args.batch, steps=args.steps, repeats=args.repeats, device=torch.device("cpu"),
-               variants=variants)
+    if not args.skip_throughput:
+        print(
+            "[1] CPU: tiny DiT (DiT-T/4, 4x32x32 input, 1000 classes), ddkit sampler vs diffusers DiTPipeline"
+        )
+        torch.manual_seed(0)
+        tiny = build_backbone(
+            ModelConfig(arch="DiT-T/4", in_channels=4, input_size=32, num_classes=1000, learn_sigma=True),
+            seed=0,
+        )
+        variants = (
+            ["fp32"]
+            + (["bf16 autocast"] if args.cpu_bf16 else [])
+            + (["fp32 + torch.compile"] if args.compile else [])
+        )
+        throughput(
+            tiny,
+            batch=args.batch,
+            steps=args.steps,
+            repeats=args.repeats,
+            device=torch.device("cpu"),
+            variants=variants,
+        )
 
     if not args.skip_budget:
         print(f"[2] CPU: budget keeping over {args.runs} runs")
@@ -209,11 +263,18 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("  skipped: no GPU")
         return
-    xl = build_backbone(ModelConfig(arch="DiT-XL/2", in_channels=4, input_size=32, num_classes=1000,
-                                    learn_sigma=True), seed=0)
-    throughput(xl, batch=64, steps=50, repeats=2, device=torch.device("cuda"),
-               variants=["fp32", "bf16 autocast", "bf16 autocast + torch.compile"],
-               flops_per_img_step=2 * 2 * DIT_XL2_MACS)
+    xl = build_backbone(
+        ModelConfig(arch="DiT-XL/2", in_channels=4, input_size=32, num_classes=1000, learn_sigma=True), seed=0
+    )
+    throughput(
+        xl,
+        batch=64,
+        steps=50,
+        repeats=2,
+        device=torch.device("cuda"),
+        variants=["fp32", "bf16 autocast", "bf16 autocast + torch.compile"],
+        flops_per_img_step=2 * 2 * DIT_XL2_MACS,
+    )
 
 
 if __name__ == "__main__":

@@ -123,9 +123,24 @@ def make_batches(num_classes: int, ipc: int, batch_size: int) -> list[Batch]:
     """All global batches for ``ipc`` images of each of ``num_classes`` classes (index-major order)."""
     total = num_classes * ipc
     items = [(k % num_classes, k // num_classes) for k in range(total)]
-    return [
-        Batch(b, tuple(items[s : s + batch_size])) for b, s in enumerate(range(0, total, batch_size))
-    ]
+    return [Batch(b, tuple(items[s : s + batch_size])) for b, s in enumerate(range(0, total, batch_size))]
+
+
+def split_plan(num_classes: int, ipc: int, ipc_cap: int, batch_size: int, rank: int, world_size: int):
+    """This rank's planned batches and its extension batches (for early finishes), on ONE global layout.
+
+    The layout is :func:`make_batches` at ``ipc_cap``; a batch is planned when it starts within the first
+    ``num_classes × ipc`` images (the last planned batch may carry a few images beyond ``ipc``; the merge
+    cuts the set to a balanced IPC). Because the layout does not depend on ``ipc``, images and batches are
+    the same whatever the plan, the rank or the world size.
+
+    Returns:
+        ``(planned, extra)``: lists of :class:`Batch` for ``rank``.
+    """
+    ipc_cap = max(ipc, ipc_cap)
+    n_planned = math.ceil(num_classes * ipc / batch_size)
+    mine = rank_batches(make_batches(num_classes, ipc_cap, batch_size), rank, world_size)
+    return [b for b in mine if b.index < n_planned], [b for b in mine if b.index >= n_planned]
 
 
 def rank_batches(batches: Sequence[Batch], rank: int, world_size: int) -> list[Batch]:
@@ -208,7 +223,9 @@ def load_quality_table(path) -> dict[tuple[int, int], float]:
         else:
             raise ValueError
     except (KeyError, ValueError, TypeError):
-        raise ConfigError(f"{p}: expected a list of {{steps, ipc, accuracy}} or 'steps,ipc: accuracy'") from None
+        raise ConfigError(
+            f"{p}: expected a list of {{steps, ipc, accuracy}} or 'steps,ipc: accuracy'"
+        ) from None
     if not table:
         raise ConfigError(f"{p}: empty quality table")
     return table
@@ -350,7 +367,10 @@ class Runner:
     4. the next batch starts only if its predicted time × ``start_headroom`` ends before the hard deadline
        (``deadline − reserve``); otherwise the run stops;
     5. inside a batch, :meth:`step_ok` after every step abandons it (and stops) when the speed observed in
-       it says it would end after the hard deadline.
+       it says it would end after the hard deadline;
+    6. when the planned batches are done early (the machine got faster), batches from ``extra`` (the
+       continuation of the same index-major layout, up to ``ipc_max``) run at the planned steps while each
+       still ends before the soft deadline.
 
     Attributes:
         plan, cost, batches: the plan, the calibrated cost model and this rank's batches (in order).
@@ -369,6 +389,7 @@ class Runner:
     margin_seconds: float = 0.0
     reserve_seconds: float = 0.0
     start_headroom: float = 1.0
+    extra: list[Batch] = field(default_factory=list)  # batches beyond the plan, run only when ahead
     events: list[Event] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     _pos: int = 0
@@ -387,16 +408,25 @@ class Runner:
         if n_batches == 0:
             return self.plan.steps
         per_batch = seconds / n_batches
-        s = math.floor((per_batch - cost.batch_seconds) / cost.step_seconds) if cost.step_seconds > 0 else self.plan.steps
+        s = (
+            math.floor((per_batch - cost.batch_seconds) / cost.step_seconds)
+            if cost.step_seconds > 0
+            else self.plan.steps
+        )
         s = min(self.plan.steps, s)
         return s if s >= self.steps_min else None
 
     def next(self) -> tuple[Batch, int] | None:
         """The next batch and its step count, or None when the run must stop (done or out of time)."""
-        if self._pos >= len(self.batches):
-            return None
         now = self.clock()
         cost = self.cost.scaled(self.speed_factor)
+        if self._pos >= len(self.batches):
+            # Ahead of schedule: DSR spends spare time on more images at the planned steps, one batch at a
+            # time, while it still ends before the soft deadline.
+            soft_end = self.deadline - self.margin_seconds - self.reserve_seconds
+            if not self.extra or now + cost.batch_cost(self.plan.steps) > soft_end:
+                return None
+            self.batches.append(self.extra.pop(0))
         soft = self.deadline - self.margin_seconds - self.reserve_seconds - now
         rem = self.batches[self._pos :]
         steps = self._steps_for(len(rem), soft, cost)

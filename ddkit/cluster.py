@@ -820,7 +820,7 @@ def _submit(ex, fn, *args):
 
 
 def wait_result(job, *, poll_s: float = 0.5, timeout_s: float | None = None) -> Any:
-    """Wait for a submitit job by polling SLURM quickly, then return ``job.result()``.
+    """Wait for a submitit job by polling SLURM quickly, then return its (task 0's) result.
 
     submitit's own ``result()`` polls every 10+ s; small jobs finish in about a second.
 
@@ -832,7 +832,7 @@ def wait_result(job, *, poll_s: float = 0.5, timeout_s: float | None = None) -> 
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f}s (state {job.state})")
         time.sleep(poll_s)
-    return job.result()
+    return job.results()[0]  # task 0's (rank 0's) result; every task of a multi-GPU job returns one
 
 
 # ----------------------------------------------------------------------------------------------------------

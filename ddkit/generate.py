@@ -262,7 +262,12 @@ def generate(
 
         mark = clock()
         stats = d3hr.class_statistics(
-            model, cfg, device=device, cache_dir=Path(cfg.run_dir) / "d3hr-cache", rank=rank, world_size=world,
+            model,
+            cfg,
+            device=device,
+            cache_dir=Path(cfg.run_dir) / "d3hr-cache",
+            rank=rank,
+            world_size=world,
             progress=progress,
         )
         start_t = d3hr.start_timestep(gcfg.d3hr)
@@ -290,9 +295,17 @@ def generate(
         if stats is not None:
             latents = torch.stack([latent_cache[c][i] for c, i in items]).to(device)
         x = sample(
-            run_model, labels, steps=steps, sampler=sampler, cfg_scale=gcfg.cfg_scale,
-            guided_channels=gcfg.guided_channels, generators=gens, latents=latents, start_timestep=start_t,
-            num_train_timesteps=cfg.model.num_train_timesteps, autocast_dtype=autocast,
+            run_model,
+            labels,
+            steps=steps,
+            sampler=sampler,
+            cfg_scale=gcfg.cfg_scale,
+            guided_channels=gcfg.guided_channels,
+            generators=gens,
+            latents=latents,
+            start_timestep=start_t,
+            num_train_timesteps=cfg.model.num_train_timesteps,
+            autocast_dtype=autocast,
             step_callback=step_callback,
         )
         if vae is not None:
@@ -310,9 +323,16 @@ def generate(
 
     def cal_run(n: int) -> None:
         sample(
-            run_model, cal_labels, steps=n, sampler=sampler, cfg_scale=gcfg.cfg_scale,
-            guided_channels=gcfg.guided_channels, latents=torch.randn(B, C, S, S, device=device) if stats is not None else None,
-            start_timestep=start_t, num_train_timesteps=cfg.model.num_train_timesteps, autocast_dtype=autocast,
+            run_model,
+            cal_labels,
+            steps=n,
+            sampler=sampler,
+            cfg_scale=gcfg.cfg_scale,
+            guided_channels=gcfg.guided_channels,
+            latents=torch.randn(B, C, S, S, device=device) if stats is not None else None,
+            start_timestep=start_t,
+            num_train_timesteps=cfg.model.num_train_timesteps,
+            autocast_dtype=autocast,
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -336,12 +356,21 @@ def generate(
     quality: Any = gcfg.quality
     if quality != "dsr":
         quality = budget.load_quality_table(quality)
-    bounds = budget.Bounds(gcfg.steps_min, gcfg.steps_max, gcfg.ipc_min, gcfg.ipc_max, gcfg.dsr_min_steps_quality)
+    bounds = budget.Bounds(
+        gcfg.steps_min, gcfg.steps_max, gcfg.ipc_min, gcfg.ipc_max, gcfg.dsr_min_steps_quality
+    )
     margin = gcfg.safety_margin * limit
     plan_at = clock()
     available = deadline - margin - RESERVE_SECONDS - plan_at
-    the_plan = budget.plan(available, cost, bounds, num_classes=K, batch_size=B, world_size=world, quality=quality)
-    my_batches = budget.rank_batches(budget.make_batches(K, the_plan.ipc, B), rank, world)
+    the_plan = budget.plan(
+        available, cost, bounds, num_classes=K, batch_size=B, world_size=world, quality=quality
+    )
+    # Extension batches (for a machine faster than calibrated) reach at most ipc_max, or 4x the plan, so
+    # the layout stays small for 1000-class runs.
+    ipc_cap = min(gcfg.ipc_max, max(4 * the_plan.ipc, the_plan.ipc + 8))
+    if stats is not None:
+        ipc_cap = the_plan.ipc  # D^3HR latents are selected as one group of the planned IPC per class
+    my_batches, extra = budget.split_plan(K, the_plan.ipc, ipc_cap, B, rank, world)
 
     if stats is not None:
         from ddkit.methods import d3hr
@@ -349,12 +378,22 @@ def generate(
         mark = clock()
         latent_cache.clear()
         for c in sorted({c for b in my_batches for c, _ in b.items}):
-            latent_cache[c] = d3hr.initial_latents(stats, c, the_plan.ipc, seed=gcfg.seed, cfg=gcfg.d3hr).cpu()
+            latent_cache[c] = d3hr.initial_latents(
+                stats, c, the_plan.ipc, seed=gcfg.seed, cfg=gcfg.d3hr
+            ).cpu()
         phases["d3hr_latents"] = clock() - mark
 
     runner = budget.Runner(
-        plan=the_plan, cost=cost, batches=my_batches, deadline=deadline, clock=clock, steps_min=gcfg.steps_min,
-        t0=t0, margin_seconds=margin, reserve_seconds=RESERVE_SECONDS,
+        plan=the_plan,
+        cost=cost,
+        batches=my_batches,
+        extra=extra,
+        deadline=deadline,
+        clock=clock,
+        steps_min=gcfg.steps_min,
+        t0=t0,
+        margin_seconds=margin,
+        reserve_seconds=RESERVE_SECONDS,
     )
 
     # --- sample -----------------------------------------------------------------------------------------
@@ -365,7 +404,12 @@ def generate(
         while (nxt := runner.next()) is not None:
             batch, steps = nxt
             if prog is not None:
-                prog.update(task, steps=steps, left=max(0.0, deadline - clock()))
+                prog.update(
+                    task,
+                    total=max(total, sum(len(b.items) for b in runner.batches)),
+                    steps=steps,
+                    left=max(0.0, deadline - clock()),
+                )
 
             def check(i: int, n: int) -> bool:
                 if device.type == "cuda":
@@ -391,7 +435,13 @@ def generate(
     # --- shard ------------------------------------------------------------------------------------------
     mark = clock()
     out_channels = cfg.data.channels if vae is not None else C
-    empty = torch.zeros(0, out_channels, S * (8 if vae is not None else 1), S * (8 if vae is not None else 1), dtype=torch.uint8)
+    empty = torch.zeros(
+        0,
+        out_channels,
+        S * (8 if vae is not None else 1),
+        S * (8 if vae is not None else 1),
+        dtype=torch.uint8,
+    )
     shard = {
         "images": torch.cat(images) if images else empty,
         "labels": torch.tensor(labels, dtype=torch.long),
@@ -408,8 +458,12 @@ def generate(
         "seed": gcfg.seed,
         "time_limit": limit,
         "plan": the_plan.to_dict(),
-        "cost": {"step_seconds": cost.step_seconds, "batch_seconds": cost.batch_seconds, "batch_size": B,
-                 "image_step_seconds": cost.image_step_seconds},
+        "cost": {
+            "step_seconds": cost.step_seconds,
+            "batch_seconds": cost.batch_seconds,
+            "batch_size": B,
+            "image_step_seconds": cost.image_step_seconds,
+        },
         "events": [vars(e) for e in runner.events],
         "dropped_batches": list(runner.dropped),
         "speed_factor": runner.speed_factor,
@@ -438,7 +492,9 @@ def generate(
 # ----------------------------------------------------------------------------------------------------------
 # Merge
 # ----------------------------------------------------------------------------------------------------------
-def merge(gen_dir: str | Path, *, t0: float | None = None, clock: Callable[[], float] = time.monotonic) -> Path:
+def merge(
+    gen_dir: str | Path, *, t0: float | None = None, clock: Callable[[], float] = time.monotonic
+) -> Path:
     """Merge every ``shard-<k>/images.pt`` into one class-major, class-balanced ``dataset.pt``.
 
     The IPC is the smallest per-class count over all shards; each class keeps its lowest image indices
@@ -576,7 +632,9 @@ def _prepare_plotting() -> None:
     import matplotlib.pyplot  # noqa: F401
 
 
-def write_grid(path: Path, images, labels, classes: list[str], ipc: int, max_cols: int = 10, max_rows: int = 100) -> Path:
+def write_grid(
+    path: Path, images, labels, classes: list[str], ipc: int, max_cols: int = 10, max_rows: int = 100
+) -> Path:
     """PNG grid: one row per class (first ``max_rows`` classes), its first ``max_cols`` images.
 
     Args:
@@ -637,7 +695,9 @@ def write_budget_plot(path: Path, shards: list[dict]) -> Path:
             n += sizes[b] if b < len(sizes) else c["batch_size"]
             planned_t.append(t_start + (b + 1) * per_batch)
             planned_n.append(n)
-        ax.plot(planned_t, planned_n, "--", label=f"rank {s['rank']} planned ({p['steps']} steps, IPC {p['ipc']})")
+        ax.plot(
+            planned_t, planned_n, "--", label=f"rank {s['rank']} planned ({p['steps']} steps, IPC {p['ipc']})"
+        )
         at, an, n = [t_start], [0], 0
         for e in ev:
             n += e["images"]
@@ -645,7 +705,9 @@ def write_budget_plot(path: Path, shards: list[dict]) -> Path:
             an.append(n)
         ax.plot(at, an, "-", marker=".", label=f"rank {s['rank']} actual")
     ax.axvline(limit, color="red", label="deadline")
-    ax.axvline(limit - float(shards[0]["margin_seconds"]), color="orange", linestyle=":", label="safety margin")
+    ax.axvline(
+        limit - float(shards[0]["margin_seconds"]), color="orange", linestyle=":", label="safety margin"
+    )
     ax.set_xlabel("seconds since budget start")
     ax.set_ylabel("images generated (this rank)")
     ax.legend(fontsize=7)

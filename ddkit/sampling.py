@@ -123,7 +123,9 @@ def make_scheduler(
         # DiT respace.py: new_betas[i] = 1 - ᾱ(t_i) / ᾱ(t_{i-1}); cumprod of (1 - new_betas) gives back ᾱ(t_i).
         new_betas = (1 - ac / prev).tolist()
         cfg = dict(base, num_train_timesteps=len(ts), beta_schedule="linear")
-        sched = DDIMScheduler(**cfg, trained_betas=new_betas, set_alpha_to_one=True, timestep_spacing="leading")
+        sched = DDIMScheduler(
+            **cfg, trained_betas=new_betas, set_alpha_to_one=True, timestep_spacing="leading"
+        )
         sched.alphas_cumprod = ac.clone()  # exact kept ᾱ (no float32 telescoping error)
         sched.set_timesteps(len(ts), device=device)
         return sched, [int(t) for t in sched.timesteps]
@@ -153,7 +155,9 @@ def guided_output(
     return torch.cat([guided, eps_c[:, g:], rest], dim=1)
 
 
-def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device, dtype=torch.float32) -> torch.Tensor:
+def initial_noise(
+    generators: Sequence[torch.Generator], shape: Sequence[int], device, dtype=torch.float32
+) -> torch.Tensor:
     """x_T: float [B, *shape], image i drawn from ``generators[i]`` (independent of batching)."""
     return torch.stack(
         [torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype).to(device) for g in generators]
@@ -221,7 +225,11 @@ def sample(
             sampler, steps, num_train_timesteps=num_train_timesteps, start_timestep=start_timestep
         )
     sched, sched_ts = make_scheduler(
-        sampler, timesteps, num_train_timesteps=num_train_timesteps, learn_sigma=model.learn_sigma, device=device
+        sampler,
+        timesteps,
+        num_train_timesteps=num_train_timesteps,
+        learn_sigma=model.learn_sigma,
+        device=device,
     )
     if latents is None:
         x = initial_noise(generators, (C, S, S), device)
@@ -234,7 +242,7 @@ def sample(
     y_in = torch.cat([labels, torch.full_like(labels, K)]) if use_cfg else labels
     gen_list = list(generators)
     n = len(timesteps)
-    for i, (t_model, t_sched) in enumerate(zip(timesteps, sched_ts)):
+    for i, (t_model, t_sched) in enumerate(zip(timesteps, sched_ts, strict=True)):
         x_in = torch.cat([x, x]) if use_cfg else x
         t = torch.full((x_in.shape[0],), int(t_model), device=device, dtype=torch.long)
         if autocast_dtype is not None:

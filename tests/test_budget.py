@@ -15,6 +15,7 @@ from ddkit.budget import (
     make_batches,
     plan,
     rank_batches,
+    split_plan,
 )
 from ddkit.errors import BudgetError
 
@@ -30,7 +31,9 @@ class FakeClock:
 class FakeMachine:
     """Sampling a batch advances the fake clock; ``slow`` maps a clock time to a slowdown factor."""
 
-    def __init__(self, clock: FakeClock, step_s: float, fixed_s: float, slow=lambda t: 1.0, noise=0.0, rng=None):
+    def __init__(
+        self, clock: FakeClock, step_s: float, fixed_s: float, slow=lambda t: 1.0, noise=0.0, rng=None
+    ):
         self.clock, self.step_s, self.fixed_s, self.slow = clock, step_s, fixed_s, slow
         self.noise, self.rng = noise, rng or random.Random(0)
 
@@ -52,13 +55,24 @@ WIDE = Bounds(steps_min=10, steps_max=50, ipc_min=1, ipc_max=10_000, dsr_steps=2
 def simulate(limit, machine, clock, *, K=10, B=20, bounds=BOUNDS, margin=0.1, reserve=1.0, world=1, rank=0):
     t0 = clock()
     machine.run(0, fixed=True)  # "model loading"
-    cost = calibrate(lambda n: machine.run(n, fixed=False), clock=clock, batch_size=B, fixed=lambda: machine.run(0))
+    cost = calibrate(
+        lambda n: machine.run(n, fixed=False), clock=clock, batch_size=B, fixed=lambda: machine.run(0)
+    )
     deadline = t0 + limit
     avail = deadline - margin * limit - reserve - clock()
     p = plan(avail, cost, bounds, num_classes=K, batch_size=B, world_size=world)
+    planned, extra = split_plan(K, p.ipc, min(bounds.ipc_max, 4 * p.ipc + 8), B, rank, world)
     runner = Runner(
-        plan=p, cost=cost, batches=rank_batches(make_batches(K, p.ipc, B), rank, world), deadline=deadline,
-        clock=clock, steps_min=bounds.steps_min, t0=t0, margin_seconds=margin * limit, reserve_seconds=reserve,
+        plan=p,
+        cost=cost,
+        batches=planned,
+        extra=extra,
+        deadline=deadline,
+        clock=clock,
+        steps_min=bounds.steps_min,
+        t0=t0,
+        margin_seconds=margin * limit,
+        reserve_seconds=reserve,
     )
     done_items = []
     while (nxt := runner.next()) is not None:
@@ -129,11 +143,29 @@ def test_machine_turning_3x_slower_lowers_steps_and_never_overruns():
 
 def test_no_slowdown_uses_budget_and_finishes_all_batches():
     clock = FakeClock()
-    machine = FakeMachine(clock, step_s=0.02, fixed_s=0.1)
+    machine = FakeMachine(clock, step_s=0.1, fixed_s=0.1)
     p, runner, items, elapsed = simulate(60.0, machine, clock)
     assert elapsed <= 60.0
     assert not runner.dropped and len(items) == 10 * p.ipc
     assert all(e.steps == p.steps for e in runner.events)
+
+
+def test_machine_turning_faster_spends_the_spare_time_on_more_images():
+    clock = FakeClock()
+    machine = FakeMachine(clock, step_s=0.1, fixed_s=0.1, slow=lambda t: 0.5 if t > 10.0 else 1.0)
+    p, runner, items, elapsed = simulate(60.0, machine, clock)
+    assert elapsed <= 60.0
+    assert len(items) > 10 * p.ipc  # extension batches ran
+    assert all(e.steps == p.steps for e in runner.events)  # at the planned (DSR) steps
+    counts = [sum(1 for c, _ in items if c == k) for k in range(10)]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_slowdown_inside_the_last_batches_abandons_a_batch_before_the_deadline():
+    clock = FakeClock()
+    machine = FakeMachine(clock, step_s=0.1, fixed_s=0.1, slow=lambda t: 20.0 if t > 45.0 else 1.0)
+    p, runner, items, elapsed = simulate(60.0, machine, clock)
+    assert elapsed <= 60.0 and runner.dropped
 
 
 def test_zero_overruns_over_many_random_runs():
@@ -144,12 +176,18 @@ def test_zero_overruns_over_many_random_runs():
         change_at = rng.uniform(0, 60)
         factor = rng.choice([0.5, 1.0, 1.5, 2.0, 3.0])
         machine = FakeMachine(
-            clock, step_s=rng.uniform(0.005, 0.05), fixed_s=rng.uniform(0.0, 0.3),
-            slow=lambda t, c=change_at, f=factor: f if t > c else 1.0, noise=0.2, rng=rng,
+            clock,
+            step_s=rng.uniform(0.005, 0.05),
+            fixed_s=rng.uniform(0.0, 0.3),
+            slow=lambda t, c=change_at, f=factor: f if t > c else 1.0,
+            noise=0.2,
+            rng=rng,
         )
         K = rng.choice([5, 10, 100])
         try:
-            p, runner, items, elapsed = simulate(60.0, machine, clock, K=K, B=rng.choice([10, 25, 50]), bounds=WIDE)
+            p, runner, items, elapsed = simulate(
+                60.0, machine, clock, K=K, B=rng.choice([10, 25, 50]), bounds=WIDE
+            )
         except BudgetError:
             continue
         overruns += elapsed > 60.0
@@ -174,7 +212,9 @@ def test_sharded_layout_covers_every_item_once_and_is_balanced_by_prefix():
 def test_calibrate_recovers_cost_model():
     clock = FakeClock()
     machine = FakeMachine(clock, step_s=0.2, fixed_s=0.7)
-    cost = calibrate(lambda n: machine.run(n, fixed=False), clock=clock, batch_size=8, fixed=lambda: machine.run(0))
+    cost = calibrate(
+        lambda n: machine.run(n, fixed=False), clock=clock, batch_size=8, fixed=lambda: machine.run(0)
+    )
     assert cost.step_seconds == pytest.approx(0.2, rel=1e-6)
     assert cost.batch_seconds == pytest.approx(0.7, rel=1e-6)
     assert cost.image_step_seconds == pytest.approx(0.025)

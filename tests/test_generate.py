@@ -40,7 +40,10 @@ def test_time_limit_30_ends_inside_the_limit_with_a_balanced_set(tmp_path):
     t0 = time.monotonic()  # the budget includes building the model, as the CLI's includes loading it
     model = tiny_model()
     cfg = make_cfg(
-        tmp_path, "generate.steps_min=2", "generate.steps_max=20", "generate.dsr_min_steps_quality=10",
+        tmp_path,
+        "generate.steps_min=2",
+        "generate.steps_max=20",
+        "generate.dsr_min_steps_quality=10",
         "generate.ipc_max=200",
     )
     gen_dir = generate(cfg, time_limit=30, model=model, progress=False, t0=t0)
@@ -59,8 +62,13 @@ def test_time_limit_30_ends_inside_the_limit_with_a_balanced_set(tmp_path):
     assert man["hardware"]["device"] == "cpu"
 
 
-FIXED = ("generate.steps_min=3", "generate.steps_max=3", "generate.ipc_min=3", "generate.ipc_max=3",
-         "generate.batch_size=4")
+FIXED = (
+    "generate.steps_min=3",
+    "generate.steps_max=3",
+    "generate.ipc_min=3",
+    "generate.ipc_max=3",
+    "generate.batch_size=4",
+)
 
 
 def test_two_shards_give_the_same_images_as_one_process(tmp_path):
@@ -89,8 +97,13 @@ def test_two_shards_give_the_same_images_as_one_process(tmp_path):
 
 def test_too_short_budget_is_refused_before_sampling(tmp_path):
     model = tiny_model()
-    cfg = make_cfg(tmp_path, "generate.steps_min=50", "generate.steps_max=50", "generate.ipc_min=100",
-                   "generate.ipc_max=100")
+    cfg = make_cfg(
+        tmp_path,
+        "generate.steps_min=50",
+        "generate.steps_max=50",
+        "generate.ipc_min=100",
+        "generate.ipc_max=100",
+    )
     with pytest.raises(BudgetError, match="steps_min=50 at ipc_min=100 needs"):
         generate(cfg, time_limit=5, model=model, progress=False)
     gen_dir = tmp_path / "run" / "gen-minimax"
@@ -120,18 +133,39 @@ def test_cli_generate_from_a_checkpoint_ends_inside_the_limit(tmp_path):
     model = tiny_model()
     run = tmp_path / "run"
     sd = model.state_dict()
-    save_checkpoint({"model": sd, "ema": sd, "model_config": to_dict(model.config), "step": 0},
-                    run / "minimax" / "ckpt" / "last.pt")
+    save_checkpoint(
+        {"model": sd, "ema": sd, "model_config": to_dict(model.config), "step": 0},
+        run / "minimax" / "ckpt" / "last.pt",
+    )
     exe = shutil.which("ddkit")
     assert exe is not None
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("DDKIT_T0", None)
     res = subprocess.run(
-        [exe, "generate", str(run), "--time-limit", "20", "--no-progress",
-         "--set", f"data.shards={tmp_path / 'none'}", "--set", "model.input_size=16",
-         "--set", "generate.batch_size=10", "--set", "generate.steps_min=2", "--set", "generate.steps_max=10",
-         "--set", "generate.dsr_min_steps_quality=5"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            exe,
+            "generate",
+            str(run),
+            "--time-limit",
+            "20",
+            "--no-progress",
+            "--set",
+            f"data.shards={tmp_path / 'none'}",
+            "--set",
+            "model.input_size=16",
+            "--set",
+            "generate.batch_size=10",
+            "--set",
+            "generate.steps_min=2",
+            "--set",
+            "generate.steps_max=10",
+            "--set",
+            "generate.dsr_min_steps_quality=5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     man = json.loads((run / "gen-minimax" / "manifest.json").read_text())

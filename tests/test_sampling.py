@@ -17,7 +17,10 @@ class FakeBackbone(nn.Module):
     def __init__(self, in_channels=2, input_size=4, num_classes=3, learn_sigma=True):
         super().__init__()
         self.in_channels, self.input_size, self.num_classes, self.learn_sigma = (
-            in_channels, input_size, num_classes, learn_sigma,
+            in_channels,
+            input_size,
+            num_classes,
+            learn_sigma,
         )
         self.w = nn.Parameter(torch.tensor(0.3))
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -84,10 +87,10 @@ def test_ddpm_learned_range_matches_dit_reference():
     # The noise the sampler draws per step: from each image's generator, in order.
     copies = [torch.Generator().manual_seed(100 + i) for i in range(B)]
     noises = [torch.stack([torch.randn(1, 2, 4, 4, generator=g)[0] for g in copies]).double() for _ in kept]
-    got = sample(m, y, steps=len(kept), sampler="ddpm", cfg_scale=1.0, generators=gens, latents=x_T, timesteps=kept)
-    ref = reference_ddpm_learned_range(
-        x_T, kept, lambda x, t: m(x, torch.full((B,), t), y), noises
+    got = sample(
+        m, y, steps=len(kept), sampler="ddpm", cfg_scale=1.0, generators=gens, latents=x_T, timesteps=kept
     )
+    ref = reference_ddpm_learned_range(x_T, kept, lambda x, t: m(x, torch.full((B,), t), y), noises)
     assert torch.allclose(got.double(), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -117,7 +120,7 @@ def test_cfg_null_class_is_num_classes_in_one_batched_forward():
     y = torch.tensor([0, 3, 4])
     sample(m, y, steps=3, sampler="ddpm", cfg_scale=4.0)
     assert len(m.calls) == 3  # one forward per step, both halves together
-    for x, t, yy in m.calls:
+    for x, _t, yy in m.calls:
         assert x.shape[0] == 6 and torch.equal(x[:3], x[3:])
         assert yy[:3].tolist() == [0, 3, 4]
         assert yy[3:].tolist() == [5, 5, 5]  # null class = num_classes, never 0
@@ -138,7 +141,9 @@ def test_guided_channels_all_vs_first_three():
     assert torch.allclose(full[:, :C], want)
     assert torch.allclose(three[:, :3], want[:, :3])
     assert torch.equal(three[:, 3], cond[:, 3])  # DiT forward_with_cfg leaves channel 3 unguided
-    assert torch.equal(full[:, C:], cond[:, C:]) and torch.equal(three[:, C:], cond[:, C:])  # v from cond half
+    assert torch.equal(full[:, C:], cond[:, C:]) and torch.equal(
+        three[:, C:], cond[:, C:]
+    )  # v from cond half
 
 
 def test_images_do_not_depend_on_batch_composition():
@@ -146,7 +151,9 @@ def test_images_do_not_depend_on_batch_composition():
     from ddkit.models import build_backbone
 
     torch.manual_seed(0)
-    m = build_backbone(ModelConfig(arch="DiT-T/4", in_channels=1, input_size=8, num_classes=4, learn_sigma=True), seed=0)
+    m = build_backbone(
+        ModelConfig(arch="DiT-T/4", in_channels=1, input_size=8, num_classes=4, learn_sigma=True), seed=0
+    )
     m.eval()
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     both = sample(m, torch.tensor([1, 2]), steps=4, sampler="ddpm", generators=gens([11, 22]))

@@ -321,6 +321,23 @@ def test_generation_array_completes_and_merges(reference, config_file, tmp_path)
     assert len({e["array_job_id"] for e in starts}) == 1
 
 
+def test_generation_one_job_one_rank_per_gpu(reference, config_file, tmp_path):
+    _, ref_ckpt, _ = reference
+    assert ref_ckpt.is_file(), "the reference run failed"
+    run = tmp_path / "run"
+    res = ddkit(
+        "submit", "generate", str(run), "-c", str(config_file), "--method", "dit", "--time-limit", "60",
+        "--gpus", "2", "-p", "gpu", "--cpus-per-task", "1", "--time", "5", "--wait",
+        "--set", f"generate.checkpoint={ref_ckpt}",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    gen = run / "gen-dit"
+    manifest = json.loads((gen / "manifest.json").read_text())
+    # two srun tasks in one process group shared the shards; the merge job added the SLURM history
+    assert manifest["world_size"] == 2 and manifest["ipc"] == 1 and (gen / "DONE").is_file()
+    assert [e["event"] for e in manifest["slurm"]["events"]] == ["start"]
+
+
 def test_time_limit_requeues_and_finishes(timeout_job):
     job, stage, steps = timeout_job
     _wait_for(

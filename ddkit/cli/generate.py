@@ -20,12 +20,18 @@ def generate(
         None, help="Run directory (uses RUN/config.yaml, or a stage's config.yaml, and sets run_dir=RUN)."
     ),
     config: Optional[Path] = ConfigArg,
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="minimax | dit | d3hr (default: generate.method)."),
+    method: Optional[str] = typer.Option(
+        None, "--method", "-m", help="minimax | dit | d3hr (default: generate.method)."
+    ),
     time_limit: Optional[float] = typer.Option(
         None, "--time-limit", "-t", help="Seconds for the whole generation, model loading included."
     ),
-    merge: bool = typer.Option(False, "--merge", help="Only merge finished shards into dataset.pt + manifest."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="Shard index (SLURM array task); default from torchrun/srun."),
+    merge: bool = typer.Option(
+        False, "--merge", help="Only merge finished shards into dataset.pt + manifest."
+    ),
+    rank: Optional[int] = typer.Option(
+        None, "--rank", help="Shard index (SLURM array task); default from torchrun/srun."
+    ),
     world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of shards (array size)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Generation dir (default RUN/gen-<method>)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
@@ -64,8 +70,14 @@ def generate(
         console.print(f"[green]merged[/] {path}")
         return
     gen_dir = lib.generate(
-        cfg, method=m, time_limit=time_limit, out_dir=gen_dir, rank=rank, world_size=world_size,
-        progress=not no_progress, t0=t0,
+        cfg,
+        method=m,
+        time_limit=time_limit,
+        out_dir=gen_dir,
+        rank=rank,
+        world_size=world_size,
+        progress=not no_progress,
+        t0=t0,
     )
     if (gen_dir / "manifest.json").is_file():
         from ddkit.io import read_json

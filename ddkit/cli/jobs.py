@@ -28,8 +28,9 @@ def jobs(
         return
     colors = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "REQUEUED": "yellow"}
     table = Table(title="ddkit jobs")
-    for col in ("job", "name", "state", "partition", "elapsed", "nodes", "folder"):
-        table.add_column(col, overflow="fold")
+    for col in ("job", "name", "state", "partition", "elapsed", "nodes"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("folder", overflow="fold")
     for r in rows:
         color = colors.get(r.state, "red")
         table.add_row(

@@ -355,10 +355,17 @@ def _fraction(percent: float, n: int) -> float:
     return round(percent * n / 100.0) / n if n else 0.0
 
 
+_CONSOLE = None
+
+
 def _console():
+    """One shared stdout console, so progress bars and printed lines interleave cleanly."""
+    global _CONSOLE
     from rich.console import Console
 
-    return Console()
+    if _CONSOLE is None:
+        _CONSOLE = Console()
+    return _CONSOLE
 
 
 def _run_with_progress(
@@ -416,6 +423,8 @@ def _run_with_progress(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=True,
+        console=_console(),
+        disable=not _console().is_terminal,  # no bars (and no blank lines) when piped or logged
     ) as bar:
         task = bar.add_task(desc, total=total)
         return train_student(
@@ -482,6 +491,7 @@ def _teacher(
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             transient=True,
+            disable=not _console().is_terminal,
         ) as bar:
             task = bar.add_task(f"teacher {tnet}", total=epochs)
             model = train_teacher(
@@ -513,20 +523,28 @@ def _dd_ranking(results: dict[str, dict]) -> None:
         }
 
 
-def _rows(results: dict[str, dict], protocol: Protocol) -> tuple[list[str], list[list[str]]]:
+def _rows(
+    results: dict[str, dict], protocol: Protocol, with_runs: bool = True
+) -> tuple[list[str], list[list[str]]]:
     two = not isinstance(protocol, ECCV2024Protocol)
+    dd = any("dd_ranking" in r for r in results.values())
     head = ["Set", "IPC", "Images", "Epochs", "Best acc. (%)" if two else "Acc. (%)"]
     if two:
         head.append("Last acc. (%)")
-    head += ["Runs", "IOR (pp)", "HLR (pp)"]
+    if with_runs:
+        head.append("Runs")
+    if dd:
+        head += ["IOR (pp)", "HLR (pp)"]
     rows = []
     for name, r in results.items():
         row = [name, str(r["ipc"]), str(r["images"]), str(r["epochs"]), f"{r['mean']:.2f} ± {r['std']:.2f}"]
         if two:
             row.append(f"{r['last_mean']:.2f} ± {r['last_std']:.2f}")
-        row.append(", ".join(f"{v:.1f}" for v in r["runs"]))
-        dd = r.get("dd_ranking")
-        row += [f"{dd['ior_mean']:+.2f}", f"{dd['hlr_mean']:+.2f}"] if dd else ["", ""]
+        if with_runs:
+            row.append(", ".join(f"{v:.1f}" for v in r["runs"]))
+        if dd:
+            d = r.get("dd_ranking")
+            row += [f"{d['ior_mean']:+.2f}", f"{d['hlr_mean']:+.2f}"] if d else ["", ""]
         rows.append(row)
     return head, rows
 
@@ -548,7 +566,7 @@ def rich_table(results: dict[str, dict], protocol: Protocol, network: str):
     """The results as a :class:`rich.table.Table`."""
     from rich.table import Table
 
-    head, rows = _rows(results, protocol)
+    head, rows = _rows(results, protocol, with_runs=False)
     t = Table(title=f"ddkit evaluate — {protocol.name}, {network}")
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 else "right")
