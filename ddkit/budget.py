@@ -295,8 +295,8 @@ def plan(
         if i < b.ipc_min:
             while s > b.steps_min and max_ipc(s) < b.ipc_min:
                 s -= 1
-            i = b.ipc_min
-            reason = f"DSR: {b.dsr_steps} steps do not fit ipc_min; lowered to {s} steps"
+            i = max_ipc(s)  # a partial last batch may hold more than ipc_min at no extra cost
+            reason = f"DSR: {b.dsr_steps} steps do not fit ipc_min; lowered to {s} steps (IPC {i})"
         elif i >= b.ipc_max:
             i = b.ipc_max
             while s < b.steps_max and fits(s + 1, i):
@@ -366,8 +366,9 @@ class Runner:
     3. if even ``steps_min`` does not fit, batches are dropped from the tail (highest image indices first);
     4. the next batch starts only if its predicted time × ``start_headroom`` ends before the hard deadline
        (``deadline − reserve``); otherwise the run stops;
-    5. inside a batch, :meth:`step_ok` after every step abandons it (and stops) when the speed observed in
-       it says it would end after the hard deadline;
+    5. inside a batch, :meth:`step_ok` after every step shortens the rest of its chain (or, if not even one
+       step fits, abandons it and stops) when the speed observed in it says it would end after the hard
+       deadline;
     6. when the planned batches are done early (the machine got faster), batches from ``extra`` (the
        continuation of the same index-major layout, up to ``ipc_max``) run at the planned steps while each
        still ends before the soft deadline.
@@ -395,6 +396,9 @@ class Runner:
     _pos: int = 0
     _ratios: list[float] = field(default_factory=list)
     _current: tuple[Batch, int, float, float] | None = None
+    _last_step: float | None = None
+    _steps_done: int = 0
+    shortened: int = 0  # batches whose chain was respaced to fewer steps mid-way
 
     @property
     def speed_factor(self) -> float:
@@ -444,18 +448,45 @@ class Runner:
             return None
         batch = self.batches[self._pos]
         self._current = (batch, steps, now, predicted / max(self.speed_factor, 1e-12))
+        self._last_step = None
+        self._steps_done = 0
         return batch, steps
 
-    def step_ok(self, step: int, steps: int) -> bool:
-        """Mid-batch check after ``step`` (0-based) of ``steps``: False when, at the speed observed in this
-        batch so far, the rest of it would end after the hard deadline (``deadline − reserve``) — a
-        machine that slows down several-fold inside one batch is caught before it overruns."""
+    def step_ok(self, step: int, steps: int) -> bool | int:
+        """Mid-batch check after ``step`` (0-based) of ``steps`` (the sampler's ``step_callback``).
+
+        At the speed of the latest step (the first step of a batch, which may pay for new kernels, counts
+        at most twice the expected time), the rest of the batch, including its per-batch work scaled by
+        the same slowdown, must end before the hard deadline (``deadline − reserve``). Returns True when it
+        does; otherwise the number k >= 1 of remaining steps that still fits (the sampler respaces the rest
+        of the chain from the current timestep: fewer steps, same images), or False when not even one step
+        fits (the batch is abandoned, :meth:`abort`).
+        """
         assert self._current is not None, "step_ok() without next()"
         _, _, start, _ = self._current
         now = self.clock()
-        per_step = (now - start) / (step + 1)
-        rest = per_step * (steps - step - 1) + self.cost.scaled(self.speed_factor).batch_seconds
-        return now + rest <= self.deadline - self.reserve_seconds
+        last = now - (self._last_step if self._last_step is not None else start)
+        self._last_step = now
+        self._steps_done += 1
+        expected = self.cost.step_seconds * self.speed_factor  # per step, from calibration + past batches
+        # The latest step is the best estimate of the machine now; only the batch's first step may be a
+        # one-off (new shapes' kernels), so it is trusted up to twice the expected time.
+        per_step = max(min(last, 2 * expected) if step == 0 else last, 1e-9)
+        slowdown = max(1.0, per_step / expected) if expected > 0 else 1.0
+        remaining = steps - step - 1
+        left = (
+            self.deadline
+            - self.reserve_seconds
+            - now
+            - self.cost.scaled(self.speed_factor * slowdown).batch_seconds
+        )
+        if per_step * remaining <= left:
+            return True
+        k = math.floor(left / per_step)
+        if k < 1:
+            return False
+        self.shortened += 1
+        return k
 
     def abort(self) -> None:
         """The current batch was abandoned (see :meth:`step_ok`): drop it and every later one."""
@@ -472,7 +503,7 @@ class Runner:
         self._ratios.append(max((end - start) / predicted_base, 1e-6) if predicted_base > 0 else 1.0)
         ev = Event(
             batch=batch.index,
-            steps=steps,
+            steps=self._steps_done or steps,
             images=len(batch.items) if images is None else images,
             start=start - self.t0,
             end=end - self.t0,

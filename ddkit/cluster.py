@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -319,7 +320,6 @@ def slurm_parameters(
     time_min: int,
     tasks_per_node: int,
     gpus_per_node: int,
-    python: str | None = None,
     dependency: str | None = None,
     comment: str | None = None,
 ) -> dict[str, Any]:
@@ -396,10 +396,9 @@ def sbatch_script(folder: str | Path, params: dict[str, Any], python: str | None
     """
     from submitit.slurm import slurm as sl
 
+    # slurm_<name> parameters are the renderer's own keyword arguments (slurm_ntasks_per_node -> ntasks_per_node)
     kwargs = {k[len("slurm_") :]: v for k, v in params.items()}
-    # submitit's names -> its sbatch renderer's (SlurmExecutor._equivalence_dict)
-    kwargs["ntasks_per_node"] = kwargs.pop("ntasks_per_node", None)
-    py = python or shlex.quote(__import__("sys").executable)
+    py = python or shlex.quote(sys.executable)  # SlurmExecutor's default python
     command = " ".join([py, "-u -m submitit.core._submit", shlex.quote(str(Path(folder)))])
     return sl._make_sbatch_string(
         command=command, folder=folder, **{k: v for k, v in kwargs.items() if v is not None}
@@ -780,8 +779,7 @@ def submit_generate(
         cleanup_folder(folder)
     if array:
         fns = [GenerateJob(cfg, method, time_limit, k, gpus) for k in range(gpus)]
-        with ex.batch():
-            jobs = [ex.submit(fn) for fn in fns]
+        jobs = _submit_array(ex, fns)
         if jobs:
             _register(jobs[0].job_id.split("_")[0], name, folder, cfg.run_dir, "generate-array", ex)
     else:
@@ -802,6 +800,8 @@ def submit_generate(
             gpus_per_node=0,
             dependency=dep if cluster in (None, "slurm") else None,
         )
+        if cluster in (None, "slurm"):  # a failed shard must not leave the merge pending forever
+            mparams["slurm_additional_parameters"]["kill_on_invalid_dep"] = "yes"
         mex = make_executor(folder, ms, mparams, python=python, cluster=cluster)
         mjob = _submit(mex, merge_job, gen_dir)
         _register(mjob.job_id, mname, folder, cfg.run_dir, "merge", mex)
@@ -809,14 +809,28 @@ def submit_generate(
     return jobs
 
 
+def _sbatch_refusal(e: Exception) -> ClusterError:
+    lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or ["?"]
+    return ClusterError(f"sbatch refused the job: {lines[-1].strip()}")
+
+
 def _submit(ex, fn, *args):
-    import submitit
+    from submitit.core.utils import FailedJobError
 
     try:
         return ex.submit(fn, *args)
-    except submitit.core.utils.FailedJobError as e:  # sbatch's own refusal, e.g. an account it rejects
-        lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or ["?"]
-        raise ClusterError(f"sbatch refused the job: {lines[-1].strip()}") from None
+    except FailedJobError as e:  # sbatch's own refusal, e.g. an account or QOS it rejects
+        raise _sbatch_refusal(e) from None
+
+
+def _submit_array(ex, fns: list) -> list:
+    from submitit.core.utils import FailedJobError
+
+    try:
+        with ex.batch():
+            return [ex.submit(fn) for fn in fns]
+    except FailedJobError as e:
+        raise _sbatch_refusal(e) from None
 
 
 def wait_result(job, *, poll_s: float = 0.5, timeout_s: float | None = None) -> Any:
@@ -826,13 +840,24 @@ def wait_result(job, *, poll_s: float = 0.5, timeout_s: float | None = None) -> 
 
     Raises:
         TimeoutError: not done within ``timeout_s``.
+        ClusterError: the job failed or was cancelled (one line naming the job and its log).
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not job.done(force_check=True):
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f}s (state {job.state})")
         time.sleep(poll_s)
-    return job.results()[0]  # task 0's (rank 0's) result; every task of a multi-GPU job returns one
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        return job.results()[0]  # task 0's (rank 0's) result; every task of a multi-GPU job returns one
+    except (FailedJobError, UncompletedJobError) as e:
+        # submitit's message holds the remote traceback; one line here, the rest in the job's log
+        trace = str(e).split("You can check full logs")[0]
+        last = [ln for ln in trace.splitlines() if ln.strip() and not ln.startswith("---")][-1:] or ["?"]
+        raise ClusterError(
+            f"job {job.job_id} failed ({last[0].strip()}); see: ddkit jobs logs {job.job_id} --err"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

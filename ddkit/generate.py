@@ -411,7 +411,7 @@ def generate(
                     left=max(0.0, deadline - clock()),
                 )
 
-            def check(i: int, n: int) -> bool:
+            def check(i: int, n: int) -> bool | int:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 return runner.step_ok(i, n)
@@ -423,11 +423,11 @@ def generate(
                 break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            runner.done()
+            ev = runner.done()
             images.append(out)
             labels.extend(c for c, _ in batch.items)
             indices.extend(i for _, i in batch.items)
-            steps_used.extend([steps] * len(batch.items))
+            steps_used.extend([ev.steps] * len(batch.items))
             if prog is not None:
                 prog.update(task, advance=len(batch.items), left=max(0.0, deadline - clock()))
     phases["sample"] = clock() - mark
@@ -467,8 +467,10 @@ def generate(
         "events": [vars(e) for e in runner.events],
         "dropped_batches": list(runner.dropped),
         "speed_factor": runner.speed_factor,
+        "shortened_batches": runner.shortened,
         "plan_time": plan_at - t0,
         "deadline": deadline - t0,
+        "excluded_seconds": phases.get("d3hr_statistics", 0.0),  # outside the budget (module docstring)
         "margin_seconds": margin,
         "hardware": hardware_info(),
     }
@@ -564,13 +566,15 @@ def merge(
     plots_s = clock() - mark
     limit = float(first["time_limit"])
     finished = max(float(s["finished"]) for s in shards)
-    elapsed = (clock() - t0) if t0 is not None else None
+    excluded = max(float(s.get("excluded_seconds", 0.0)) for s in shards)
+    elapsed = (clock() - t0 - excluded) if t0 is not None else None
+    finished -= excluded
     made = int(sum(s["images"].shape[0] for s in shards))
     possible = 0
     for s in shards:
         p, c = s["plan"], s["cost"]
         per_batch = c["step_seconds"] * p["steps"] + c["batch_seconds"]
-        window = max(0.0, limit - s["plan_time"] - s["margin_seconds"])
+        window = max(0.0, float(s["deadline"]) - s["plan_time"] - s["margin_seconds"])
         possible += int(window // per_batch) * c["batch_size"] if per_batch > 0 else 0
     kept_steps = steps[keep_t] if len(keep) else steps
     manifest = {
@@ -601,7 +605,8 @@ def merge(
         "time_limit": limit,
         "phases": {f"rank{s['rank']}": s["phases"] for s in shards} | {"merge_plots": plots_s},
         "rank_finished_seconds": [float(s["finished"]) for s in shards],
-        "elapsed_seconds": elapsed if elapsed is not None else finished,
+        "elapsed_seconds": elapsed if elapsed is not None else finished,  # budget seconds (excl. D^3HR stats)
+        "excluded_seconds": excluded,
         "budget_share_used": (elapsed if elapsed is not None else finished) / limit,
         "budget_use_images": made / possible if possible else None,
         "images_possible": possible,
@@ -682,7 +687,7 @@ def write_budget_plot(path: Path, shards: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    limit = float(shards[0]["time_limit"])
+    limit = float(shards[0]["deadline"])  # the time limit, plus any time excluded from the budget
     for s in shards:
         ev = s["events"]
         p, c = s["plan"], s["cost"]

@@ -52,7 +52,7 @@ def write_report(cfg: ExperimentConfig) -> Path:
     lines = [f"# ddkit report: {cfg.name}", ""]
     lines += [
         f"Dataset `{cfg.data.dataset}`, backbone `{cfg.model.arch}`, methods {', '.join(cfg.methods)}; "
-        f"evaluation protocol `{cfg.evaluate.protocol}` with {cfg.evaluate.network}, "
+        f"evaluation protocol `{cfg.evaluate.protocol}` with {cfg.evaluate.network or 'its default network'}, "
         f"{cfg.evaluate.repeats} repeat(s).",
         "",
     ]

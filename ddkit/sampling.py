@@ -179,7 +179,7 @@ def sample(
     num_train_timesteps: int = 1000,
     timesteps: Sequence[int] | None = None,
     autocast_dtype: torch.dtype | None = None,
-    step_callback: Callable[[int, int], bool] | None = None,
+    step_callback: Callable[[int, int], bool | int | None] | None = None,
 ) -> torch.Tensor:
     """Sample a batch of class-conditional images (or latents) with a DiT backbone.
 
@@ -201,7 +201,9 @@ def sample(
         num_train_timesteps: T of the training schedule.
         timesteps: explicit descending model timesteps (overrides ``steps``/``start_timestep`` spacing).
         autocast_dtype: run the backbone under ``torch.autocast`` with this dtype (bf16 on GPU).
-        step_callback: called as ``step_callback(i, n)`` after step i of n; returning False aborts.
+        step_callback: called as ``step_callback(i, n)`` after step i (0-based) of n; returns None/True to
+            go on, False to abort, or an int k (< n - i - 1) to finish the chain in k more steps, respaced
+            from the current timestep (the budget's mid-batch step reduction).
 
     Returns:
         float32 [B, C, H, W]: x_0 in the backbone's space (pixels in [-1, 1], or scaled SD-VAE latents).
@@ -241,10 +243,12 @@ def sample(
     # Null class = num_classes: the extra CFG row of DiT's label table (LabelEmbedding), never class 0.
     y_in = torch.cat([labels, torch.full_like(labels, K)]) if use_cfg else labels
     gen_list = list(generators)
-    n = len(timesteps)
-    for i, (t_model, t_sched) in enumerate(zip(timesteps, sched_ts, strict=True)):
+    timesteps = [int(t) for t in timesteps]
+    i = 0
+    while i < len(timesteps):
+        t_model, t_sched = timesteps[i], sched_ts[i]
         x_in = torch.cat([x, x]) if use_cfg else x
-        t = torch.full((x_in.shape[0],), int(t_model), device=device, dtype=torch.long)
+        t = torch.full((x_in.shape[0],), t_model, device=device, dtype=torch.long)
         if autocast_dtype is not None:
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
                 out = model(x_in, t, y_in)
@@ -258,8 +262,28 @@ def sample(
             x = sched.step(out[:, :C], t_sched, x, eta=0.0).prev_sample
         else:
             x = sched.step(out, t_sched, x, generator=gen_list).prev_sample
-        if step_callback is not None and not step_callback(i, n):
-            raise SamplingAborted(f"aborted after step {i + 1} of {n}")
+        verdict = step_callback(i, len(timesteps)) if step_callback is not None else None
+        if verdict is False:
+            raise SamplingAborted(f"aborted after step {i + 1} of {len(timesteps)}")
+        rest = len(timesteps) - i - 1
+        if type(verdict) is int and 1 <= verdict < rest:
+            # Finish in fewer steps: x is now at noise level timesteps[i + 1]; respace the rest of the chain
+            # from there (the D^3HR-style restart at an arbitrary timestep) and rebuild the scheduler.
+            tail = timestep_spacing(
+                sampler if sampler == "ddpm" else "ddpm",
+                verdict,
+                num_train_timesteps=num_train_timesteps,
+                start_timestep=timesteps[i + 1],
+            )
+            timesteps = timesteps[: i + 1] + tail
+            sched, sched_ts = make_scheduler(
+                sampler,
+                timesteps,
+                num_train_timesteps=num_train_timesteps,
+                learn_sigma=model.learn_sigma,
+                device=device,
+            )
+        i += 1
     return x
 
 

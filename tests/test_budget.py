@@ -78,12 +78,17 @@ def simulate(limit, machine, clock, *, K=10, B=20, bounds=BOUNDS, margin=0.1, re
     while (nxt := runner.next()) is not None:
         batch, steps = nxt
         aborted = False
-        for i in range(steps):
+        i, n = 0, steps
+        while i < n:  # the sampler's loop with its per-step callback
             machine.run(1, fixed=False)
-            if not runner.step_ok(i, steps):  # the sampler's per-step callback
+            verdict = runner.step_ok(i, n)
+            if verdict is False:
                 runner.abort()
                 aborted = True
                 break
+            if type(verdict) is int:
+                n = i + 1 + verdict  # the rest of the chain respaced to fewer steps
+            i += 1
         if aborted:
             break
         machine.run(0)  # per-batch fixed work (decode)
@@ -103,7 +108,7 @@ def test_dsr_holds_steps_and_spends_rest_on_ipc():
     assert p.ipc == 50 and p.steps == 35 and p.predicted_seconds <= 100.0
     # Too little for IPC 1 at 25 steps: steps drop towards steps_min.
     p3 = plan(2.0, cost, BOUNDS, num_classes=10, batch_size=20)
-    assert p3.ipc == 1 and 10 <= p3.steps < 25
+    assert p3.ipc == 2 and 10 <= p3.steps < 25  # one batch of 20 holds 2 per class at the same cost
 
 
 def test_too_short_budget_is_refused_with_reason():
@@ -165,7 +170,9 @@ def test_slowdown_inside_the_last_batches_abandons_a_batch_before_the_deadline()
     clock = FakeClock()
     machine = FakeMachine(clock, step_s=0.1, fixed_s=0.1, slow=lambda t: 20.0 if t > 45.0 else 1.0)
     p, runner, items, elapsed = simulate(60.0, machine, clock)
-    assert elapsed <= 60.0 and runner.dropped
+    assert elapsed <= 60.0
+    # The batch running when the machine turned 20x slower was shortened (fewer steps) or abandoned.
+    assert runner.shortened or runner.dropped
 
 
 def test_zero_overruns_over_many_random_runs():

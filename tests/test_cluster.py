@@ -462,3 +462,16 @@ def test_submit_module_imports_no_torch():
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_wait_result_turns_a_failed_job_into_one_line(tmp_path):
+    # submitit's "local" executor runs the job in a subprocess and reports failures like SLURM jobs do.
+    ex = cluster.make_executor(
+        tmp_path, SlurmConfig(), {"slurm_job_name": "ddkit-x", "slurm_time": 1}, cluster="local"
+    )
+    job = ex.submit(cluster.parse_time, "soon")
+    with pytest.raises(ClusterError) as e:
+        cluster.wait_result(job, poll_s=0.1, timeout_s=120)
+    msg = str(e.value)
+    assert "\n" not in msg and f"job {job.job_id} failed" in msg
+    assert "--time 'soon': not a SLURM time" in msg and f"ddkit jobs logs {job.job_id} --err" in msg

@@ -260,6 +260,7 @@ def train_student(
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: protocol.lr_factor(e, epochs))
         t = protocol.temperature
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         best = 0.0
         acc = 0.0
         for ep in range(epochs):
@@ -268,7 +269,13 @@ def train_student(
                 xb = augment.random_flip(
                     augment.random_resized_crop(as01(train_x[idx]), res, protocol.rrc_scale)
                 )
-                mixed, _, _ = augment.cutmix(norm(xb), protocol.cutmix_beta)
+                xb = norm(xb)
+                if has_bn:
+                    # The references run the student on the un-mixed batch under no_grad (for a train-accuracy
+                    # meter); in train mode that still moves BatchNorm running statistics, so we keep it.
+                    with torch.no_grad(), _autocast(device, precision):
+                        model(xb)
+                mixed, _, _ = augment.cutmix(xb, protocol.cutmix_beta)
                 with torch.no_grad(), _autocast(device, precision):
                     soft = F.softmax(teacher(mixed).float() / t, dim=1)
                 with _autocast(device, precision):
