@@ -219,7 +219,17 @@ def generate(
     if rank == 0 or not (gen_dir / "config.yaml").exists():
         write_run_config(gen_dir, cfg)
     if is_done(shard_dir):
-        if merge_when_done and _all_shards_done(gen_dir, world):
+        if group:
+            # Take part in the same collectives as the ranks still generating (start, cost, barriers).
+            import torch
+
+            torch.distributed.all_reduce(torch.tensor([math.inf], dtype=torch.float64), op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(torch.zeros(2, dtype=torch.float64), op=torch.distributed.ReduceOp.MAX)
+            dist.barrier()
+            if rank == 0 and merge_when_done:
+                merge(gen_dir)
+            dist.barrier()
+        elif merge_when_done and _all_shards_done(gen_dir, world):
             merge(gen_dir)
         return gen_dir
 

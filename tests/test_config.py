@@ -106,7 +106,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_configs_are_frozen():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3  # type: ignore[misc]
 
 
