@@ -229,7 +229,15 @@ def main() -> None:
         help="also time bf16 autocast on CPU (very slow without "
         "native bf16 matmuls: a 600 s timeout was hit on the 2-core dev VM)",
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (1: robust on a shared machine, where "
+        "2 OpenMP threads competing with another process for 2 cores run several times slower)",
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     print(f"ddkit generate benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not args.skip_throughput:

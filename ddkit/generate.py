@@ -223,8 +223,12 @@ def generate(
             # Take part in the same collectives as the ranks still generating (start, cost, barriers).
             import torch
 
-            torch.distributed.all_reduce(torch.tensor([math.inf], dtype=torch.float64), op=torch.distributed.ReduceOp.MIN)
-            torch.distributed.all_reduce(torch.zeros(2, dtype=torch.float64), op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(
+                torch.tensor([math.inf], dtype=torch.float64), op=torch.distributed.ReduceOp.MIN
+            )
+            torch.distributed.all_reduce(
+                torch.zeros(2, dtype=torch.float64), op=torch.distributed.ReduceOp.MAX
+            )
             dist.barrier()
             if rank == 0 and merge_when_done:
                 merge(gen_dir)

@@ -171,3 +171,40 @@ def test_bad_labels_and_abort():
     with pytest.raises(SamplingAborted):
         sample(m, torch.tensor([0]), steps=5, step_callback=lambda i, n: i < 2)
     assert math.isfinite(float(sample(m, torch.tensor([0]), steps=2).sum()))
+
+
+def test_step_callback_can_shorten_the_rest_of_the_chain():
+    m = FakeBackbone(num_classes=3)
+    out = sample(
+        m,
+        torch.tensor([0, 1]),
+        steps=10,
+        sampler="ddpm",
+        cfg_scale=2.0,
+        step_callback=lambda i, n: 2 if (i, n) == (3, 10) else True,
+    )
+    ts = [int(c[1][0]) for c in m.calls]
+    assert len(ts) == 6 and ts[:4] == timestep_spacing("ddpm", 10)[:4] and ts[-1] == 0
+    assert ts == sorted(ts, reverse=True) and torch.isfinite(out).all()
+
+
+def test_conditioning_is_computed_once_per_forward_and_restored():
+    from ddkit.config import ModelConfig
+    from ddkit.models import build_backbone
+    from ddkit.sampling import cached_conditioning
+
+    m = build_backbone(ModelConfig(arch="DiT-T/4", in_channels=1, input_size=8, num_classes=4), seed=0).eval()
+    emb = m.dit.transformer_blocks[0].norm1.emb
+    calls = []
+    h = emb.register_forward_hook(lambda *a: calls.append(1))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 5]), torch.tensor([1, 4])
+    with torch.no_grad():
+        ref = m(x, t, y)
+        n_plain = len(calls)
+        calls.clear()
+        with cached_conditioning(m):
+            got = m(x, t, y)
+    h.remove()
+    assert n_plain == len(m.dit.transformer_blocks) + 1 and len(calls) == 1
+    assert torch.equal(ref, got)
+    assert all(b.norm1.emb is emb for b in m.dit.transformer_blocks)
