@@ -37,9 +37,6 @@ QUICK = (
     "evaluate.repeats=1",
 )
 
-# What generation reads for each method: the fine-tuned model for minimax, the pretrained one otherwise.
-METHOD_STAGE = {"minimax": "minimax", "dit": "pretrain", "d3hr": "pretrain"}
-
 
 @dataclass
 class StageRecord:

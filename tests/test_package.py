@@ -409,7 +409,12 @@ def test_challenge_entry_point_writes_a_scorer_file(cifar_run, tmp_path, monkeyp
         (gen / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "cifar100"}}))
         return gen
 
-    monkeypatch.setitem(sys.modules, "ddkit.generate", types.SimpleNamespace(generate=fake_generate))
+    fake = types.SimpleNamespace(generate=fake_generate)
+    monkeypatch.setitem(sys.modules, "ddkit.generate", fake)
+    # `import ddkit.generate as g` reads the package attribute once the real module has been imported
+    import ddkit
+
+    monkeypatch.setattr(ddkit, "generate", fake, raising=False)
     rc = challenge.main(["--dataset", "cifar100", "--out", str(tmp_path / "out"), "--time-limit", "600",
                          "--bundle", str(bundle)])
     assert rc == 0
