@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo quick test test-slow bench lint clean
+.PHONY: install sysdeps demo quick test test-slow bench lint clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,15 @@ demo: install
 quick: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ddkit run configs/mnist.yaml --quick --set run_dir=runs/mnist-quick
 
-test: install
+test: install sysdeps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The shadow container build needs debootstrap + bubblewrap; the SLURM fixture installs its own packages.
+sysdeps:
+	@command -v debootstrap >/dev/null && command -v bwrap >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && apt-get update -qq && \
+	    apt-get install -y -qq debootstrap bubblewrap >/dev/null; } || \
+	  echo "note: debootstrap/bubblewrap missing and not root: the slow shadow-build test will skip"
 
 test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)

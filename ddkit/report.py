@@ -70,15 +70,19 @@ def write_report(cfg: ExperimentConfig) -> Path:
         if not man_path.exists():
             continue
         m = read_json(man_path)
+        steps = m.get("steps")
+        if isinstance(steps, dict):  # {"planned", "min", "max", "per_image"}: show the range actually run
+            lo, hi = steps.get("min"), steps.get("max")
+            steps = lo if lo == hi else f"{lo}–{hi}"
         lines.append(
             "| {} | {} | {} | {} | {} | {} | {} |".format(
                 method,
-                _fmt(m.get("steps")),
+                _fmt(steps),
                 _fmt(m.get("ipc")),
-                _fmt(m.get("num_images", m.get("images"))),
-                _fmt(m.get("wall_seconds", m.get("wall_time", {}).get("total") if isinstance(m.get("wall_time"), dict) else None)),
+                _fmt(m.get("images")),
+                _fmt(m.get("elapsed_seconds")),
                 _fmt(m.get("time_limit")),
-                _fmt(m.get("budget_share", m.get("budget_used"))),
+                _fmt(m.get("budget_share_used")),
             )
         )
         for png in ("grid.png", "budget.png"):
