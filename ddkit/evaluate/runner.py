@@ -388,7 +388,7 @@ def _run_with_progress(
     progress,
 ) -> RunResult:
     total = epochs + 1 if isinstance(protocol, ECCV2024Protocol) and protocol.extra_epoch else epochs
-    if not progress:
+    def run(on_epoch=None) -> RunResult:
         return train_student(
             protocol,
             network,
@@ -405,7 +405,11 @@ def _run_with_progress(
             device=device,
             precision=precision,
             teacher=teacher,
+            on_epoch=on_epoch,
         )
+
+    if not progress:
+        return run()
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -427,24 +431,7 @@ def _run_with_progress(
         disable=not _console().is_terminal,  # no bars (and no blank lines) when piped or logged
     ) as bar:
         task = bar.add_task(desc, total=total)
-        return train_student(
-            protocol,
-            network,
-            xs,
-            ys,
-            test_x,
-            test_y,
-            mean=mean,
-            std=std,
-            num_classes=k,
-            epochs=epochs,
-            batch_size=bs,
-            seed=seed,
-            device=device,
-            precision=precision,
-            teacher=teacher,
-            on_epoch=lambda e: bar.update(task, completed=e),
-        )
+        return run(lambda e: bar.update(task, completed=e))
 
 
 def _teacher(
