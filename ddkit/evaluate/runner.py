@@ -9,9 +9,11 @@ with the same settings only re-reads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,25 +269,14 @@ def evaluate(
             if key in done:
                 res = done[key]["result"]
             else:
-                res = _run_with_progress(
-                    f"{s.name} run {r + 1}/{cfg.repeats}",
-                    protocol,
-                    network,
-                    xs,
-                    ys,
-                    test_x,
-                    test_y,
-                    mean,
-                    std,
-                    k,
-                    epochs,
-                    bs,
-                    seed,
-                    device,
-                    cfg.precision,
-                    teacher,
-                    progress,
-                ).to_dict()
+                student = functools.partial(
+                    train_student, protocol, network, xs, ys, test_x, test_y, mean=mean, std=std,
+                    num_classes=k, epochs=epochs, batch_size=bs, seed=seed, device=device,
+                    precision=cfg.precision, teacher=teacher,
+                )
+                total = epochs + 1 if isinstance(protocol, ECCV2024Protocol) and protocol.extra_epoch else epochs
+                desc = f"{s.name} run {r + 1}/{cfg.repeats}"
+                res = _with_progress(desc, total, student, progress).to_dict()
                 append_jsonl(runs_path, {"key": key, "set": s.name, "repeat": r, "seed": seed, "result": res})
             finals.append(float(res["final"]))
             bests.append(float(res["best"]))
@@ -368,46 +359,8 @@ def _console():
     return _CONSOLE
 
 
-def _run_with_progress(
-    desc,
-    protocol,
-    network,
-    xs,
-    ys,
-    test_x,
-    test_y,
-    mean,
-    std,
-    k,
-    epochs,
-    bs,
-    seed,
-    device,
-    precision,
-    teacher,
-    progress,
-) -> RunResult:
-    total = epochs + 1 if isinstance(protocol, ECCV2024Protocol) and protocol.extra_epoch else epochs
-    def run(on_epoch=None) -> RunResult:
-        return train_student(
-            protocol,
-            network,
-            xs,
-            ys,
-            test_x,
-            test_y,
-            mean=mean,
-            std=std,
-            num_classes=k,
-            epochs=epochs,
-            batch_size=bs,
-            seed=seed,
-            device=device,
-            precision=precision,
-            teacher=teacher,
-            on_epoch=on_epoch,
-        )
-
+def _with_progress(desc: str, total: int, run: Callable[..., RunResult], progress: bool) -> RunResult:
+    """Call ``run(on_epoch=...)`` under a rich progress bar of ``total`` epochs (or bare without progress)."""
     if not progress:
         return run()
     from rich.progress import (
@@ -431,7 +384,7 @@ def _run_with_progress(
         disable=not _console().is_terminal,  # no bars (and no blank lines) when piped or logged
     ) as bar:
         task = bar.add_task(desc, total=total)
-        return run(lambda e: bar.update(task, completed=e))
+        return run(on_epoch=lambda e: bar.update(task, completed=e))
 
 
 def _teacher(
