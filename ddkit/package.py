@@ -393,7 +393,6 @@ def write_eccv2024(sets: list[Distilled], out: str | Path, *, dataset: str | Non
 
 def write_folder(d: Distilled, out: str | Path) -> Path:
     """Write ``out/<k:03d>_<class>/<i:04d>.png`` (uint8, as generated) plus ``manifest.json``, atomically."""
-    from PIL import Image
 
     out = Path(out)
     with atomic_dir(out, overwrite=True) as tmp:
@@ -402,44 +401,49 @@ def write_folder(d: Distilled, out: str | Path) -> Path:
             sub = tmp / f"{k:03d}_{_safe(cls)}"
             sub.mkdir()
             for i, img in enumerate(d.images[d.labels == k]):
-                arr = img.permute(1, 2, 0).numpy()
-                pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
                 p = sub / f"{i:04d}.png"
-                pil.save(p)
+                _to_pil(img).save(p)
                 files[str(p.relative_to(tmp))] = sha256_file(p)
-        entry = _entry(d, None, list(range(len(d.classes))))
-        (tmp / MANIFEST).write_text(json.dumps(_manifest("folder", {"folder": entry}, files), indent=2,
-                                               sort_keys=True, default=str) + "\n")
-        report = check_submission(tmp)
-        if not report.ok:
-            raise PackageError(f"{out}: the written folder fails its check: {report.first_failure()}")
+        _finish_written(d, "folder", tmp, files, out)
     return out
 
 
 def write_webdataset(d: Distilled, out: str | Path) -> Path:
     """Write the set as WebDataset shards (``png`` + ``cls`` per sample), ``classes.json``, ``manifest.json``."""
     import webdataset as wds
-    from PIL import Image
 
     out = Path(out)
     with atomic_dir(out, overwrite=True) as tmp:
         counters = [0] * len(d.classes)
         with wds.ShardWriter(str(tmp / "distilled-%06d.tar"), maxcount=10000, verbose=0) as sink:
             for img, lab in zip(d.images, d.labels.tolist(), strict=True):
-                arr = img.permute(1, 2, 0).numpy()
                 buf = io.BytesIO()
-                Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+                _to_pil(img).save(buf, format="PNG")
                 sink.write({"__key__": f"{lab:04d}_{counters[lab]:04d}", "png": buf.getvalue(), "cls": lab})
                 counters[lab] += 1
         (tmp / "classes.json").write_text(json.dumps(d.classes) + "\n")
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        entry = _entry(d, None, list(range(len(d.classes))))
-        (tmp / MANIFEST).write_text(json.dumps(_manifest("webdataset", {"webdataset": entry}, files), indent=2,
-                                               sort_keys=True, default=str) + "\n")
-        report = check_submission(tmp)
-        if not report.ok:
-            raise PackageError(f"{out}: the written shards fail their check: {report.first_failure()}")
+        _finish_written(d, "webdataset", tmp, files, out)
     return out
+
+
+def _to_pil(img):
+    """uint8 [C, H, W] tensor -> PIL image (L for one channel, RGB for three)."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+def _finish_written(d: Distilled, fmt: str, tmp: Path, files: dict[str, str], out: Path) -> None:
+    """Write the manifest of a folder/webdataset output in ``tmp`` and check it before it is renamed."""
+    entry = _entry(d, None, list(range(len(d.classes))))
+    (tmp / MANIFEST).write_text(
+        json.dumps(_manifest(fmt, {fmt: entry}, files), indent=2, sort_keys=True, default=str) + "\n"
+    )
+    report = check_submission(tmp)
+    if not report.ok:
+        raise PackageError(f"{out}: the written {fmt} output fails its check: {report.first_failure()}")
 
 
 # ----------------------------------------------------------------------------------------------------------
