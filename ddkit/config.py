@@ -80,11 +80,16 @@ class TrainConfig:
     steps: int = 400  # optimizer steps
     batch_size: int = 128  # global batch (split across ranks)
     lr: float = 1e-3  # AdamW; the Minimax reference fine-tunes with 1e-3
+    warmup_steps: int = 0  # linear lr warm-up from 0 (the references have none; tiny runs from scratch want it)
     weight_decay: float = 0.0
     ema_decay: float = 0.9999  # EMA kept and used for sampling
     ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)); the reference has none (tiny runs want it)
     class_dropout: float = 0.1  # label dropout so classifier-free guidance works
     hflip: bool = False  # random horizontal flip of x0 (the reference flips ImageNet images; not digits)
+    # L_simple weight min(1/ᾱ_t, cap): None is DiT's uniform ε-MSE; with a cap, high-noise steps (where only
+    # the label tells the classes apart) count as in a v-prediction loss, up to ``cap`` (issue 9, README)
+    loss_weight_cap: Optional[float] = None
+    class_embed_std: float = 0.02  # std of a fresh model's label table (DiT: 0.02; the MNIST demo needs 1.0)
     trainable: Literal["all", "difffit"] = "all"  # difffit: biases, norms, class embedding, gammas
     difffit_blocks: int = 14  # gamma scales on the first N blocks (reference: 14)
     lambda_r: float = 0.0  # representativeness weight (Minimax: 0.002)
@@ -97,7 +102,11 @@ class TrainConfig:
     grad_clip: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "batch_size", "log_every", "ckpt_every", "memory_size")
+        _positive(self, "steps", "batch_size", "log_every", "ckpt_every", "memory_size", "class_embed_std")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.loss_weight_cap is not None and self.loss_weight_cap < 1.0:
+            raise ConfigError(f"loss_weight_cap: must be >= 1 (1 is uniform) or null, got {self.loss_weight_cap}")
         _in_range(self, "class_dropout", 0.0, 1.0)
         _in_range(self, "ema_decay", 0.0, 1.0)
 

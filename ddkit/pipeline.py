@@ -22,11 +22,12 @@ STAGES = ("shard", "pretrain", "minimax", "generate", "evaluate", "package", "re
 # The --quick profile: the whole pipeline in a few minutes on 2 CPU cores, for CI. It keeps every stage and
 # every method, only shorter: enough training that samples are digits, 1 evaluation repeat, short epochs.
 QUICK = (
-    "pretrain.steps=250",
+    "pretrain.steps=1000",
     "pretrain.batch_size=64",
     "pretrain.ckpt_every=125",
-    "minimax.steps=30",
+    "minimax.steps=60",
     "minimax.batch_size=64",
+    "minimax.warmup_steps=20",
     "minimax.ckpt_every=30",
     "generate.time_limit=30",
     "generate.steps_max=25",

@@ -295,7 +295,7 @@ class Trainer:
             init = cfg.model.pretrained
         if init is None:
             mcfg = dataclasses.replace(cfg.model, difffit_blocks=blocks)
-            return build_backbone(mcfg, seed=cfg.seed), mcfg
+            return build_backbone(mcfg, seed=cfg.seed, class_embed_std=tcfg.class_embed_std), mcfg
         model, mcfg = load_backbone(init, use_ema=True, device="cpu", difffit_blocks=blocks or None)
         # Data-side settings (VAE choice) come from this run's config when the source does not say.
         mcfg = dataclasses.replace(
@@ -456,7 +456,7 @@ class Trainer:
         """
         import torch
 
-        from ddkit.methods.minimax import diffusion_losses, minimax_terms
+        from ddkit.methods.minimax import diffusion_losses, minimax_terms, timestep_weights
 
         tcfg, dev, gen = self.tcfg, self.device, self.generator
         images, labels = batch[0], batch[1]
@@ -483,7 +483,11 @@ class Trainer:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
             out = self.ddp(x_t, t, y)
         terms = diffusion_losses(out, x0, x_t, t, noise, self.tables, self.model_cfg.learn_sigma)
-        loss = terms["loss"].mean()
+        if tcfg.loss_weight_cap is None:
+            loss = terms["loss"].mean()
+        else:
+            w = timestep_weights(t, self.tables, tcfg.loss_weight_cap)
+            loss = (w * terms["mse"] + terms["vb"]).mean()
         total = loss
         zero = loss.detach().new_zeros(())
         l_r = l_d = zero
@@ -492,6 +496,8 @@ class Trainer:
             total = loss + tcfg.lambda_r * l_r + tcfg.lambda_d * l_d
             self.memory.update(x0, terms["x0_pred"], labels_cpu)
         self.optimizer.zero_grad(set_to_none=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step + 1)
         total.backward()
         if tcfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._ema_pairs[1], tcfg.grad_clip)
@@ -507,6 +513,12 @@ class Trainer:
                 total.detach(),
             ]
         ).double()
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (1-based): ``lr·min(1, step/warmup_steps)``, a linear
+        warm-up (a function of the step alone, so a resumed run continues it exactly)."""
+        w = self.tcfg.warmup_steps
+        return self.tcfg.lr * min(1.0, step / w) if w > 0 else self.tcfg.lr
 
     def _update_ema(self) -> None:
         """ema ← d·ema + (1−d)·θ on the trainable parameters (reference ``update_ema``; frozen ones are equal
@@ -540,7 +552,7 @@ class Trainer:
             "l_r": l_r,
             "l_d": l_d,
             "total": tot,
-            "lr": self.tcfg.lr,
+            "lr": self.lr_at(self.step),
             "steps_per_s": n / seconds if seconds > 0 else None,
         }
         return rec

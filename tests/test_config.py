@@ -72,6 +72,9 @@ def _write(tmp_path, data) -> Path:
         ({"data": {"resolution": -1}}, "data.resolution: must be > 0"),
         ({"generate": {"use_ema": "yes"}}, "generate.use_ema: expected true/false"),
         ({"generate": {"d3hr": {"timestep": "x"}}}, "generate.d3hr.timestep"),
+        ({"pretrain": {"warmup_steps": -1}}, "pretrain.warmup_steps: must be >= 0"),
+        ({"pretrain": {"loss_weight_cap": 0.5}}, "pretrain.loss_weight_cap: must be >= 1"),
+        ({"pretrain": {"class_embed_std": 0}}, "pretrain.class_embed_std: must be > 0"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, data, fragment):

@@ -18,6 +18,7 @@ from ddkit.methods.minimax import (
     diffusion_losses,
     minimax_terms,
     predict_x0,
+    timestep_weights,
     vb_term,
 )
 
@@ -242,3 +243,22 @@ def test_learned_sigma_losses_add_vb(tables):
     terms = diffusion_losses(out, x0, x_t, t, noise, tables, learn_sigma=True)
     assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
     assert (terms["vb"] > 0).all()
+
+
+def test_capped_weight_makes_eps_mse_the_v_mse_below_the_cap(tables):
+    """min(1/ᾱ_t, cap)·‖ε − ε̂‖² equals the v-prediction error where 1/ᾱ_t < cap, and is capped above."""
+    torch.manual_seed(0)
+    x0, _ = _mnist_batch(4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([10, 300, 600, 900])
+    a = tables.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    eps_hat = noise + 0.1 * torch.randn_like(noise)
+    mse = diffusion_losses(eps_hat, x0, x_t, t, noise, tables, learn_sigma=False)["mse"]
+    x0_hat = predict_x0(x_t, t, eps_hat, tables)
+    v, v_hat = a.sqrt() * noise - (1 - a).sqrt() * x0, a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat
+    v_mse = ((v - v_hat) ** 2).mean(dim=(1, 2, 3))
+    w = timestep_weights(t, tables, cap=20.0)
+    assert torch.allclose((w * mse)[:2], v_mse[:2], rtol=1e-4)  # 1/ᾱ = 1.0, 2.5: below the cap
+    assert torch.equal(w[2:], torch.full((2,), 20.0))  # 1/ᾱ = 39, 660: capped
+    assert torch.equal(timestep_weights(t, tables, cap=None), torch.ones(4))

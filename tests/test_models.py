@@ -71,6 +71,15 @@ def test_conditioning_tied_and_no_internal_label_dropout():
     assert torch.equal(a, b)
 
 
+def test_class_embed_std_sets_only_the_label_table():
+    a, b = build_backbone(TINY, seed=0), build_backbone(TINY, seed=0, class_embed_std=1.0)
+    table = "dit.transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa[table].std() < 0.03 and 0.8 < sb[table].std() < 1.2
+    # every block's (tied) embedder lists the same table; the rest draws the same random numbers
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if "class_embedder" not in k)
+
+
 def _copy_weights(src, dst):
     missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
     assert not unexpected

@@ -69,7 +69,11 @@ def pretrained(tmp_path_factory, tiny_shards) -> Path:
 
 
 def _minimax_cfg(run: Path, shards: Path, pretrained: Path, steps: int = 12):
-    return _cfg(run, shards, f"minimax.steps={steps}", f"minimax.init={pretrained}")
+    # Warm-up and the loss-weight cap ride along: both depend on state (step, t) that resume must restore.
+    return _cfg(
+        run, shards, f"minimax.steps={steps}", f"minimax.init={pretrained}",
+        "minimax.warmup_steps=6", "minimax.loss_weight_cap=20",
+    )  # fmt: skip
 
 
 def _strip(rec: dict) -> dict:
@@ -128,7 +132,9 @@ def test_resume_is_exact_across_epochs_and_preemption(tmp_path, tiny_shards, pre
     log_ref = [_strip(r) for r in read_jsonl(ref_run / "minimax" / "train_log.jsonl")]
     log_got = [_strip(r) for r in read_jsonl(run / "minimax" / "train_log.jsonl")]
     assert [r["step"] for r in log_got] == [2, 4, 6, 8, 10, 12]
+    assert [r["lr"] for r in log_got] == pytest.approx([1e-3 * s / 6 for s in (2, 4)] + [1e-3] * 4)
     assert log_got == log_ref
+    assert all(r["loss"] != r["mse"] for r in log_ref)  # the capped 1/ᾱ weight is in the loss
     assert any(r["l_r"] > 0 and r["l_d"] > 0 for r in log_ref)
 
     # DONE stage + resume=auto: nothing runs again.

@@ -195,6 +195,27 @@ def diffusion_losses(
     return {"mse": mse, "vb": vb, "loss": mse + vb, "x0_pred": predict_x0(x_t.float(), t, eps, tables)}
 
 
+def timestep_weights(t: torch.Tensor, tables: DiffusionTables, cap: float | None) -> torch.Tensor:
+    """Per-sample weights of L_simple: ``min(1/ᾱ_t, cap)``, or ones when ``cap`` is None (DiT, uniform).
+
+    On ε-prediction, ‖ε − ε̂‖² / ᾱ_t is exactly the v-prediction error ‖v − v̂‖² (Salimans & Ho 2022,
+    v = √ᾱ ε − √(1−ᾱ) x0, so v − v̂ = (ε − ε̂)/√ᾱ); 1/ᾱ = 1 + 1/SNR. Uniform ε-MSE gives the high-noise
+    steps, where x_t carries almost no image and only the label separates the classes, a vanishing share of
+    the gradient (ᾱ_600 = 0.026 on DiT's schedule); capping the v-weight keeps them from dominating instead
+    (the truncation mirrors Min-SNR weighting, Hang et al. 2023, on the other end of the SNR range).
+
+    Args:
+        t: int64 [B] timesteps; tables: the schedule; cap: None or >= 1.
+
+    Returns:
+        float32 [B] on ``t``'s device.
+    """
+    if cap is None:
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    w = 1.0 / tables.alphas_cumprod.to(t.device)[t]
+    return w.clamp(max=cap).float()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Minimax criteria
 # ----------------------------------------------------------------------------------------------------------
