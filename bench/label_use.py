@@ -14,7 +14,7 @@ The reference is the judge itself on the real test split, measured in the same r
 
 Usage::
 
-    python bench/label_use.py runs/mnist/pretrain          # the demo's pretrained backbone
+    python bench/label_use.py                              # the demo's backbone, runs/mnist/pretrain
     python bench/label_use.py runs/mnist/minimax --per-class 20
 """
 
@@ -86,12 +86,20 @@ def main() -> None:
     from ddkit.sampling import sample
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint", help="RUN/<stage>, a ckpt/last.pt, or a diffusers DiT dir")
+    ap.add_argument(
+        "checkpoint", nargs="?", default="runs/mnist/pretrain",
+        help="RUN/<stage>, a ckpt/last.pt, or a diffusers DiT dir (default: the demo's pretrained backbone)",
+    )  # fmt: skip
     ap.add_argument("--shards", default="shards/mnist", help="the real data the backbone was trained on")
     ap.add_argument("--per-class", type=int, default=10, help="samples per class at each CFG scale")
     ap.add_argument("--steps", type=int, default=50, help="DDPM sampling steps")
     ap.add_argument("--x0-images", type=int, default=200, help="real test images for the x̂0 check")
     a = ap.parse_args()
+    from pathlib import Path
+
+    if a.checkpoint == ap.get_default("checkpoint") and not Path(a.checkpoint).exists():
+        print(f"skipped: no {a.checkpoint} (run `make demo` first, or pass a checkpoint)")
+        return
 
     t0 = time.perf_counter()
     judge, real_acc, (xt, yt) = train_judge(a.shards)
