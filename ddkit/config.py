@@ -122,6 +122,7 @@ class D3HRConfig:
 
     inversion_steps: int = 50  # DDIM steps over 1000 train timesteps (stride 20), as the reference
     inversion_cfg_scale: float = 4.0  # CFG scale used *during inversion* (reference: 4.0)
+    cfg_scale: Optional[float] = None  # CFG scale of the decoding chain; None: generate.cfg_scale
     store_from: int = 480  # first timestep whose inverted latents are kept (reference: 480)
     store_to: int = 760  # last one (reference: 760); statistics cover every stride in between
     timestep: int = 600  # stored timestep whose per-class Gaussian is sampled (reference i_step=6 -> 600)

@@ -295,6 +295,9 @@ def generate(
     # D^3HR restarts a deterministic DDIM chain from its inverted-statistics latents (reference
     # ``group_sampling.py``); the other methods use the configured sampler.
     sampler = "ddim" if method == "d3hr" else gcfg.sampler
+    cfg_scale = gcfg.cfg_scale
+    if method == "d3hr" and gcfg.d3hr.cfg_scale is not None:
+        cfg_scale = gcfg.d3hr.cfg_scale
     run_model = model
     if gcfg.compile:
         run_model = torch.compile(model)
@@ -313,7 +316,7 @@ def generate(
             labels,
             steps=steps,
             sampler=sampler,
-            cfg_scale=gcfg.cfg_scale,
+            cfg_scale=cfg_scale,
             guided_channels=gcfg.guided_channels,
             generators=gens,
             latents=latents,
@@ -341,7 +344,7 @@ def generate(
             cal_labels,
             steps=n,
             sampler=sampler,
-            cfg_scale=gcfg.cfg_scale,
+            cfg_scale=cfg_scale,
             guided_channels=gcfg.guided_channels,
             latents=torch.randn(B, C, S, S, device=device) if stats is not None else None,
             start_timestep=start_t,
@@ -467,7 +470,7 @@ def generate(
         "method": method,
         "sampler": sampler,
         "start_timestep": start_t,
-        "cfg_scale": gcfg.cfg_scale,
+        "cfg_scale": cfg_scale,
         "checkpoint": checkpoint,
         "seed": gcfg.seed,
         "time_limit": limit,

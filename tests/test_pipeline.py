@@ -27,6 +27,7 @@ def quick_run(mnist_shards, tmp_path_factory):
     args = [
         "run", str(ROOT / "configs" / "mnist.yaml"), "--quick", "--no-progress",
         "--set", f"run_dir={run_dir}", "--set", f"data.shards={mnist_shards}",
+        "--set", "generate.d3hr.cfg_scale=3.0",  # D^3HR's own guidance, apart from the others' 4.0
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -45,6 +46,7 @@ def test_quick_pipeline_writes_every_artefact(quick_run):
             assert (gen / name).is_file(), gen / name
         manifest = read_json(gen / "manifest.json")
         assert manifest["ipc"] == 10
+        assert manifest["cfg_scale"] == (3.0 if method == "d3hr" else 4.0), method
     assert (run_dir / "eval" / "results.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "| Minimax DiT (ours) | 10 |" in report and "grid.png" in report and "budget.png" in report
