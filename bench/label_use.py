@@ -66,9 +66,10 @@ def x0_label_use(model, judge, x0, y, t: int, seed: int = 0) -> tuple[float, flo
 
     Args: model: a ddkit Backbone; x0: float [N, C, H, W] real images in [-1, 1]; y: int64 [N].
     """
-    from ddkit.schedule import alphas_cumprod
+    from ddkit.methods.minimax import DiffusionTables, predict_x0
 
-    ab = alphas_cumprod(model.config.num_train_timesteps)[t].float()
+    tables = DiffusionTables.create(model.config.num_train_timesteps)
+    ab = tables.alphas_cumprod[t].float()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -76,7 +77,7 @@ def x0_label_use(model, judge, x0, y, t: int, seed: int = 0) -> tuple[float, flo
     out = []
     for labels in (y, (y + 1) % model.num_classes):
         eps = model(xt, tt, labels)[:, : model.in_channels]
-        out.append(accuracy(judge, (xt - (1 - ab).sqrt() * eps) / ab.sqrt(), y))
+        out.append(accuracy(judge, predict_x0(xt, tt, eps, tables), y))
     return out[0], out[1]
 
 

@@ -483,11 +483,8 @@ class Trainer:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
             out = self.ddp(x_t, t, y)
         terms = diffusion_losses(out, x0, x_t, t, noise, self.tables, self.model_cfg.learn_sigma)
-        if tcfg.loss_weight_cap is None:
-            loss = terms["loss"].mean()
-        else:
-            w = timestep_weights(t, self.tables, tcfg.loss_weight_cap)
-            loss = (w * terms["mse"] + terms["vb"]).mean()
+        w = timestep_weights(t, self.tables, tcfg.loss_weight_cap)  # ones without a cap (DiT)
+        loss = (w * terms["mse"] + terms["vb"]).mean()
         total = loss
         zero = loss.detach().new_zeros(())
         l_r = l_d = zero

@@ -186,13 +186,18 @@ def test_gradients_reach_only_through_x0_pred(tables):
     assert all(not v.requires_grad for v in mem.gen.items.values())
 
 
-def test_diffusion_losses_mse_and_x0(tables):
+def _noised(tables, t: torch.Tensor):
+    """Seeded real digits noised to timesteps t [B]: (x0, ε, ᾱ_t [B,1,1,1], x_t = √ᾱ x0 + √(1−ᾱ) ε)."""
     torch.manual_seed(0)
-    x0, _ = _mnist_batch(4)
+    x0, _ = _mnist_batch(len(t))
     noise = torch.randn_like(x0)
-    t = torch.tensor([3, 30, 300, 900])
     a = tables.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return x0, noise, a, a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def test_diffusion_losses_mse_and_x0(tables):
+    t = torch.tensor([3, 30, 300, 900])
+    x0, noise, a, x_t = _noised(tables, t)
     eps_hat = noise + 0.1 * torch.randn_like(noise)
     out = diffusion_losses(eps_hat, x0, x_t, t, noise, tables, learn_sigma=False)
     assert torch.allclose(out["mse"], ((eps_hat - noise) ** 2).mean(dim=(1, 2, 3)))
@@ -201,12 +206,8 @@ def test_diffusion_losses_mse_and_x0(tables):
 
 
 def test_vb_term_zero_at_true_posterior_and_stopgrad_on_mean(tables):
-    torch.manual_seed(0)
-    x0, _ = _mnist_batch(4)
-    noise = torch.randn_like(x0)
     t = torch.tensor([5, 100, 500, 999])
-    a = tables.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x0, noise, a, x_t = _noised(tables, t)
     # Perfect ε and v = -1 (log σ² = the clipped posterior log-variance): KL to the true posterior = 0.
     v = -torch.ones_like(x0)
     vb = vb_term(x0, x_t, t, noise, v, tables)
@@ -233,12 +234,8 @@ def test_vb_term_is_decoder_nll_at_t0(tables):
 
 
 def test_learned_sigma_losses_add_vb(tables):
-    torch.manual_seed(0)
-    x0, _ = _mnist_batch(3)
-    noise = torch.randn_like(x0)
     t = torch.tensor([10, 400, 800])
-    a = tables.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x0, noise, a, x_t = _noised(tables, t)
     out = torch.cat([noise * 0.9, torch.zeros_like(x0)], dim=1)
     terms = diffusion_losses(out, x0, x_t, t, noise, tables, learn_sigma=True)
     assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
@@ -247,12 +244,8 @@ def test_learned_sigma_losses_add_vb(tables):
 
 def test_capped_weight_makes_eps_mse_the_v_mse_below_the_cap(tables):
     """min(1/ᾱ_t, cap)·‖ε − ε̂‖² equals the v-prediction error where 1/ᾱ_t < cap, and is capped above."""
-    torch.manual_seed(0)
-    x0, _ = _mnist_batch(4)
-    noise = torch.randn_like(x0)
     t = torch.tensor([10, 300, 600, 900])
-    a = tables.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x0, noise, a, x_t = _noised(tables, t)
     eps_hat = noise + 0.1 * torch.randn_like(noise)
     mse = diffusion_losses(eps_hat, x0, x_t, t, noise, tables, learn_sigma=False)["mse"]
     x0_hat = predict_x0(x_t, t, eps_hat, tables)
