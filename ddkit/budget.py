@@ -188,15 +188,22 @@ class Plan:
     predicted_seconds: float  # busiest rank
     quality: str
     reason: str
+    ratio: float = 1.0  # over-generation: ``ipc`` candidates per class are made, ``kept_ipc`` are selected
+    kept_ipc: int | None = None  # images per class after selection (None: ``ipc``, no selection)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def load_quality_table(path) -> dict[tuple[int, int], float]:
+def load_quality_table(path) -> dict[tuple, float]:
     """Read a YAML/JSON table of measured accuracies.
 
-    Accepted forms: a list of ``{steps, ipc, accuracy}`` mappings, or a mapping ``"steps,ipc": accuracy``.
+    Accepted forms: a list of ``{steps, ipc, accuracy}`` mappings (optionally with ``ratio``, the
+    over-generation ratio of a ``+select`` method: ``ratio × ipc`` candidates per class, ``ipc`` kept), or a
+    mapping ``"steps,ipc": accuracy`` / ``"steps,ipc,ratio": accuracy``.
+
+    Returns:
+        ``{(steps, ipc): accuracy}``, or ``{(steps, ipc, ratio): accuracy}`` when any row gives a ratio.
 
     Raises:
         ConfigError: file missing or malformed (names the file).
@@ -211,24 +218,31 @@ def load_quality_table(path) -> dict[tuple[int, int], float]:
     if not p.is_file():
         raise ConfigError(f"generate.quality: table file {p} not found (use 'dsr' or a YAML/JSON table)")
     data = yaml.safe_load(p.read_text())
-    table: dict[tuple[int, int], float] = {}
+    rows: list[tuple[int, int, float | None, float]] = []
     try:
         if isinstance(data, list):
             for row in data:
-                table[(int(row["steps"]), int(row["ipc"]))] = float(row["accuracy"])
+                r = row.get("ratio")
+                rows.append((int(row["steps"]), int(row["ipc"]), None if r is None else float(r),
+                             float(row["accuracy"])))
         elif isinstance(data, dict):
             for k, v in data.items():
-                s, i = str(k).split(",")
-                table[(int(s), int(i))] = float(v)
+                parts = str(k).split(",")
+                if len(parts) not in (2, 3):
+                    raise ValueError
+                r = float(parts[2]) if len(parts) == 3 else None
+                rows.append((int(parts[0]), int(parts[1]), r, float(v)))
         else:
             raise ValueError
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, AttributeError):
         raise ConfigError(
-            f"{p}: expected a list of {{steps, ipc, accuracy}} or 'steps,ipc: accuracy'"
+            f"{p}: expected a list of {{steps, ipc[, ratio], accuracy}} or 'steps,ipc[,ratio]: accuracy'"
         ) from None
-    if not table:
+    if not rows:
         raise ConfigError(f"{p}: empty quality table")
-    return table
+    if any(r is not None for _, _, r, _ in rows):
+        return {(s, i, 1.0 if r is None else r): a for s, i, r, a in rows}
+    return {(s, i): a for s, i, _, a in rows}
 
 
 def plan(
@@ -239,49 +253,60 @@ def plan(
     num_classes: int,
     batch_size: int,
     world_size: int = 1,
-    quality: str | Mapping[tuple[int, int], float] = "dsr",
+    quality: str | Mapping[tuple, float] = "dsr",
+    ratios: Sequence[float] = (1.0,),
 ) -> Plan:
-    """Choose (steps, IPC) for the sampling time left.
+    """Choose (steps, IPC, over-generation ratio) for the sampling time left.
+
+    The third axis is over-generation (ddkit's, after CaO2 / D^3HR's group selection): at ratio r a plan
+    samples ``ceil(r · ipc)`` candidates per class and a ``+select`` method keeps ``ipc`` of them
+    (:mod:`ddkit.selection`). Sampling cost scales with the candidates, so r competes with steps and IPC.
 
     Args:
         available_seconds: wall seconds every rank may spend sampling (deadline − margin − reserve − now).
         cost: calibrated :class:`CostModel` (the slowest rank's, when ranks share one plan).
-        bounds: [steps_min, steps_max] × [ipc_min, ipc_max] and the DSR steps.
+        bounds: [steps_min, steps_max] × [ipc_min, ipc_max] (IPC *kept*) and the DSR steps.
         num_classes: K.
         batch_size: images per batch.
         world_size: ranks sampling in parallel (batches are dealt round-robin).
-        quality: ``"dsr"`` or a table ``{(steps, ipc): accuracy}`` (module docstring).
+        quality: ``"dsr"`` or a table ``{(steps, ipc[, ratio]): accuracy}`` (module docstring); a point takes
+            the best entry of its own ratio that it dominates in steps and IPC.
+        ratios: the over-generation ratios allowed (>= 1). DSR has no quality model for them and takes the
+            largest that fits ``steps_min`` × ``ipc_min``; a table picks the best measured.
 
     Returns:
-        The :class:`Plan`.
+        The :class:`Plan`: ``ipc`` candidates per class to sample, ``kept_ipc`` and ``ratio``.
 
     Raises:
-        BudgetError: even ``steps_min`` steps at ``ipc_min`` do not fit; the message gives the numbers.
+        BudgetError: even ``steps_min`` steps at ``ipc_min`` (smallest ratio) do not fit; or a bad ratio.
     """
+    rs = sorted({float(r) for r in ratios})
+    if not rs or rs[0] < 1.0:
+        raise BudgetError(f"generate.select.ratio: ratios must be >= 1, got {list(ratios)}")
 
-    def seconds(s: int, i: int) -> float:
-        return batches_per_rank(num_classes, i, batch_size, world_size) * cost.batch_cost(s)
+    def seconds(s: int, i: int, r: float) -> float:
+        return batches_per_rank(num_classes, math.ceil(r * i), batch_size, world_size) * cost.batch_cost(s)
 
-    def fits(s: int, i: int) -> bool:
-        return seconds(s, i) <= available_seconds
+    def fits(s: int, i: int, r: float) -> bool:
+        return seconds(s, i, r) <= available_seconds
 
     b = bounds
-    if not fits(b.steps_min, b.ipc_min):
-        need = seconds(b.steps_min, b.ipc_min)
+    if not fits(b.steps_min, b.ipc_min, rs[0]):
+        need = seconds(b.steps_min, b.ipc_min, rs[0])
         raise BudgetError(
             f"generate.time_limit: {available_seconds:.1f} s left for sampling, but steps_min={b.steps_min} at "
             f"ipc_min={b.ipc_min} needs {need:.1f} s ({cost.step_seconds:.3g} s/step per batch of "
             f"{batch_size}, {num_classes} classes, {world_size} rank(s)); raise the limit or lower the minimums"
         )
 
-    def max_ipc(s: int) -> int:
+    def max_ipc(s: int, r: float) -> int:
         lo = b.ipc_min
-        if not fits(s, lo):
+        if not fits(s, lo, r):
             return lo - 1
         hi = b.ipc_max
-        while lo < hi:  # largest i with fits(s, i); fits is monotone in i
+        while lo < hi:  # largest i with fits(s, i, r); fits is monotone in i
             mid = (lo + hi + 1) // 2
-            if fits(s, mid):
+            if fits(s, mid, r):
                 lo = mid
             else:
                 hi = mid - 1
@@ -290,53 +315,68 @@ def plan(
     if isinstance(quality, str):
         if quality != "dsr":
             raise BudgetError(f"generate.quality: unknown quality model {quality!r} (use 'dsr' or a table)")
-        s = min(max(b.dsr_steps, b.steps_min), b.steps_max)
-        i = max_ipc(s)
-        if i < b.ipc_min:
-            while s > b.steps_min and max_ipc(s) < b.ipc_min:
-                s -= 1
-            i = max_ipc(s)  # a partial last batch may hold more than ipc_min at no extra cost
-            reason = f"DSR: {b.dsr_steps} steps do not fit ipc_min; lowered to {s} steps (IPC {i})"
-        elif i >= b.ipc_max:
-            i = b.ipc_max
-            while s < b.steps_max and fits(s + 1, i):
-                s += 1
-            reason = f"DSR: ipc_max={i} reached; spare time raised steps to {s}"
-        else:
-            reason = f"DSR: hold {s} steps, spend the rest on IPC={i}"
+        r = max(x for x in rs if fits(b.steps_min, b.ipc_min, x))
+        s, i, reason = _plan_dsr(b, lambda s_: max_ipc(s_, r), lambda s_, i_: fits(s_, i_, r))
         name = "dsr"
     else:
-        table = dict(quality)
-
-        def q(s: int, i: int) -> float:
-            dominated = [a for (ts, ti), a in table.items() if ts <= s and ti <= i]
-            return max(dominated) if dominated else -math.inf
-
-        best = None
-        for s in range(b.steps_min, b.steps_max + 1):
-            i = max_ipc(s)
-            if i < b.ipc_min:
-                continue
-            for ii in range(b.ipc_min, i + 1):
-                key = (q(s, ii), ii, s)
-                if best is None or key > best[0]:
-                    best = (key, s, ii)
-        assert best is not None  # (steps_min, ipc_min) fits
-        (qv, _, _), s, i = best
-        reason = f"table: best measured accuracy {qv:g} reachable at steps={s}, ipc={i}"
+        s, i, r, reason = _plan_table(b, dict(quality), rs, max_ipc)
         name = "table"
+    n = math.ceil(r * i)
+    if r > 1.0:
+        reason += f"; over-generate {r:g}x: {n} candidates per class, keep {i}"
     return Plan(
         steps=s,
-        ipc=i,
+        ipc=n,
         num_classes=num_classes,
         batch_size=batch_size,
         world_size=world_size,
-        batches_per_rank=batches_per_rank(num_classes, i, batch_size, world_size),
+        batches_per_rank=batches_per_rank(num_classes, n, batch_size, world_size),
         available_seconds=available_seconds,
-        predicted_seconds=seconds(s, i),
+        predicted_seconds=seconds(s, i, r),
         quality=name,
         reason=reason,
+        ratio=r,
+        kept_ipc=i,
     )
+
+
+def _plan_dsr(b: Bounds, max_ipc: Callable[[int], int], fits: Callable[[int, int], bool]) -> tuple[int, int, str]:
+    """The DSR rule (module docstring) at one ratio: (steps, kept IPC, reason)."""
+    s = min(max(b.dsr_steps, b.steps_min), b.steps_max)
+    i = max_ipc(s)
+    if i < b.ipc_min:
+        while s > b.steps_min and max_ipc(s) < b.ipc_min:
+            s -= 1
+        i = max_ipc(s)  # a partial last batch may hold more than ipc_min at no extra cost
+        return s, i, f"DSR: {b.dsr_steps} steps do not fit ipc_min; lowered to {s} steps (IPC {i})"
+    if i >= b.ipc_max:
+        i = b.ipc_max
+        while s < b.steps_max and fits(s + 1, i):
+            s += 1
+        return s, i, f"DSR: ipc_max={i} reached; spare time raised steps to {s}"
+    return s, i, f"DSR: hold {s} steps, spend the rest on IPC={i}"
+
+
+def _plan_table(
+    b: Bounds, table: dict[tuple, float], ratios: list[float], max_ipc: Callable[[int, float], int]
+) -> tuple[int, int, float, str]:
+    """The best measured feasible (steps, kept IPC, ratio); ties go to more IPC, more steps, less ratio."""
+    entries = [(k[0], k[1], float(k[2]) if len(k) > 2 else 1.0, a) for k, a in table.items()]
+
+    def q(s: int, i: int, r: float) -> float:
+        dominated = [a for ts, ti, tr, a in entries if ts <= s and ti <= i and tr == r]
+        return max(dominated) if dominated else -math.inf
+
+    best = None
+    for r in ratios:
+        for s in range(b.steps_min, b.steps_max + 1):
+            for i in range(b.ipc_min, max_ipc(s, r) + 1):
+                key = (q(s, i, r), i, s, -r)
+                if best is None or key > best[0]:
+                    best = (key, s, i, r)
+    assert best is not None  # (steps_min, ipc_min, smallest ratio) fits
+    (qv, *_), s, i, r = best
+    return s, i, r, f"table: best measured accuracy {qv:g} reachable at steps={s}, ipc={i}, ratio={r:g}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -161,6 +161,7 @@ def generate(
     device: Any = None,
     clock: Callable[[], float] = time.monotonic,
     merge_when_done: bool = True,
+    select_ratios: tuple[float, ...] = (1.0,),
 ) -> Path:
     """Generate this rank's share of the distilled set inside the time budget.
 
@@ -177,6 +178,8 @@ def generate(
         device: torch device (default: this rank's GPU or the CPU).
         clock: monotonic seconds (injected for tests).
         merge_when_done: merge when every shard is done (off for benchmarks that only sample).
+        select_ratios: over-generation ratios the planner may choose from (the pool of a ``+select``
+            method, :mod:`ddkit.selection`); the plan in the manifest records the ratio and kept IPC.
 
     Returns:
         The generation directory (``RUN/gen-<method>``), holding ``shard-<rank>/`` and, once merged,
@@ -380,13 +383,15 @@ def generate(
     plan_at = clock()
     available = deadline - margin - RESERVE_SECONDS - plan_at
     the_plan = budget.plan(
-        available, cost, bounds, num_classes=K, batch_size=B, world_size=world, quality=quality
+        available, cost, bounds, num_classes=K, batch_size=B, world_size=world, quality=quality,
+        ratios=select_ratios,
     )
     # Extension batches (for a machine faster than calibrated) reach at most ipc_max, or 4x the plan, so
     # the layout stays small for 1000-class runs.
     ipc_cap = min(gcfg.ipc_max, max(4 * the_plan.ipc, the_plan.ipc + 8))
-    if stats is not None:
-        ipc_cap = the_plan.ipc  # D^3HR latents are selected as one group of the planned IPC per class
+    if stats is not None or the_plan.ratio > 1:
+        # A selection pool is sized by its plan; D^3HR latents are one group of the planned IPC per class.
+        ipc_cap = the_plan.ipc
     my_batches, extra = budget.split_plan(K, the_plan.ipc, ipc_cap, B, rank, world)
 
     if stats is not None:

@@ -225,3 +225,48 @@ def test_calibrate_recovers_cost_model():
     assert cost.step_seconds == pytest.approx(0.2, rel=1e-6)
     assert cost.batch_seconds == pytest.approx(0.7, rel=1e-6)
     assert cost.image_step_seconds == pytest.approx(0.025)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The third axis: over-generation ratio (``+select`` methods)
+# ----------------------------------------------------------------------------------------------------------
+def test_dsr_takes_the_largest_ratio_that_fits_and_samples_ratio_times_ipc():
+    cost = CostModel(step_seconds=0.1, batch_seconds=0.0, batch_size=10)
+    bounds = Bounds(10, 50, 10, 10, 25)
+    # ipc 10 kept at ratio 4 = 40 candidates x 10 classes = 40 batches of 10 at >= 10 steps = 40 s
+    p = plan(45.0, cost, bounds, num_classes=10, batch_size=10, ratios=(1.0, 4.0))
+    assert (p.ratio, p.kept_ipc, p.ipc) == (4.0, 10, 40)
+    assert p.predicted_seconds <= 45.0 and "over-generate 4x" in p.reason
+    p = plan(20.0, cost, bounds, num_classes=10, batch_size=10, ratios=(1.0, 4.0))
+    assert (p.ratio, p.ipc) == (1.0, 10)  # 4x does not fit even at steps_min: plain generation
+
+
+def test_table_trades_steps_against_ratio():
+    cost = CostModel(step_seconds=0.1, batch_seconds=0.0, batch_size=10)
+    bounds = Bounds(10, 50, 10, 10, 25)
+    table = {(50, 10, 1.0): 80.0, (10, 10, 1.0): 70.0, (20, 10, 4.0): 85.0, (10, 10, 4.0): 75.0}
+    # 10 classes x 10 kept: ratio 1 at 50 steps costs 50 s; ratio 4 at 20 steps costs 80 s
+    p = plan(85.0, cost, bounds, num_classes=10, batch_size=10, quality=table, ratios=(1.0, 4.0))
+    # the (20, 10, 4) entry is the best; ties go to more steps: 21 x 40 batches x 0.1 s = 84 s fits
+    assert (p.steps, p.ratio, p.ipc, p.kept_ipc) == (21, 4.0, 40, 10)
+    p = plan(60.0, cost, bounds, num_classes=10, batch_size=10, quality=table, ratios=(1.0, 4.0))
+    assert (p.steps, p.ratio) == (50, 1.0)  # ratio 4 fits only at 10-15 steps, worth 75 < 80
+    p = plan(85.0, cost, bounds, num_classes=10, batch_size=10, quality=table, ratios=(1.0,))
+    assert p.ratio == 1.0  # a plain method never over-generates
+
+
+def test_quality_table_with_ratios_round_trips(tmp_path):
+    from ddkit.budget import load_quality_table
+    from ddkit.errors import ConfigError
+
+    f = tmp_path / "q.yaml"
+    f.write_text("- {steps: 10, ipc: 10, accuracy: 70}\n- {steps: 20, ipc: 10, ratio: 4, accuracy: 85}\n")
+    assert load_quality_table(f) == {(10, 10, 1.0): 70.0, (20, 10, 4.0): 85.0}
+    f.write_text("'10,10': 70\n")
+    assert load_quality_table(f) == {(10, 10): 70.0}
+    f.write_text("'10': 70\n")
+    with pytest.raises(ConfigError, match="steps,ipc"):
+        load_quality_table(f)
+    with pytest.raises(BudgetError, match=">= 1"):
+        plan(10.0, CostModel(0.1, 0.0, 10), Bounds(10, 50, 1, 10, 25), num_classes=10, batch_size=10,
+             ratios=(0.5,))

@@ -1,0 +1,228 @@
+"""Over-generate, then select: choose IPC images per class from R × IPC candidates.
+
+The field's newer generative distillers spend compute on *choosing* images rather than on more images:
+CaO2 (Wang et al., ICCV 2025) filters candidates with a classifier trained on the real data, IMS3 / LGD and
+D^3HR's group sampling choose among candidates for representativeness. ddkit's selector combines the two:
+
+1. **Encoder** (:func:`train_encoder`): a ConvNet-3 trained on the real train split (Adam 1e-3, a few
+   epochs). Its penultimate features (``ConvNet.embed``) are the feature space; its softmax is the filter.
+2. **Filter** (CaO2's classifier check): a candidate is eligible when the encoder assigns its intended class
+   a probability >= ``min_confidence``; if fewer than IPC pass, the most confident ones fill the gap.
+3. **Representativeness and diversity** in feature space, per class, among the eligible:
+   - ``herding`` (Welling, ICML 2009; iCaRL, Rebuffi et al., CVPR 2017, Alg. 4): greedily add the candidate
+     that keeps the running mean of the chosen features closest to the *real* class mean, so the set
+     matches the real distribution's first moment, not the generator's (which is biased toward its modes);
+   - ``kcenter`` (Sener & Savarese, ICLR 2018, greedy k-center): start at the candidate nearest the real
+     class mean, then repeatedly add the one farthest from everything chosen (coverage/diversity);
+   - ``confidence``: the IPC most confident candidates (CaO2's ranking alone).
+
+Everything here but :func:`train_encoder` is a pure function of tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CRITERIA = ("herding", "kcenter", "confidence")
+
+
+def herding(features: torch.Tensor, k: int, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy herding: indices of ``k`` rows whose running mean tracks ``target`` (Welling 2009; iCaRL Alg. 4).
+
+    At step j (1-based) it picks ``argmin_i || target - (S + f_i) / j ||_2`` over rows not chosen yet, where S
+    is the sum of the chosen rows.
+
+    Args:
+        features: float [N, D].
+        k: rows to choose, 0 <= k <= N.
+        target: float [D] mean to track; default the mean of ``features``.
+
+    Returns:
+        int64 [k] distinct row indices, in the order chosen.
+
+    Raises:
+        ValueError: ``k`` outside [0, N].
+    """
+    n = features.shape[0]
+    if not 0 <= k <= n:
+        raise ValueError(f"herding: k={k} outside [0, {n}]")
+    f = features.double()
+    mu = f.mean(0) if target is None else target.double()
+    chosen: list[int] = []
+    total = torch.zeros_like(mu)
+    free = torch.ones(n, dtype=torch.bool)
+    for j in range(1, k + 1):
+        dist = ((mu - (total + f) / j) ** 2).sum(1)
+        dist[~free] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        free[i] = False
+        total += f[i]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def k_center(features: torch.Tensor, k: int, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy k-center (Sener & Savarese 2018, Alg. 1): the row nearest ``target`` first, then each time the
+    row whose distance to its nearest chosen row is largest.
+
+    Args:
+        features: float [N, D]; k: 0 <= k <= N; target: float [D] (default: the mean of ``features``).
+
+    Returns:
+        int64 [k] distinct row indices, in the order chosen.
+
+    Raises:
+        ValueError: ``k`` outside [0, N].
+    """
+    n = features.shape[0]
+    if not 0 <= k <= n:
+        raise ValueError(f"k_center: k={k} outside [0, {n}]")
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    f = features.double()
+    mu = f.mean(0) if target is None else target.double()
+    first = int(((f - mu) ** 2).sum(1).argmin())
+    chosen = [first]
+    nearest = ((f - f[first]) ** 2).sum(1)
+    for _ in range(k - 1):
+        nearest[chosen] = -1.0
+        i = int(nearest.argmax())
+        chosen.append(i)
+        nearest = torch.minimum(nearest, ((f - f[i]) ** 2).sum(1))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def select_class(
+    features: torch.Tensor,
+    confidence: torch.Tensor,
+    k: int,
+    *,
+    criterion: str = "herding",
+    min_confidence: float = 0.5,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Choose ``k`` of one class's candidates: the confidence filter, then ``criterion`` (module docstring).
+
+    Args:
+        features: float [N, D] encoder features of the N candidates.
+        confidence: float [N] encoder probability of the intended class, in [0, 1].
+        k: images to keep, 0 <= k <= N.
+        criterion: ``herding`` | ``kcenter`` | ``confidence``.
+        min_confidence: eligibility threshold; the most confident candidates fill up to ``k`` if fewer pass.
+        target: float [D] real class mean in feature space (default: the eligible candidates' mean).
+
+    Returns:
+        int64 [k] distinct candidate indices.
+
+    Raises:
+        ValueError: unknown criterion, ``k`` outside [0, N] or mismatched shapes.
+    """
+    n = features.shape[0]
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion: must be one of {list(CRITERIA)}, got {criterion!r}")
+    if confidence.shape != (n,):
+        raise ValueError(f"confidence: expected shape [{n}], got {list(confidence.shape)}")
+    if not 0 <= k <= n:
+        raise ValueError(f"select_class: k={k} outside [0, {n}]")
+    order = torch.argsort(confidence, descending=True, stable=True)
+    if criterion == "confidence":
+        return order[:k].clone()
+    eligible = order[confidence[order] >= min_confidence]
+    if eligible.numel() < k:
+        eligible = order[: max(k, eligible.numel())]
+    pick = herding if criterion == "herding" else k_center
+    return eligible[pick(features[eligible], k, target)]
+
+
+@dataclass
+class Selection:
+    """Result of :func:`select_per_class`: ``keep`` int64 [K·ipc] candidate indices (class-major, each class
+    in the order chosen); ``confidence`` float [N] of every candidate; ``ipc`` images per class."""
+
+    keep: torch.Tensor
+    confidence: torch.Tensor
+    ipc: int
+
+
+def select_per_class(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ipc: int,
+    *,
+    criterion: str = "herding",
+    min_confidence: float = 0.5,
+    real_means: torch.Tensor | None = None,
+) -> Selection:
+    """Run :func:`select_class` for every class.
+
+    Args:
+        features: float [N, D]; logits: float [N, K] encoder outputs; labels: int64 [N] intended classes.
+        ipc: images to keep per class (each class needs at least ``ipc`` candidates).
+        real_means: float [K, D] real class means in feature space (the herding/k-center target).
+
+    Raises:
+        ValueError: a class with fewer than ``ipc`` candidates, or the errors of :func:`select_class`.
+    """
+    k = logits.shape[1]
+    conf = F.softmax(logits.float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+    keep = []
+    for c in range(k):
+        idx = torch.nonzero(labels == c).flatten()
+        if idx.numel() < ipc:
+            raise ValueError(f"class {c}: {idx.numel()} candidates < ipc {ipc}")
+        target = None if real_means is None else real_means[c]
+        sel = select_class(
+            features[idx], conf[idx], ipc, criterion=criterion, min_confidence=min_confidence, target=target
+        )
+        keep.append(idx[sel])
+    return Selection(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long), conf, ipc)
+
+
+def train_encoder(
+    images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, epochs: int = 3, seed: int = 0,
+    batch_size: int = 64, width: int = 32,
+) -> torch.nn.Module:
+    """The selector's encoder: ConvNet-3 (:class:`ddkit.evaluate.networks.ConvNet`) trained on real images.
+
+    Args:
+        images: uint8 [N, C, H, W] real train split; labels: int64 [N].
+        num_classes: K; epochs: passes over the data; seed: init and order; batch_size: Adam (lr 1e-3)
+            batch; width: conv channels (3 epochs at width 32 reach 97.1 % on MNIST-5k's test split).
+
+    Returns:
+        The encoder in eval mode; it takes float images in [-1, 1] (see :func:`encode`).
+    """
+    from ddkit.evaluate.networks import ConvNet
+
+    x = images.float() / 127.5 - 1.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ConvNet(int(x.shape[1]), num_classes, int(x.shape[-1]), width=width)
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                j = perm[i : i + batch_size]
+                loss = F.cross_entropy(net(x[j]), labels[j])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def encode(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features float [N, D] and logits float [N, K] of uint8 [N, C, H, W] images under :func:`train_encoder`'s
+    encoder."""
+    feats, logits = [], []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].float() / 127.5 - 1.0
+        f = net.embed(x)
+        feats.append(f)
+        logits.append(net.classifier(f))
+    return torch.cat(feats), torch.cat(logits)

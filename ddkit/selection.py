@@ -1,0 +1,198 @@
+"""Over-generate-and-select generation (method ``<base>+select``, e.g. ``dit+select``).
+
+``RUN/gen-<base>+select/`` holds ``pool/`` (an ordinary budgeted generation of ``ratio × IPC`` images per
+class by the base method, :func:`ddkit.generate.generate`), then the chosen ``dataset.pt`` (IPC per class,
+class-major), ``manifest.json`` (the pool's manifest plus the selection record), ``grid.png``,
+``selection.png`` (per class: the chosen images, then the rejected ones) and ``DONE``.
+
+Budget: the pool is generated under the method's own time limit minus what the selection costs (measured
+on the encoder's calibration, charged as work). The encoder is trained on the real train split before the
+clock matters, like D^3HR's class statistics: it is data, cached in ``RUN/select-encoder-<key>.pt``.
+The selection rule itself is :mod:`ddkit.methods.select`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddkit.config import ExperimentConfig
+from ddkit.errors import ConfigError
+from ddkit.io import atomic_file, atomic_torch_save, atomic_write_json, is_done, mark_done, read_json
+
+SUFFIX = "+select"
+
+
+def split_method(method: str) -> tuple[str, bool]:
+    """``"dit+select"`` -> ``("dit", True)``; ``"dit"`` -> ``("dit", False)``."""
+    if method.endswith(SUFFIX):
+        return method[: -len(SUFFIX)], True
+    return method, False
+
+
+def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """The selector's encoder for ``cfg.data.shards`` (trained once, cached in the run dir) and the real
+    class means in its feature space.
+
+    Returns:
+        (encoder in eval mode, float [K, D] real class means, cache file path).
+
+    Raises:
+        DataError: unreadable shards.
+    """
+    from ddkit.data import load_tensors, read_index
+    from ddkit.evaluate.networks import ConvNet
+    from ddkit.methods.select import encode, train_encoder
+
+    scfg = cfg.generate.select
+    index = read_index(cfg.data.shards)
+    k = len(index["classes"])
+    key = hashlib.sha256(
+        json.dumps(
+            {"sha": index.get("sha256", {}), "epochs": scfg.encoder_epochs, "width": scfg.encoder_width,
+             "seed": cfg.seed},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:12]
+    path = Path(cfg.run_dir) / f"select-encoder-{key}.pt"
+    x, y = load_tensors(cfg.data.shards, "train")
+    if path.is_file():
+        net = ConvNet(int(index["channels"]), k, int(index["resolution"]), width=scfg.encoder_width)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.eval()
+    else:
+        net = train_encoder(
+            x, y, num_classes=k, epochs=scfg.encoder_epochs, seed=cfg.seed, width=scfg.encoder_width
+        )
+        atomic_torch_save(net.state_dict(), path)
+    feats, _ = encode(net, x)
+    means = torch.stack([feats[y == c].mean(0) for c in range(k)])
+    return net, means, str(path)
+
+
+def generate_selected(cfg: ExperimentConfig, method: str, *, progress: bool = True) -> Path:
+    """Generate ``ratio × IPC`` candidates per class with the base method, then keep IPC per class.
+
+    Args:
+        cfg: the experiment; ``generate.select`` gives ratio, criterion and confidence threshold.
+        method: ``<base>+select`` with base ``minimax``, ``dit`` or ``d3hr``.
+        progress: progress bars of the pool's generation.
+
+    Returns:
+        ``RUN/gen-<method>`` with ``dataset.pt`` (``{"images": uint8 [K·ipc, C, H, W], "labels": int64,
+        "classes", "ipc"}``), ``manifest.json``, ``grid.png``, ``selection.png``, ``DONE``.
+
+    Raises:
+        ConfigError: not a ``+select`` method; BudgetError / WeightsError from the pool's generation.
+    """
+    from ddkit.generate import generate, merge, write_grid
+    from ddkit.methods.select import encode, select_per_class
+
+    base, selected = split_method(method)
+    if not selected:
+        raise ConfigError(f"generate.method: {method!r} is not a '<base>{SUFFIX}' method")
+    gcfg, scfg = cfg.generate, cfg.generate.select
+    out = Path(cfg.run_dir) / f"gen-{method}"
+    if is_done(out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    encoder, real_means, encoder_path = encoder_for(cfg)
+    encoder_s = time.monotonic() - t0
+    # The planner picks the ratio with steps and IPC (budget.plan's third axis): with the DSR rule the
+    # configured ratio when it fits, with a quality table the best measured (steps, ipc, ratio).
+    ratios = {1.0, float(scfg.ratio)}
+    if gcfg.quality != "dsr":
+        from ddkit.budget import load_quality_table
+
+        ratios |= {float(k[2]) for k in load_quality_table(gcfg.quality) if len(k) > 2 and k[2] <= scfg.ratio}
+    select_reserve = 1.0 + 0.002 * math.ceil(scfg.ratio * gcfg.ipc_max) * len(real_means)
+    pool = out / "pool"
+    generate(cfg, method=base, out_dir=pool, progress=progress, select_ratios=tuple(sorted(ratios)),
+             time_limit=max(1e-3, gcfg.time_limit - select_reserve))
+    if not (pool / "dataset.pt").exists():
+        merge(pool)
+    t1 = time.monotonic()
+    data = torch.load(pool / "dataset.pt", map_location="cpu", weights_only=True)
+    the_plan = read_json(pool / "manifest.json")["plan"]
+    # A pool cut short by the deadline keeps its planned IPC only while it has the candidates.
+    ipc = max(1, min(int(the_plan.get("kept_ipc") or data["ipc"]), int(data["ipc"])))
+    feats, logits = encode(encoder, data["images"])
+    sel = select_per_class(
+        feats, logits, data["labels"], ipc, criterion=scfg.criterion,
+        min_confidence=scfg.min_confidence, real_means=real_means,
+    )
+    chosen = {
+        "images": data["images"][sel.keep].contiguous(),
+        "labels": data["labels"][sel.keep].contiguous(),
+        "classes": data["classes"],
+        "ipc": ipc,
+    }
+    atomic_torch_save(chosen, out / "dataset.pt")
+    write_grid(out / "grid.png", chosen["images"], chosen["labels"], list(data["classes"]), ipc)
+    write_selection_grid(out / "selection.png", data["images"], data["labels"], sel.keep, ipc)
+    manifest = _manifest(read_json(pool / "manifest.json"), method, sel, data, ipc, encoder_path,
+                         encoder_s, time.monotonic() - t1, scfg, the_plan.get("ratio", 1.0))
+    atomic_write_json(out / "manifest.json", manifest)
+    mark_done(out, {"images": int(sel.keep.numel()), "ipc": ipc})
+    return out
+
+
+def _manifest(pool: dict[str, Any], method, sel, data, ipc, encoder_path, encoder_s, select_s, scfg, ratio) -> dict:
+    labels = data["labels"]
+    conf = sel.confidence
+    kept = torch.zeros_like(conf, dtype=torch.bool)
+    kept[sel.keep] = True
+    return {
+        **pool,
+        "method": method,
+        "ipc": ipc,
+        "images": int(sel.keep.numel()),
+        "selection": {
+            "criterion": scfg.criterion,
+            "min_confidence": scfg.min_confidence,
+            "source": "CaO2-style classifier filter + herding/k-center (ddkit.methods.select)",
+            "ratio": ratio,
+            "pool_ipc": int(data["ipc"]),
+            "encoder": encoder_path,
+            "encoder_seconds": round(encoder_s, 2),
+            "select_seconds": round(select_s, 3),
+            "pool_judge_accuracy": float((conf > 0.5).float().mean()),
+            "kept_mean_confidence": float(conf[kept].mean()) if kept.any() else None,
+            "rejected_mean_confidence": float(conf[~kept].mean()) if (~kept).any() else None,
+            "per_class_kept": [int(kept[labels == c].sum()) for c in range(int(labels.max()) + 1)],
+        },
+    }
+
+
+def write_selection_grid(path: Path, images: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                         ipc: int, max_rejected: int = 10, max_classes: int = 20) -> Path:
+    """PNG: one row per class, its ``ipc`` chosen images, a blank, then up to ``max_rejected`` rejected ones.
+
+    Args:
+        images: uint8 [N, C, H, W] the pool; labels: int64 [N]; keep: int64 chosen indices.
+    """
+    from torchvision.utils import make_grid, save_image
+
+    kept = torch.zeros(labels.shape[0], dtype=torch.bool)
+    kept[keep] = True
+    k = min(int(labels.max()) + 1 if labels.numel() else 0, max_classes)
+    cols = ipc + 1 + max_rejected
+    blank = torch.zeros_like(images[0]) if images.numel() else torch.zeros(1, 8, 8, dtype=torch.uint8)
+    tiles = []
+    for c in range(k):
+        chosen = [images[i] for i in keep.tolist() if int(labels[i]) == c][:ipc]
+        rejected = images[(labels == c) & ~kept][:max_rejected]
+        row = chosen + [blank] * (ipc - len(chosen)) + [blank] + list(rejected)
+        row += [blank] * (cols - len(row))
+        tiles += row
+    grid = make_grid(torch.stack(tiles).float() / 255.0, nrow=cols, padding=2, pad_value=0.5)
+    with atomic_file(path) as tmp:
+        save_image(grid, tmp, format="png")
+    return path
