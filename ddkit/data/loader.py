@@ -91,7 +91,7 @@ class _WorkerSamples:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import random
 
-        from webdataset.filters import _shuffle
+        import webdataset as wds
 
         worker, num_workers = _worker()
         mine = assign_shards(
@@ -112,7 +112,7 @@ class _WorkerSamples:
             stream = counted_samples(order, self.counts)
             if self.shuffle:
                 rng_s = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, p))
-                stream = _shuffle(stream, bufsize=self.bufsize, initial=self.bufsize, rng=rng_s)
+                stream = wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng_s)(stream)
             yield from stream
 
 
