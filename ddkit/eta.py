@@ -52,7 +52,7 @@ class RunClock:
             return max(tcfg.steps - _steps_done(Path(cfg.run_dir) / name, action), 0) / rate if rate else None
         if name.startswith("gen-"):
             return float(cfg.generate.time_limit)
-        return self.prior.get(name)
+        return self.prior.get(name, 0.0 if name == "report" else None)  # the report only reads files
 
     def _scaled_rate(self, name: str) -> float | None:
         other = "minimax" if name == "pretrain" else "pretrain"
@@ -62,7 +62,7 @@ class RunClock:
         return rate * getattr(self.cfg, other).batch_size / getattr(self.cfg, name).batch_size
 
     def line(self, name: str) -> str:
-        """``[run] next: minimax (continue, ~2m10s) | 1m02s elapsed | whole run ~5m40s left (+ evaluate: not
+        """``[run] next: minimax (continue, ~2m10s) | 1m02s elapsed | whole run ~5m40s left + evaluate (not
         measured yet)``."""
         known, unknown, this = 0.0, [], None
         for n, a in self.todo:
@@ -75,8 +75,11 @@ class RunClock:
                 known += est
         action = dict(self.todo).get(name, "run")
         head = f"[run] next: {name} ({action}" + (f", ~{fmt_seconds(this)})" if this is not None else ")")
-        tail = f" (+ {', '.join(unknown)}: not measured yet)" if unknown else ""
-        return f"{head} | {fmt_seconds(time.monotonic() - self.t0)} elapsed | whole run ~{fmt_seconds(known)} left{tail}"
+        if unknown and not known:
+            whole = f"whole run: not measured yet ({', '.join(unknown)})"
+        else:
+            whole = f"whole run ~{fmt_seconds(known)} left" + (f" + {', '.join(unknown)} (not measured yet)" if unknown else "")
+        return f"{head} | {fmt_seconds(time.monotonic() - self.t0)} elapsed | {whole}"
 
 
 def fmt_seconds(s: float) -> str:
