@@ -130,3 +130,41 @@ def test_model_pretrained_skips_pretraining_and_minimax_starts_from_it(first_run
     assert read_done(run / "gen-dit")["inputs"]["path.model.pretrained"] == read_done(run / "minimax")["inputs"][
         "path.model.pretrained"
     ]
+
+
+def test_kill_9_during_training_resumes_on_rerun(first_run, mnist_shards, tmp_path):
+    """``kill -9`` of ``ddkit run`` mid-minimax: no DONE, a complete periodic checkpoint (atomic writes); the
+    rerun resumes the stage from it (same inputs) and finishes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ddkit.models.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    sets = (f"model.pretrained={first_run / 'pretrain'}", "methods=[dit]", "minimax.steps=30", "minimax.ckpt_every=5")
+    args = ["run", str(ROOT / "configs" / "mnist.yaml"), "--no-progress", "--stage", "minimax"]
+    for s in (f"run_dir={run}", f"data.shards={mnist_shards}", *TINY, *sets):
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    code = "import sys; from ddkit.cli import app; sys.argv[0] = 'ddkit'; app()"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    ckpt = run / "minimax" / "ckpt" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and read_done(run / "minimax") is None
+    killed_at = load_checkpoint(ckpt)["step"]
+    assert 5 <= killed_at < 30
+
+    res, lines = _run(run, mnist_shards, *sets, stages=("minimax",))
+    steps = {s.name: s for s in res.stages}
+    assert steps["minimax"].action == "resume", lines
+    assert load_checkpoint(ckpt)["step"] == 30 and read_done(run / "minimax")["step"] == 30
+    logged = [r["step"] for r in read_jsonl(run / "minimax" / "train_log.jsonl")]
+    assert logged == list(range(5, 31, 5))  # no step logged twice, none missing
