@@ -78,7 +78,9 @@ class RunClock:
         if unknown and not known:
             whole = f"whole run: not measured yet ({', '.join(unknown)})"
         else:
-            whole = f"whole run ~{fmt_seconds(known)} left" + (f" + {', '.join(unknown)} (not measured yet)" if unknown else "")
+            whole = f"whole run ~{fmt_seconds(known)} left" + (
+                f" + {', '.join(unknown)} (not measured yet)" if unknown else ""
+            )
         return f"{head} | {fmt_seconds(time.monotonic() - self.t0)} elapsed | {whole}"
 
 

@@ -81,7 +81,9 @@ def path_identity(path: str | None, max_files: int = 2000) -> Any:
     if not p.exists():
         return str(path)
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())[:max_files]
-    return [[str(f.relative_to(p)) if f != p else p.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return [
+        [str(f.relative_to(p)) if f != p else p.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files
+    ]
 
 
 def file_digest(path: str | Path) -> str:
@@ -145,7 +147,9 @@ def decide(
         return Decision("run", f"upstream {', '.join(upstream_runs)} reruns")
     if done is not None:
         if "fingerprint" not in done:
-            return Decision("run", "its DONE record has no fingerprint (written before ddkit kept them): rerun")
+            return Decision(
+                "run", "its DONE record has no fingerprint (written before ddkit kept them): rerun"
+            )
         if done["fingerprint"] == fp:
             if has_output:
                 return Decision("skip", f"unchanged (fingerprint {fp[:_SHORT]})")
@@ -160,7 +164,9 @@ def decide(
     return Decision("run", "not done yet")
 
 
-def _changed(old: Mapping[str, Any] | None, new: Mapping[str, Any], growable: str | None, pre: str) -> Decision:
+def _changed(
+    old: Mapping[str, Any] | None, new: Mapping[str, Any], growable: str | None, pre: str
+) -> Decision:
     diff = changes(old, new)
     if grown_only(old, new, growable):
         return Decision("continue", f"{pre}{diff[0]}: continue from its checkpoint")

@@ -139,7 +139,9 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
         up = () if cfg.generate.checkpoint else ("minimax",) if m == "minimax" else from_pre
         ignores = ("generate.method",) + (() if m == "d3hr" else ("generate.d3hr",))
         paths = ("generate.checkpoint", "model.pretrained")
-        nodes.append(Node(f"gen-{m}", "generate", ("seed", "model", "generate"), ignores, ("shard", *up), paths))
+        nodes.append(
+            Node(f"gen-{m}", "generate", ("seed", "model", "generate"), ignores, ("shard", *up), paths)
+        )
     gens = tuple(f"gen-{m}" for m in cfg.methods)
     nodes.append(Node("evaluate", "evaluate", ("evaluate", "methods"), upstream=("shard", *gens)))
     nodes.append(Node("package", "package", ("package", "data.dataset"), upstream=gens[:1]))
@@ -217,7 +219,11 @@ def _shard_decision(cfg: ExperimentConfig) -> tuple[Decision, str]:
 
 
 def _decision(
-    node: Node, cfg: ExperimentConfig, inputs: dict[str, Any], force: tuple[str, ...], upstream_runs: tuple[str, ...]
+    node: Node,
+    cfg: ExperimentConfig,
+    inputs: dict[str, Any],
+    force: tuple[str, ...],
+    upstream_runs: tuple[str, ...],
 ) -> Decision:
     d = stage_dir(cfg, node)
     done, started = read_records(d)
@@ -289,7 +295,9 @@ def run_pipeline(
     steps = plan(cfg, stages=stages, force=force)
     if dry_run:
         for s in steps:
-            result.stages.append(StageRecord(s.node.name, "planned", 0.0, "", s.decision.action, s.decision.reason))
+            result.stages.append(
+                StageRecord(s.node.name, "planned", 0.0, "", s.decision.action, s.decision.reason)
+            )
             log(f"[{s.node.name}] would {s.decision.action}: {s.decision.reason}")
         return result
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +311,9 @@ def run_pipeline(
         node, d = s.node, s.decision
         if not d.runs:
             _remember(cfg, node, fps)
-            result.stages.append(StageRecord(node.name, "skipped", 0.0, str(_output(cfg, node)), d.action, d.reason))
+            result.stages.append(
+                StageRecord(node.name, "skipped", 0.0, str(_output(cfg, node)), d.action, d.reason)
+            )
             log(f"[{node.name}] skipped: {d.reason}")
             continue
         if node.name != "report":  # the report only reads files
@@ -357,7 +367,9 @@ def _execute(cfg: ExperimentConfig, node: Node, d: Decision, inputs: dict[str, A
             from ddkit.errors import DdkitError
 
             raise DdkitError(f"{sdir}: stage {node.name} returned without writing DONE")
-        mark_done(sdir, {**(rec or {}), "output": str(output)}, fingerprint=fingerprint(inputs), inputs=inputs)
+        mark_done(
+            sdir, {**(rec or {}), "output": str(output)}, fingerprint=fingerprint(inputs), inputs=inputs
+        )
     return output
 
 

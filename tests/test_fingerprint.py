@@ -28,7 +28,10 @@ def _done(inputs: dict, **info: object) -> dict:
 
 
 def test_select_reads_sections_and_keys_minus_ignores():
-    cfg = {"data": {"dataset": "m", "num_workers": 2}, "generate": {"cfg_scale": 2.0, "d3hr": {"timestep": 600}}}
+    cfg = {
+        "data": {"dataset": "m", "num_workers": 2},
+        "generate": {"cfg_scale": 2.0, "d3hr": {"timestep": 600}},
+    }
     assert flatten(cfg)["generate.d3hr.timestep"] == 600
     got = select(cfg, ("generate", "data.num_workers"), ("generate.d3hr",))
     assert got == {"generate.cfg_scale": 2.0, "data.num_workers": 2}
@@ -249,6 +252,15 @@ def test_dry_run_writes_nothing(finished_run):
     lines: list[str] = []
     res = P.run_pipeline(replace(finished_run, seed=1), dry_run=True, log=lines.append)
     assert sorted((p, p.stat().st_mtime_ns) for p in run.rglob("*")) == before
-    assert res.ran() == ["pretrain", "minimax", "gen-minimax", "gen-dit", "gen-d3hr", "evaluate", "package", "report"]
+    assert res.ran() == [
+        "pretrain",
+        "minimax",
+        "gen-minimax",
+        "gen-dit",
+        "gen-d3hr",
+        "evaluate",
+        "package",
+        "report",
+    ]
     assert lines[1] == "[pretrain] would run: changed: seed 0 -> 1"
     assert lines[2] == "[minimax] would run: upstream pretrain reruns"

@@ -41,7 +41,9 @@ TINY = (
 
 
 def _run(run_dir: Path, shards: Path, *sets: str, **kw):
-    cfg = load_config(ROOT / "configs" / "mnist.yaml", (f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *sets))
+    cfg = load_config(
+        ROOT / "configs" / "mnist.yaml", (f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *sets)
+    )
     lines: list[str] = []
     res = run_pipeline(cfg, progress=False, log=lines.append, **kw)
     return res, lines
@@ -55,9 +57,13 @@ def _acts(res) -> dict[str, str]:
 def first_run(mnist_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("reruns") / "run"
     res, lines = _run(run, mnist_shards)
-    assert res.ran() == ["pretrain", "minimax", "gen-minimax", "gen-dit", "evaluate", "package", "report"], lines
+    assert res.ran() == ["pretrain", "minimax", "gen-minimax", "gen-dit", "evaluate", "package", "report"], (
+        lines
+    )
     assert _acts(res)["shard"] == "skip"  # the session's shard set matches data.*
-    assert any(line.startswith("[run] next: pretrain (run") and "whole run ~" in line for line in lines), lines
+    assert any(line.startswith("[run] next: pretrain (run") and "whole run ~" in line for line in lines), (
+        lines
+    )
     return run
 
 
@@ -100,7 +106,9 @@ def test_generation_keys_of_other_methods_force_and_dry_run(first_run, mnist_sha
 
     res, lines = _run(run, mnist_shards, *sets, force=("gen-dit",), dry_run=True)
     assert res.ran() == ["gen-dit", "evaluate", "report"], lines
-    assert "[gen-dit] would run: --force" in lines and "[evaluate] would run: upstream gen-dit reruns" in lines
+    assert (
+        "[gen-dit] would run: --force" in lines and "[evaluate] would run: upstream gen-dit reruns" in lines
+    )
     assert "[package] would skip: unchanged" in " ".join(lines)  # package reads gen-minimax
 
     res, lines = _run(run, mnist_shards, *sets, force=("gen-dit",))
@@ -127,9 +135,10 @@ def test_model_pretrained_skips_pretraining_and_minimax_starts_from_it(first_run
     got = load_checkpoint(run / "minimax" / "ckpt" / "last.pt")
     assert got["step"] == 10 and got["model"].keys() == start.keys()
     assert all(torch.equal(got["model"][k], start[k]) for k in start)
-    assert read_done(run / "gen-dit")["inputs"]["path.model.pretrained"] == read_done(run / "minimax")["inputs"][
-        "path.model.pretrained"
-    ]
+    assert (
+        read_done(run / "gen-dit")["inputs"]["path.model.pretrained"]
+        == read_done(run / "minimax")["inputs"]["path.model.pretrained"]
+    )
 
 
 def test_kill_9_during_training_resumes_on_rerun(first_run, mnist_shards, tmp_path):
@@ -144,7 +153,12 @@ def test_kill_9_during_training_resumes_on_rerun(first_run, mnist_shards, tmp_pa
     from ddkit.models.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    sets = (f"model.pretrained={first_run / 'pretrain'}", "methods=[dit]", "minimax.steps=30", "minimax.ckpt_every=5")
+    sets = (
+        f"model.pretrained={first_run / 'pretrain'}",
+        "methods=[dit]",
+        "minimax.steps=30",
+        "minimax.ckpt_every=5",
+    )
     args = ["run", str(ROOT / "configs" / "mnist.yaml"), "--no-progress", "--stage", "minimax"]
     for s in (f"run_dir={run}", f"data.shards={mnist_shards}", *TINY, *sets):
         args += ["--set", s]

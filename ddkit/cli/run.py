@@ -16,13 +16,21 @@ def run(
     sets: Optional[list[str]] = SetOption,
     quick: bool = typer.Option(False, "--quick", help="The short CI profile (ddkit.pipeline.QUICK)."),
     stage: Optional[list[str]] = typer.Option(
-        None, "--stage", help="Run only these stages (repeatable): shard pretrain minimax generate evaluate package report."
+        None,
+        "--stage",
+        help="Run only these stages (repeatable): shard pretrain minimax generate evaluate package report.",
     ),
     force: Optional[list[str]] = typer.Option(
-        None, "--force", help="Rerun this stage and everything downstream (repeatable): a --stage name or gen-METHOD."
+        None,
+        "--force",
+        help="Rerun this stage and everything downstream (repeatable): a --stage name or gen-METHOD.",
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print which stages would run and why; run nothing."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of progress bars."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print which stages would run and why; run nothing."
+    ),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="Plain log lines instead of progress bars."
+    ),
 ) -> None:
     """Run shard -> pretrain -> minimax -> generate -> evaluate -> package -> report on one config.
 
