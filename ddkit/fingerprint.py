@@ -175,10 +175,10 @@ def _changed(
 
 
 def read_records(stage_dir: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(``DONE`` record, ``fingerprint.json``) of a stage directory; None for a missing or unreadable one."""
-    from ddkit.io import read_done
+    """(``DONE`` record, ``fingerprint.json``) of a stage directory; None for a missing one."""
+    from ddkit.io import read_done, read_record
 
-    return read_done(stage_dir), _read(Path(stage_dir) / START)
+    return read_done(stage_dir), read_record(Path(stage_dir) / START)
 
 
 def write_start(stage_dir: str | Path, inputs: Mapping[str, Any]) -> None:
@@ -186,14 +186,6 @@ def write_start(stage_dir: str | Path, inputs: Mapping[str, Any]) -> None:
     from ddkit.io import atomic_write_json
 
     atomic_write_json(Path(stage_dir) / START, {"fingerprint": fingerprint(inputs), "inputs": dict(inputs)})
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 def _short(v: Any) -> str:

@@ -194,9 +194,15 @@ def mark_done(
 
 
 def read_done(stage_dir: str | Path) -> dict[str, Any] | None:
-    """The ``DONE`` record of ``stage_dir``, or None when there is none. An unreadable record (impossible with
-    :func:`atomic_write_json`, but an old ddkit or a hand edit) reads as ``{}``: done, fingerprint unknown."""
-    path = Path(stage_dir) / DONE
+    """The ``DONE`` record of ``stage_dir`` (:func:`read_record`)."""
+    return read_record(Path(stage_dir) / DONE)
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """A small JSON record (``DONE``, ``fingerprint.json``), or None when the file is missing. An unreadable
+    one (impossible with :func:`atomic_write_json`, but an old ddkit or a hand edit) reads as ``{}``: present,
+    contents unknown."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
