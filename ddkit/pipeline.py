@@ -136,8 +136,10 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
             )
         )  # fmt: skip
     for m in cfg.methods:
-        up = () if cfg.generate.checkpoint else ("minimax",) if m == "minimax" else from_pre
-        ignores = ("generate.method",) + (() if m == "d3hr" else ("generate.d3hr",))
+        base = m.split("+", 1)[0]  # "<base>+select" samples like its base method, then selects
+        up = () if cfg.generate.checkpoint else ("minimax",) if base == "minimax" else from_pre
+        ignores = ("generate.method",) + (() if base == "d3hr" else ("generate.d3hr",))
+        ignores += () if m.endswith("+select") else ("generate.select",)
         paths = ("generate.checkpoint", "model.pretrained")
         nodes.append(
             Node(f"gen-{m}", "generate", ("seed", "model", "generate"), ignores, ("shard", *up), paths)
