@@ -162,7 +162,14 @@ def plan(
 
     Raises:
         DataError: the existing shard set does not match ``data.*``.
+        ConfigError: ``--force shard`` (a shard set is shared between runs: delete it to rebuild it).
     """
+    if "shard" in force:
+        from ddkit.errors import ConfigError
+
+        raise ConfigError(
+            f"--force shard: shard sets are shared between runs; delete {cfg.data.shards} to rebuild it"
+        )
     version = _version()
     cfgd = to_dict(cfg)
     fps: dict[str, str] = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ddkit.config import load_config
+from ddkit.errors import ConfigError
 from ddkit.fingerprint import changes, decide, fingerprint, flatten, grown_only, path_identity, select
 from ddkit.io import is_done, mark_done, read_done, set_aside
 
@@ -205,6 +206,8 @@ def test_plan_force_and_stage_selection(finished_run):
     assert [k for k, a in acts.items() if a == "skip"] == ["shard", "pretrain", "minimax"]
     acts = _actions(finished_run, force=("gen-dit",), stages=("generate",))
     assert [k for k, a in acts.items() if a != "skip"] == ["gen-dit"]
+    with pytest.raises(ConfigError, match="--force shard: shard sets are shared"):
+        _actions(finished_run, force=("shard",))
 
 
 def test_plan_with_model_pretrained_skips_pretraining(finished_run, tmp_path):
