@@ -172,14 +172,73 @@ def write_run_config(run_dir: str | Path, cfg: Any, name: str = "config.yaml") -
     return atomic_write_text(Path(run_dir) / name, dump_yaml(cfg))
 
 
-def mark_done(stage_dir: str | Path, info: dict[str, Any] | None = None) -> None:
-    """Mark a stage directory complete (written last, so its presence means every output exists)."""
-    atomic_write_json(Path(stage_dir) / DONE, info or {})
+def mark_done(
+    stage_dir: str | Path,
+    info: dict[str, Any] | None = None,
+    *,
+    fingerprint: str | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> None:
+    """Mark a stage directory complete (written last, so its presence means every output exists).
+
+    Args:
+        info: what the stage wants to remember (steps, image counts).
+        fingerprint, inputs: the stage's fingerprint and the inputs it hashes (:mod:`ddkit.fingerprint`);
+            ``ddkit run`` skips the stage on a later run only when they are unchanged.
+    """
+    rec = dict(info or {})
+    if fingerprint is not None:
+        rec["fingerprint"] = fingerprint
+        rec["inputs"] = inputs or {}
+    atomic_write_json(Path(stage_dir) / DONE, rec)
 
 
-def is_done(stage_dir: str | Path) -> bool:
-    """True when :func:`mark_done` has run for ``stage_dir``."""
-    return (Path(stage_dir) / DONE).is_file()
+def read_done(stage_dir: str | Path) -> dict[str, Any] | None:
+    """The ``DONE`` record of ``stage_dir`` (:func:`read_record`)."""
+    return read_record(Path(stage_dir) / DONE)
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """A small JSON record (``DONE``, ``fingerprint.json``), or None when the file is missing. An unreadable
+    one (impossible with :func:`atomic_write_json`, but an old ddkit or a hand edit) reads as ``{}``: present,
+    contents unknown."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def is_done(stage_dir: str | Path, fingerprint: str | None = None) -> bool:
+    """True when :func:`mark_done` has run for ``stage_dir`` (and, given ``fingerprint``, recorded that one)."""
+    if fingerprint is None:
+        return (Path(stage_dir) / DONE).is_file()
+    rec = read_done(stage_dir)
+    return rec is not None and rec.get("fingerprint") == fingerprint
+
+
+def set_aside(path: str | Path, keep_dir: str | Path) -> Path | None:
+    """Move ``path`` (a stale stage directory) to ``keep_dir/<name>``, replacing what an earlier call put
+    there, so nothing resumes from it and the last stale copy can still be inspected. Two renames on one
+    filesystem: a crash leaves either the old or no copy at ``path``, never a half-moved one.
+
+    Returns:
+        The new location, or None when ``path`` did not exist.
+    """
+    path, keep = Path(path), Path(keep_dir) / Path(path).name
+    if not path.exists():
+        return None
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    if keep.exists():
+        trash = keep.with_name(f".{keep.name}.del")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(keep, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, keep)
+    return keep
 
 
 def hardware_info() -> dict[str, Any]:

@@ -1,9 +1,17 @@
-"""``ddkit run``: every stage in order on one experiment config, each skipped when its output is complete.
+"""``ddkit run``: every stage in order on one experiment config, each rerun exactly when its inputs changed.
 
-shard -> pretrain -> minimax -> generate (one run per method in ``cfg.methods``) -> evaluate -> package ->
-report. Each stage is also its own command (``ddkit data shard``, ``ddkit train``, ...); this module only
-sequences them through their library functions, so a rerun after a crash or a preemption resumes at the
-first incomplete stage (and the training stages resume from their last checkpoint).
+shard -> pretrain -> minimax -> gen-METHOD (one node per method in ``cfg.methods``) -> evaluate -> package
+-> report. Each stage is also its own command (``ddkit data shard``, ``ddkit train``, ...); this module
+only sequences them through their library functions.
+
+Which stage runs is the make rule over :mod:`ddkit.fingerprint`: :data:`NODES` declares, per stage, the
+config keys it reads, the upstream stages whose outputs it reads and the weights paths it loads. A stage
+is skipped when its ``DONE`` record holds the fingerprint of exactly those inputs; a changed one reruns it
+and every stage downstream. A training stage whose only change is a larger step count trains on from its
+checkpoint; an interrupted stage started with the same inputs resumes; a stage rerun from scratch has its
+old directory set aside under ``RUN/.stale/`` first, so no stale checkpoint or shard is ever resumed.
+The shard stage always checks an existing shard set against ``data.*`` (:func:`ddkit.data.shard_dataset`)
+and its fingerprint is the sha256 of its ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -14,9 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddkit.config import ExperimentConfig, load_config
-from ddkit.io import atomic_write_json, is_done, read_json, write_run_config
+from ddkit.config import ExperimentConfig, load_config, to_dict
+from ddkit.fingerprint import (
+    Decision,
+    decide,
+    file_digest,
+    fingerprint,
+    path_identity,
+    read_records,
+    select,
+    write_start,
+)
+from ddkit.io import atomic_write_json, is_done, mark_done, read_done, read_json, set_aside, write_run_config
 
+# Names for --stage and --force, in order; "generate" stands for every gen-METHOD node.
 STAGES = ("shard", "pretrain", "minimax", "generate", "evaluate", "package", "report")
 
 # The --quick profile: the whole pipeline in a few minutes on 2 CPU cores, for CI. It keeps every stage and
@@ -41,15 +60,42 @@ QUICK = (
     "evaluate.repeats=1",
 )
 
+# Keys that change when logs and checkpoints are written, not the weights: not part of a training fingerprint.
+_CADENCE = ("log_every", "ckpt_every")
+STALE = ".stale"  # RUN/.stale/<stage>: the last directory set aside because its inputs changed
+
+
+@dataclass(frozen=True)
+class Node:
+    """One stage of the graph and exactly what it reads.
+
+    ``reads``/``ignores``: config sections or dotted keys (:func:`ddkit.fingerprint.select`); ``upstream``:
+    stages whose outputs it reads; ``paths``: config keys naming weights it loads (their files count);
+    ``growable``: the step count whose growth continues training; ``off``: why the stage does not apply.
+    """
+
+    name: str
+    group: str
+    reads: tuple[str, ...] = ()
+    ignores: tuple[str, ...] = ()
+    upstream: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    growable: str | None = None
+    off: str | None = None
+
 
 @dataclass
 class StageRecord:
-    """One stage's outcome: ``status`` is ``ran`` or ``skipped``; ``seconds`` is this invocation's wall time."""
+    """One stage's outcome: ``status`` is ``ran``, ``skipped`` or (``--dry-run``) ``planned``; ``action``
+    is the :class:`ddkit.fingerprint.Decision` (skip | run | resume | continue) and ``reason`` its line;
+    ``seconds`` is this invocation's wall time."""
 
     name: str
     status: str
     seconds: float
     output: str
+    action: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -59,45 +105,241 @@ class PipelineResult:
     results: dict[str, Any] = field(default_factory=dict)
     report: Path | None = None
 
+    def ran(self) -> list[str]:
+        """Names of the stages that ran (or, after ``--dry-run``, would run)."""
+        return [s.name for s in self.stages if s.action not in ("", "skip")]
+
+
+@dataclass
+class _Step:
+    node: Node
+    decision: Decision
+    inputs: dict[str, Any]
+
 
 def quick_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> ExperimentConfig:
     """Load ``path`` with the :data:`QUICK` profile applied before the user's own overrides."""
     return load_config(path, (*QUICK, *overrides))
 
 
+def graph(cfg: ExperimentConfig) -> list[Node]:
+    """The stages of ``cfg`` in run order, each with the inputs it reads (module docstring)."""
+    pre = "model.pretrained given" if cfg.model.pretrained else None
+    from_pre = () if cfg.model.pretrained else ("pretrain",)  # the weights dit, d3hr and minimax start from
+    nodes = [Node("shard", "shard", ("data",))]
+    for st in ("pretrain", "minimax"):
+        up = from_pre if st == "minimax" and cfg.minimax.init is None else ()
+        nodes.append(
+            Node(
+                st, st, ("seed", "model", st, "data.num_workers"), tuple(f"{st}.{k}" for k in _CADENCE),
+                ("shard", *up), (f"{st}.init", "model.pretrained"), f"{st}.steps", pre if st == "pretrain" else None,
+            )
+        )  # fmt: skip
+    for m in cfg.methods:
+        base = m.split("+", 1)[0]  # "<base>+select" samples like its base method, then selects
+        up = () if cfg.generate.checkpoint else ("minimax",) if base == "minimax" else from_pre
+        ignores = ("generate.method",) + (() if base == "d3hr" else ("generate.d3hr",))
+        ignores += () if m.endswith("+select") else ("generate.select",)
+        paths = ("generate.checkpoint", "model.pretrained")
+        nodes.append(
+            Node(f"gen-{m}", "generate", ("seed", "model", "generate"), ignores, ("shard", *up), paths)
+        )
+    gens = tuple(f"gen-{m}" for m in cfg.methods)
+    nodes.append(Node("evaluate", "evaluate", ("evaluate", "methods"), upstream=("shard", *gens)))
+    nodes.append(Node("package", "package", ("package", "data.dataset"), upstream=gens[:1]))
+    nodes.append(Node("report", "report"))
+    return nodes
+
+
+def plan(
+    cfg: ExperimentConfig, *, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()
+) -> list[_Step]:
+    """Each stage's decision and inputs, reading only the run directory and the shard index.
+
+    Args:
+        stages: the ``--stage`` selection (others are skipped, and their outputs taken as they are).
+        force: ``--force`` names (stage names, gen-METHOD, or ``generate`` for every generation).
+
+    Raises:
+        DataError: the existing shard set does not match ``data.*``.
+        ConfigError: ``--force shard`` (a shard set is shared between runs: delete it to rebuild it).
+    """
+    if "shard" in force:
+        from ddkit.errors import ConfigError
+
+        raise ConfigError(
+            f"--force shard: shard sets are shared between runs; delete {cfg.data.shards} to rebuild it"
+        )
+    version = _version()
+    cfgd = to_dict(cfg)
+    fps: dict[str, str] = {}
+    running: set[str] = set()
+    steps = []
+    for node in graph(cfg):
+        inputs: dict[str, Any] = {}
+        if node.off:
+            d = Decision("skip", node.off)
+        elif node.name == "shard":
+            d, fps["shard"] = _shard_decision(cfg)
+        elif node.name == "report":
+            d = Decision("run", "always rebuilt from the run directory")
+        else:
+            inputs = node_inputs(node, cfgd, fps, version)
+            d = _decision(node, cfg, inputs, force, tuple(u for u in node.upstream if u in running))
+            fps[node.name] = fingerprint(inputs)
+        if node.group not in stages and not node.off:
+            d = Decision("skip", "not selected (--stage)")
+            rec = read_done(stage_dir(cfg, node)) if node.name not in ("shard", "report") else None
+            if rec and "fingerprint" in rec:
+                fps[node.name] = rec["fingerprint"]  # downstream reads what is on disk
+        if d.runs:
+            running.add(node.name)
+        steps.append(_Step(node, d, inputs))
+    return steps
+
+
+def node_inputs(node: Node, cfgd: dict[str, Any], fps: dict[str, str], version: str) -> dict[str, Any]:
+    """The flat input mapping of ``node`` (:mod:`ddkit.fingerprint`): config keys, upstream fingerprints,
+    identities of the weights paths it names, ddkit's version."""
+    inputs = select(cfgd, node.reads, node.ignores)
+    inputs.update({f"upstream.{u}": fps.get(u, "<pending>") for u in node.upstream})
+    for key in node.paths:
+        value = select(cfgd, (key,)).get(key)
+        if value:
+            inputs[f"path.{key}"] = path_identity(value)
+    inputs["ddkit"] = version
+    return inputs
+
+
+def stage_dir(cfg: ExperimentConfig, node: Node) -> Path:
+    """Where a stage keeps its ``DONE`` record (the package stage: ``RUN/package/``, beside its output)."""
+    run = Path(cfg.run_dir)
+    return {"shard": Path(cfg.data.shards), "evaluate": run / "eval"}.get(node.name, run / node.name)
+
+
+def _shard_decision(cfg: ExperimentConfig) -> tuple[Decision, str]:
+    from ddkit.data import is_complete, shard_dataset
+
+    out = Path(cfg.data.shards)
+    if not is_complete(out):
+        return Decision("run", f"no complete shard set at {out}"), "<to be written>"
+    shard_dataset(cfg.data, out)  # a complete set: only checks dataset.json against data.* (DataError if not)
+    return Decision("skip", "dataset.json matches data.*"), file_digest(out / "dataset.json")
+
+
+def _decision(
+    node: Node,
+    cfg: ExperimentConfig,
+    inputs: dict[str, Any],
+    force: tuple[str, ...],
+    upstream_runs: tuple[str, ...],
+) -> Decision:
+    d = stage_dir(cfg, node)
+    done, started = read_records(d)
+    return decide(
+        inputs, done, started,
+        forced=node.name in force or node.group in force,
+        upstream_runs=upstream_runs,
+        growable=node.growable,
+        has_output=_output(cfg, node).exists(),
+        has_partial=d.is_dir() and any(d.iterdir()),
+    )  # fmt: skip
+
+
+def _output(cfg: ExperimentConfig, node: Node) -> Path:
+    """The file or directory that must exist for a DONE stage to count as complete."""
+    from ddkit.models.checkpoint import checkpoint_path
+
+    d = stage_dir(cfg, node)
+    if node.group in ("pretrain", "minimax"):
+        return checkpoint_path(d)
+    if node.group == "generate":
+        return d / "dataset.pt"
+    if node.name == "evaluate":
+        return d / "results.json"
+    if node.name == "package":
+        return package_out(cfg)
+    return d
+
+
+def package_out(cfg: ExperimentConfig) -> Path:
+    """The package stage's output path (``package.out``, else a name from the format under RUN)."""
+    if cfg.package.out:
+        return Path(cfg.package.out)
+    names = {"eccv2024": "submission.zip", "folder": "distilled", "webdataset": "distilled-wds"}
+    return Path(cfg.run_dir) / names.get(cfg.package.format, "generator")
+
+
+def _version() -> str:
+    import ddkit
+
+    return ddkit.__version__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the plan
+# ----------------------------------------------------------------------------------------------------------
 def run_pipeline(
     cfg: ExperimentConfig,
     *,
     stages: tuple[str, ...] = STAGES,
+    force: tuple[str, ...] = (),
+    dry_run: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> PipelineResult:
-    """Run ``stages`` of the experiment in order, skipping complete ones.
+    """Run the stages whose inputs changed (:func:`plan`), in order; with ``dry_run`` only log the plan.
 
     Returns:
-        A :class:`PipelineResult` with per-stage records, the evaluation results and the report path.
+        A :class:`PipelineResult` with per-stage records (action and reason), the evaluation results and the
+        report path.
 
     Raises:
         DdkitError: from any stage (bad data, missing weights, budget too short, ...); completed stages stay.
     """
+    from ddkit.eta import RunClock
+
     run_dir = Path(cfg.run_dir)
+    result = PipelineResult(run_dir=run_dir)
+    steps = plan(cfg, stages=stages, force=force)
+    if dry_run:
+        for s in steps:
+            result.stages.append(
+                StageRecord(s.node.name, "planned", 0.0, "", s.decision.action, s.decision.reason)
+            )
+            log(f"[{s.node.name}] would {s.decision.action}: {s.decision.reason}")
+        return result
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
-    result = PipelineResult(run_dir=run_dir)
     timings_path = run_dir / "pipeline.json"
     timings: dict[str, Any] = read_json(timings_path) if timings_path.exists() else {}
-
-    for name in STAGES:
-        if name not in stages:
+    clock = RunClock(cfg, [(s.node.name, s.decision.action) for s in steps], timings)
+    fps: dict[str, str] = {}
+    version, cfgd = _version(), to_dict(cfg)
+    for s in steps:
+        node, d = s.node, s.decision
+        if not d.runs:
+            _remember(cfg, node, fps)
+            result.stages.append(
+                StageRecord(node.name, "skipped", 0.0, str(_output(cfg, node)), d.action, d.reason)
+            )
+            log(f"[{node.name}] skipped: {d.reason}")
             continue
+        if node.name != "report":  # the report only reads files
+            log(clock.line(node.name))
+        inputs = node_inputs(node, cfgd, fps, version) if s.inputs else {}  # with the shards' real digest
         t = time.monotonic()
-        status, output = _STAGE_FNS[name](cfg, progress, log)
+        output = _execute(cfg, node, d, inputs, progress)
         seconds = time.monotonic() - t
-        if status == "ran":
-            timings[name] = round(seconds, 2)
-            atomic_write_json(timings_path, timings)
-        result.stages.append(StageRecord(name, status, seconds, str(output)))
-        log(f"[{name}] {status} in {seconds:.1f}s -> {output}")
+        clock.finished(node.name, seconds)
+        if node.name == "shard":
+            fps["shard"] = file_digest(Path(cfg.data.shards) / "dataset.json")
+        elif inputs:
+            fps[node.name] = fingerprint(inputs)
+        timings[node.name] = round(seconds, 2)
+        atomic_write_json(timings_path, timings)
+        result.stages.append(StageRecord(node.name, "ran", seconds, str(output), d.action, d.reason))
+        log(f"[{node.name}] ran in {seconds:.1f}s -> {output} ({d.action}: {d.reason})")
 
     eval_path = run_dir / "eval" / "results.json"
     if eval_path.exists():
@@ -107,87 +349,106 @@ def run_pipeline(
     return result
 
 
+def _remember(cfg: ExperimentConfig, node: Node, fps: dict[str, str]) -> None:
+    """A skipped stage's fingerprint, as recorded on disk, for the stages downstream of it."""
+    if node.name == "shard":
+        index = Path(cfg.data.shards) / "dataset.json"
+        if index.is_file():
+            fps["shard"] = file_digest(index)
+    elif node.name != "report" and not node.off:
+        rec = read_done(stage_dir(cfg, node))
+        if rec and "fingerprint" in rec:
+            fps[node.name] = rec["fingerprint"]
+
+
+def _execute(cfg: ExperimentConfig, node: Node, d: Decision, inputs: dict[str, Any], progress: bool) -> Path:
+    """Prepare the stage directory for ``d``, run the stage, stamp its DONE record with the fingerprint."""
+    sdir = stage_dir(cfg, node)
+    if inputs:
+        if d.action == "run":
+            _clear(cfg, node, sdir)
+        sdir.mkdir(parents=True, exist_ok=True)
+        write_start(sdir, inputs)
+    output = _STAGE_FNS[node.group](cfg, node, progress)
+    if inputs:
+        rec = read_done(sdir)
+        if rec is None and node.name != "package":
+            from ddkit.errors import DdkitError
+
+            raise DdkitError(f"{sdir}: stage {node.name} returned without writing DONE")
+        mark_done(
+            sdir, {**(rec or {}), "output": str(output)}, fingerprint=fingerprint(inputs), inputs=inputs
+        )
+    return output
+
+
+def _clear(cfg: ExperimentConfig, node: Node, sdir: Path) -> None:
+    """Make sure nothing of an earlier run with other inputs is resumed or reused.
+
+    Training and generation resume from what their directory holds (checkpoint, finished shards): the
+    directory is set aside (``RUN/.stale/<stage>``). Evaluation keeps its directory: ``runs.jsonl`` caches each
+    student run under a key of its exact inputs (set file sha256, protocol, epochs, seed, ...), so only
+    unchanged runs are reused; its DONE goes. The package is rewritten atomically; its DONE goes.
+    """
+    if node.group in ("pretrain", "minimax", "generate"):
+        set_aside(sdir, Path(cfg.run_dir) / STALE)
+    else:
+        (sdir / "DONE").unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Stages. Each returns ("ran" | "skipped", output path).
+# Stages: each runs one library function and returns its output path.
 # ----------------------------------------------------------------------------------------------------------
-def _shard(cfg: ExperimentConfig, progress: bool, log: Callable[[str], None]) -> tuple[str, Path]:
+def _shard(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.data import shard_dataset
 
-    out = Path(cfg.data.shards)
-    if (out / "dataset.json").is_file():
-        return "skipped", out
-    return "ran", shard_dataset(cfg.data, out)
+    return shard_dataset(cfg.data, Path(cfg.data.shards), progress=progress)
 
 
-def _train_stage(stage: str) -> Callable[..., tuple[str, Path]]:
-    def fn(cfg: ExperimentConfig, progress: bool, log: Callable[[str], None]) -> tuple[str, Path]:
-        from ddkit.train import train
+def _train(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
+    from ddkit.train import train
 
-        stage_dir = Path(cfg.run_dir) / stage
-        if is_done(stage_dir):
-            return "skipped", stage_dir
-        train(cfg, stage, resume="auto", progress=progress)
-        return "ran", stage_dir
-
-    return fn
+    train(cfg, node.name, resume="auto", progress=progress)
+    return stage_dir(cfg, node)
 
 
-def _generate(cfg: ExperimentConfig, progress: bool, log: Callable[[str], None]) -> tuple[str, Path]:
+def _generate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.generate import generate, merge
 
-    ran = False
-    for method in cfg.methods:
-        gen_dir = Path(cfg.run_dir) / f"gen-{method}"
-        if is_done(gen_dir) and (gen_dir / "dataset.pt").exists():
-            continue
-        gen_dir = generate(cfg, method=method, progress=progress)
-        if not (gen_dir / "dataset.pt").exists():
-            merge(gen_dir)
-        ran = True
-    return ("ran" if ran else "skipped"), Path(cfg.run_dir)
+    gen_dir = generate(cfg, method=node.name.removeprefix("gen-"), progress=progress)
+    if not is_done(gen_dir):
+        merge(gen_dir)
+    return gen_dir
 
 
-def _evaluate(cfg: ExperimentConfig, progress: bool, log: Callable[[str], None]) -> tuple[str, Path]:
+def _evaluate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.evaluate import evaluate
 
-    out = Path(cfg.run_dir) / "eval"
-    if is_done(out):
-        return "skipped", out
+    out = stage_dir(cfg, node)
     distilled = {m: Path(cfg.run_dir) / f"gen-{m}" / "dataset.pt" for m in cfg.methods}
     evaluate(distilled, cfg.data.shards, cfg.evaluate, out_dir=out, progress=progress)
-    return "ran", out
+    return out
 
 
-def _package(cfg: ExperimentConfig, progress: bool, log: Callable[[str], None]) -> tuple[str, Path]:
+def _package(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.package import package_run
 
-    method = cfg.methods[0]
-    gen_dir = Path(cfg.run_dir) / f"gen-{method}"
-    out = Path(cfg.package.out) if cfg.package.out else Path(cfg.run_dir) / _package_name(cfg.package.format)
-    if out.exists():
-        return "skipped", out
-    return "ran", package_run(gen_dir, fmt=cfg.package.format, out=out, dataset=cfg.package.dataset)
+    gen_dir = Path(cfg.run_dir) / f"gen-{cfg.methods[0]}"
+    return package_run(gen_dir, fmt=cfg.package.format, out=package_out(cfg), dataset=cfg.package.dataset)
 
 
-def _package_name(fmt: str) -> str:
-    return {"eccv2024": "submission.zip", "folder": "distilled", "webdataset": "distilled-wds"}.get(
-        fmt, "generator"
-    )
-
-
-def _report(cfg: ExperimentConfig, progress: bool, log: Callable[[str], None]) -> tuple[str, Path]:
+def _report(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.report import write_report
 
-    return "ran", write_report(cfg)
+    return write_report(cfg)
 
 
-_STAGE_FNS: dict[str, Callable[..., tuple[str, Path]]] = {
+_STAGE_FNS: dict[str, Callable[[ExperimentConfig, Node, bool], Path]] = {
     "shard": _shard,
-    "pretrain": _train_stage("pretrain"),
-    "minimax": _train_stage("minimax"),
+    "pretrain": _train,
+    "minimax": _train,
     "generate": _generate,
     "evaluate": _evaluate,
     "package": _package,
     "report": _report,
 }
-

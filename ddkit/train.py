@@ -52,9 +52,11 @@ def train(
     Args:
         cfg: the experiment; reads ``data``, ``model`` and the ``pretrain``/``minimax`` section.
         stage: ``"pretrain"`` (tiny DiT from scratch, or from ``pretrain.init``) or ``"minimax"``
-            (fine-tunes ``minimax.init``, else ``RUN/pretrain/ckpt/last.pt``, else ``model.pretrained``).
+            (fine-tunes ``minimax.init``, else ``model.pretrained``, else ``RUN/pretrain/ckpt/last.pt``).
         resume: ``"auto"`` continues from the stage's checkpoint when there is one (and returns at once when
-            the stage is DONE); ``"never"`` starts over; a path resumes from that checkpoint.
+            the stage is DONE with at least ``steps`` steps: a DONE stage whose ``steps`` grew trains on from
+            its last checkpoint, the same steps a run with the larger count makes); ``"never"`` starts over;
+            a path resumes from that checkpoint.
         max_steps: stop once the run has made this many optimizer steps in total, checkpoint, and return
             WITHOUT marking the stage DONE (tests, preemption simulation).
         progress: show the rich progress bar (rank 0).
@@ -282,11 +284,13 @@ class Trainer:
         blocks = tcfg.difffit_blocks if tcfg.trainable == "difffit" else 0
         init = tcfg.init
         if init is None and self.stage == "minimax":
+            # model.pretrained first: the weights dit/d3hr sample (generate.checkpoint_for), and a stale
+            # RUN/pretrain of an earlier run without them must not be fine-tuned instead.
             pre = Path(cfg.run_dir) / "pretrain"
-            if resolve_checkpoint(pre) is not None:
-                init = str(pre)
-            elif cfg.model.pretrained:
+            if cfg.model.pretrained:
                 init = cfg.model.pretrained
+            elif resolve_checkpoint(pre) is not None:
+                init = str(pre)
             else:
                 raise WeightsError(
                     f"minimax: no initial weights (no {pre}/ckpt/last.pt; set minimax.init or model.pretrained)"

@@ -2,7 +2,7 @@
 
 One real run (tiny DiT pretrained and minimax-fine-tuned on CPU, three generation methods under a time
 budget, ConvNet-3 evaluation against real baselines, packaging, report), then a rerun that must skip every
-completed stage.
+completed stage. Reruns after config changes (stage fingerprints): tests/test_pipeline_reruns.py.
 """
 
 from __future__ import annotations
@@ -82,6 +82,6 @@ def test_rerun_skips_completed_stages(quick_run):
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    for stage in ("shard", "pretrain", "minimax", "generate", "evaluate", "package"):
-        assert f"[{stage}] skipped" in result.output, result.output
+    for stage in ("shard", "pretrain", "minimax", "gen-minimax", "gen-dit", "gen-d3hr", "evaluate", "package"):
+        assert f"[{stage}] skipped: " in result.output, result.output
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}

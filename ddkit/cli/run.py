@@ -1,4 +1,4 @@
-"""``ddkit run CONFIG``: the whole pipeline, each stage skipped when complete."""
+"""``ddkit run CONFIG``: the whole pipeline, each stage rerun exactly when its inputs changed."""
 
 from __future__ import annotations
 
@@ -16,11 +16,27 @@ def run(
     sets: Optional[list[str]] = SetOption,
     quick: bool = typer.Option(False, "--quick", help="The short CI profile (ddkit.pipeline.QUICK)."),
     stage: Optional[list[str]] = typer.Option(
-        None, "--stage", help="Run only these stages (repeatable): shard pretrain minimax generate evaluate package report."
+        None,
+        "--stage",
+        help="Run only these stages (repeatable): shard pretrain minimax generate evaluate package report.",
     ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of progress bars."),
+    force: Optional[list[str]] = typer.Option(
+        None,
+        "--force",
+        help="Rerun this stage and everything downstream (repeatable): a --stage name or gen-METHOD.",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print which stages would run and why; run nothing."
+    ),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="Plain log lines instead of progress bars."
+    ),
 ) -> None:
-    """Run shard -> pretrain -> minimax -> generate -> evaluate -> package -> report on one config."""
+    """Run shard -> pretrain -> minimax -> generate -> evaluate -> package -> report on one config.
+
+    A stage runs when the fingerprint of its inputs (the config keys it reads, upstream stages, shard index,
+    ddkit version) differs from its DONE record, and then everything downstream runs too.
+    """
     from rich.table import Table
 
     from ddkit.config import load_config
@@ -34,13 +50,23 @@ def run(
     for s in stages:
         if s not in STAGES:
             raise ConfigError(f"--stage {s}: unknown stage (known: {', '.join(STAGES)})")
-    res = run_pipeline(cfg, stages=stages, progress=not no_progress, log=lambda s: console.print(s, markup=False, highlight=False))
+    gens = tuple(f"gen-{m}" for m in cfg.methods)
+    for s in force or ():
+        if s not in STAGES and s not in gens:
+            raise ConfigError(f"--force {s}: unknown stage (known: {', '.join((*STAGES, *gens))})")
+    res = run_pipeline(
+        cfg, stages=stages, force=tuple(force or ()), dry_run=dry_run, progress=not no_progress,
+        log=lambda s: console.print(s, markup=False, highlight=False),
+    )  # fmt: skip
+    if dry_run:
+        return
 
     table = Table(title=f"ddkit run: {cfg.name}" + (" (quick)" if quick else ""))
-    for col in ("stage", "status", "seconds", "output"):
+    for col in ("stage", "status", "seconds", "why"):
         table.add_column(col)
     for r in res.stages:
-        table.add_row(r.name, r.status, f"{r.seconds:.1f}", r.output)
+        status = r.status if r.action in ("skip", "run") else f"{r.status} ({r.action})"
+        table.add_row(r.name, status, f"{r.seconds:.1f}", r.reason)
     console.print(table)
     if res.results:
         t = Table(title="Test accuracy (%)")

@@ -1,0 +1,209 @@
+"""Stage fingerprints: what a stage's output was made from, and whether a rerun must redo it.
+
+A stage's *inputs* are a flat mapping: the config keys it reads (``"generate.cfg_scale": 2.0``), the
+fingerprints of the upstream stages whose outputs it reads (``"upstream.minimax": "3f0c..."``), the shard
+index (``"shards": sha256 of dataset.json``), the identity of any weights it loads from a path
+(``"path.model.pretrained": [[file, bytes, mtime_ns], ...]``) and ddkit's version. Its *fingerprint* is
+the sha256 of their canonical JSON. The stage's ``DONE`` record (:func:`ddkit.io.mark_done`) stores both,
+and ``fingerprint.json`` stores them when the stage starts, so an interrupted stage is resumed only when
+it was started with the same inputs. :func:`decide` turns (new inputs, old records) into one action and a
+one-line reason, the make / Snakemake rule rather than "the output exists".
+
+Pure functions except :func:`read_records` / :func:`write_start` (the record files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+START = "fingerprint.json"  # written into a stage directory when the stage starts
+_SHORT = 12  # hex digits of a fingerprint shown in reasons
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one stage.
+
+    ``action``: ``skip`` (output up to date), ``run`` (start over: the old output is set aside),
+    ``resume`` (an interrupted run with the same inputs: continue it) or ``continue`` (the only change is a
+    larger step count: train on from the checkpoint). ``reason``: one line for the log and ``--dry-run``.
+    """
+
+    action: str
+    reason: str
+
+    @property
+    def runs(self) -> bool:
+        return self.action != "skip"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def select(config: Mapping[str, Any], reads: Iterable[str], ignores: Iterable[str] = ()) -> dict[str, Any]:
+    """The config keys a stage reads: every flattened key equal to or below one of ``reads`` (``"model"``,
+    ``"data.num_workers"``), minus those equal to or below one of ``ignores``.
+
+    Args:
+        config: the resolved config as a plain dict (:func:`ddkit.config.to_dict`).
+        reads, ignores: dotted keys or section names.
+    """
+    flat = flatten(config)
+    reads, ignores = tuple(reads), tuple(ignores)
+
+    def under(key: str, roots: tuple[str, ...]) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in roots)
+
+    return {k: v for k, v in flat.items() if under(k, reads) and not under(k, ignores)}
+
+
+def path_identity(path: str | None, max_files: int = 2000) -> Any:
+    """A cheap identity of weights named by ``path``: ``[[relative file, bytes, mtime_ns], ...]`` for a local
+    file or directory (so replaced weights count as a change without hashing gigabytes), else the string
+    itself (a Hugging Face id, or None)."""
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    if not p.exists():
+        return str(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())[:max_files]
+    return [
+        [str(f.relative_to(p)) if f != p else p.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files
+    ]
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of a small file's bytes (the shard index ``dataset.json``)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fingerprint(inputs: Mapping[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of ``inputs`` (keys sorted, no whitespace)."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def changes(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """``"key old -> new"`` for every input that differs (added and removed keys included), sorted."""
+    old = old or {}
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if a != b:
+            out.append(f"{k} {_short(a)} -> {_short(b)}")
+    return out
+
+
+def grown_only(old: Mapping[str, Any] | None, new: Mapping[str, Any], growable: str | None) -> bool:
+    """True when the only difference between ``old`` and ``new`` is ``growable`` (a step count) getting larger."""
+    if not growable or old is None:
+        return False
+    diff = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    a, b = old.get(growable), new.get(growable)
+    return diff == {growable} and isinstance(a, int) and isinstance(b, int) and b > a
+
+
+def decide(
+    inputs: Mapping[str, Any],
+    done: Mapping[str, Any] | None,
+    started: Mapping[str, Any] | None,
+    *,
+    forced: bool = False,
+    upstream_runs: tuple[str, ...] = (),
+    growable: str | None = None,
+    has_output: bool = True,
+    has_partial: bool = False,
+) -> Decision:
+    """The action for one stage.
+
+    Args:
+        inputs: this run's inputs of the stage (module docstring).
+        done: the stage's ``DONE`` record, or None when the stage is not complete.
+        started: its ``fingerprint.json`` (the inputs of the run that last started it), or None.
+        forced: ``--force`` named the stage.
+        upstream_runs: upstream stages that run (for any reason) in this invocation: their outputs change.
+        growable: the step-count key whose growth continues training (``"minimax.steps"``), or None.
+        has_output: the stage's output exists (a DONE record without it means "rerun").
+        has_partial: something is in the stage directory (an incomplete run or an older ddkit's output).
+    """
+    fp = fingerprint(inputs)
+    if forced:
+        return Decision("run", "--force")
+    if upstream_runs:
+        return Decision("run", f"upstream {', '.join(upstream_runs)} reruns")
+    if done is not None:
+        if "fingerprint" not in done:
+            return Decision(
+                "run", "its DONE record has no fingerprint (written before ddkit kept them): rerun"
+            )
+        if done["fingerprint"] == fp:
+            if has_output:
+                return Decision("skip", f"unchanged (fingerprint {fp[:_SHORT]})")
+            return Decision("run", "DONE but its output is missing")
+        return _changed(done.get("inputs"), inputs, growable, "")
+    if started is not None and "fingerprint" in started:
+        if started["fingerprint"] == fp:
+            return Decision("resume", "interrupted run with the same inputs: resume it")
+        return _changed(started.get("inputs"), inputs, growable, "interrupted run, ")
+    if has_partial:
+        return Decision("run", "the existing output has no fingerprint record: set aside, rerun")
+    return Decision("run", "not done yet")
+
+
+def _changed(
+    old: Mapping[str, Any] | None, new: Mapping[str, Any], growable: str | None, pre: str
+) -> Decision:
+    diff = changes(old, new)
+    if grown_only(old, new, growable):
+        return Decision("continue", f"{pre}{diff[0]}: continue from its checkpoint")
+    more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
+    return Decision("run", f"{pre}changed: {'; '.join(diff[:2])}{more}" if diff else f"{pre}changed")
+
+
+def read_records(stage_dir: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(``DONE`` record, ``fingerprint.json``) of a stage directory; None for a missing one."""
+    from ddkit.io import read_done, read_record
+
+    return read_done(stage_dir), read_record(Path(stage_dir) / START)
+
+
+def write_start(stage_dir: str | Path, inputs: Mapping[str, Any]) -> None:
+    """Record, atomically, the inputs a stage is being started with (``stage_dir/fingerprint.json``)."""
+    from ddkit.io import atomic_write_json
+
+    atomic_write_json(Path(stage_dir) / START, {"fingerprint": fingerprint(inputs), "inputs": dict(inputs)})
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else v
+    return s if len(s) <= 24 else s[:10] + "…"
+
+
+__all__ = [
+    "Decision",
+    "START",
+    "changes",
+    "decide",
+    "file_digest",
+    "fingerprint",
+    "flatten",
+    "grown_only",
+    "path_identity",
+    "read_records",
+    "select",
+    "write_start",
+]
