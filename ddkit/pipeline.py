@@ -414,8 +414,12 @@ def _train(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 
 def _generate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.generate import generate, merge
+    from ddkit.selection import generate_selected, split_method
 
-    gen_dir = generate(cfg, method=node.name.removeprefix("gen-"), progress=progress)
+    method = node.name.removeprefix("gen-")
+    if split_method(method)[1]:
+        return generate_selected(cfg, method, progress=progress)
+    gen_dir = generate(cfg, method=method, progress=progress)
     if not is_done(gen_dir):
         merge(gen_dir)
     return gen_dir

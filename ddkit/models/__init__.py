@@ -54,7 +54,8 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difff
     """Load a backbone from a ddkit checkpoint, a stage dir, or a diffusers DiT dir / Hugging Face id.
 
     Args:
-        path: ``RUN/<stage>/ckpt/last.pt``, ``RUN/<stage>``, a diffusers ``DiTTransformer2DModel`` dir (or a
+        path: ``RUN/<stage>/ckpt/last.pt``, ``RUN/<stage>``, a shipped ``ddkit:NAME`` (:mod:`ddkit.assets`),
+            a diffusers ``DiTTransformer2DModel`` dir (or a
             pipeline dir with ``transformer/``), or an HF id such as ``facebook/DiT-XL-2-256`` present in
             the local HF cache (loaded with ``local_files_only=True``; no network).
         use_ema: take the EMA weights of a ddkit checkpoint (what sampling uses).
@@ -70,8 +71,10 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difff
     """
     import torch
 
+    from ddkit.assets import asset_path
     from ddkit.errors import WeightsError
 
+    path = asset_path(str(path))
     ckpt = resolve_checkpoint(path)
     if ckpt is not None:
         state = load_checkpoint(ckpt)
