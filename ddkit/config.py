@@ -66,11 +66,16 @@ class ModelConfig:
     latent_scale: float = 0.18215  # SD-VAE latent scaling factor (DiT, Peebles & Xie 2023)
     num_train_timesteps: int = 1000  # DiT: linear betas 1e-4..0.02 over 1000 steps
     difffit_blocks: int = 0  # DiffFit gamma scales on the first N blocks (set by minimax difffit training)
+    # timestep sinusoid frequencies exp(-ln(1e4)·i/(half - shift)): 0 = facebookresearch/DiT models.py, 1 =
+    # diffusers' downscale_freq_shift; None = the weights' own (0 for original-DiT .pt files, else 1)
+    timestep_shift: Optional[int] = None
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "input_size", "num_classes", "num_train_timesteps")
         if self.difffit_blocks < 0:
             raise ConfigError(f"difffit_blocks: must be >= 0, got {self.difffit_blocks}")
+        if self.timestep_shift not in (None, 0, 1):
+            raise ConfigError(f"timestep_shift: must be 0, 1 or null, got {self.timestep_shift}")
 
 
 @dataclass(frozen=True)

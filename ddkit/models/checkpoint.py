@@ -49,6 +49,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         WeightsError: missing, unreadable or not a ddkit checkpoint (names the path).
     """
+    p = Path(path)
+    state = read_torch_file(p)
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise WeightsError(f"{p}: not a ddkit checkpoint (needs keys 'model' and 'model_config')")
+    return state
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load`` onto the CPU, whatever the file holds.
+
+    Raises:
+        WeightsError: missing or unreadable (names the path).
+    """
     import torch
 
     p = Path(path)
@@ -60,6 +73,4 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(
             f"{p}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise WeightsError(f"{p}: not a ddkit checkpoint (needs keys 'model' and 'model_config')")
     return state
