@@ -132,7 +132,7 @@ class D3HRConfig:
     store_to: int = 760  # last one (reference: 760); statistics cover every stride in between
     timestep: int = 600  # stored timestep whose per-class Gaussian is sampled (reference i_step=6 -> 600)
     restart_strides: int = 1  # sampling restarts this many strides above `timestep` (reference: 600 -> 620)
-    num_groups: int = 10000  # m candidate groups per class, a real count (reference loop: 10^8, see module)
+    num_groups: int = 10000  # m groups scored per class; the reference scores 10^8 (days/class on a CPU, see d3hr)
     lambda_mean: float = 1.0  # weight of ||mean_g - mu||_2 (reference 1)
     lambda_std: float = 1.0  # weight of ||std_g - sigma||_2 (reference 1)
     lambda_skew: float = 0.1  # weight of ||skew_g||_2 (reference evaluate_distribution_batch: 0.1)

@@ -287,6 +287,7 @@ def generate(
             progress=progress,
         )
         start_t = d3hr.start_timestep(gcfg.d3hr)
+        gcfg = d3hr.decode_settings(gcfg, cfg.model.num_train_timesteps)  # reference grid, all channels guided
         phases["d3hr_statistics"] = clock() - mark
         deadline += phases["d3hr_statistics"]  # precomputed data, outside the budget (module docstring)
 
@@ -396,11 +397,13 @@ def generate(
 
         mark = clock()
         latent_cache.clear()
-        for c in sorted({c for b in my_batches for c, _ in b.items}):
-            latent_cache[c] = d3hr.initial_latents(
-                stats, c, the_plan.ipc, seed=gcfg.seed, cfg=gcfg.d3hr
-            ).cpu()
+        mine = {c for b in my_batches for c, _ in b.items}
+        got, per_class = d3hr.select_latents(stats, mine, the_plan.ipc, seed=gcfg.seed, cfg=gcfg.d3hr)
+        latent_cache.update(got)
         phases["d3hr_latents"] = clock() - mark
+        phases["d3hr_group_search_s_per_class"] = per_class
+        if progress:
+            print(f"D^3HR group search: {gcfg.d3hr.num_groups} groups/class, {per_class:.3g} s/class", flush=True)
 
     runner = budget.Runner(
         plan=the_plan,
