@@ -75,7 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ddkit.config import D3HRConfig, ExperimentConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: non-native inputs resized as the reference (Resize + CenterCrop), not bicubic
 #: Groups scored per class by the reference (``group_sampling.py``: ``m // 10`` batches of 10,000, m = 100,000).
 REFERENCE_NUM_GROUPS = 10**8
 #: CFG channels of the D^3HR decoding chain: None = all, as the reference ``sample`` guides every latent channel.
