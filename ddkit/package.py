@@ -373,7 +373,7 @@ def official_scores(perf: dict[str, float]) -> str:
     for name in order or list(perf):
         score += perf[name]
     score /= len(perf)
-    return "correct: {}".format(score)
+    return f"correct: {score}"
 
 
 def write_official_scores(path: str | Path, perf: dict[str, float]) -> Path:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddkit.config import D3HRConfig, GenerateConfig, ModelConfig
 from ddkit.methods import d3hr

@@ -46,7 +46,7 @@ def ref_forward(sd: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> 
     B, N, D = h.shape
     for i in range(DEPTH):
         b = f"blocks.{i}."
-        g = lambda n: sd.get(b + n, 1.0)  # noqa: E731
+        g = lambda n, b=b: sd.get(b + n, 1.0)  # noqa: E731
         mods = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, dim=1)
         a = modulate(F.layer_norm(h, (D,), eps=1e-6), mods[0], mods[1])
         qkv = (g("attn.gamma1") * lin(a, b + "attn.qkv")).reshape(B, N, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
@@ -138,8 +138,9 @@ def test_ported_outputs_match_reference_forward(ported):
 
 
 def test_shift_survives_a_ddkit_checkpoint(ported, tmp_path):
-    from ddkit.models import save_checkpoint
     from dataclasses import asdict
+
+    from ddkit.models import save_checkpoint
 
     model, mcfg = load_backbone(ported[1])
     save_checkpoint({"model": model.state_dict(), "ema": None, "model_config": asdict(mcfg)}, tmp_path / "last.pt")

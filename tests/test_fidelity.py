@@ -42,7 +42,7 @@ def reference_scores_file(perf_cifar: float, perf_tiny: float, tmp: Path) -> str
     for perf in (perf_cifar, perf_tiny):
         score += perf
     score /= 2
-    output_file.write("correct: {}".format(score))
+    output_file.write(f"correct: {score}")
     output_file.close()
     return path.read_text()
 
