@@ -22,6 +22,7 @@ from ddkit.models.backbone import (
     tie_conditioning,
 )
 from ddkit.models.checkpoint import (
+    as_checkpoint,
     checkpoint_path,
     load_checkpoint,
     read_torch_file,
@@ -91,13 +92,14 @@ def load_backbone(
     if ckpt is not None:
         from ddkit.models.dit_original import load_original, original_state
 
-        orig = original_state(read_torch_file(ckpt))
+        blob = read_torch_file(ckpt)  # read once: DiT-XL/2 checkpoints are gigabytes
+        orig = original_state(blob)
         if orig is not None:
             model, mcfg = load_original(
                 orig, source=str(ckpt), timestep_shift=timestep_shift, difffit_blocks=difffit_blocks
             )
             return model.to(device).eval(), mcfg
-        state = load_checkpoint(ckpt)
+        state = as_checkpoint(blob, ckpt)
         mcfg = model_config_from_dict(state["model_config"], str(ckpt))
         if timestep_shift is not None:
             mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)

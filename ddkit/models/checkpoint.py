@@ -49,10 +49,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         WeightsError: missing, unreadable or not a ddkit checkpoint (names the path).
     """
-    p = Path(path)
-    state = read_torch_file(p)
+    return as_checkpoint(read_torch_file(path), path)
+
+
+def as_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
+    """``state`` (what ``path`` held) when it is a ddkit checkpoint.
+
+    Raises:
+        WeightsError: it lacks the keys ``model`` and ``model_config`` (names the path).
+    """
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise WeightsError(f"{p}: not a ddkit checkpoint (needs keys 'model' and 'model_config')")
+        raise WeightsError(f"{path}: not a ddkit checkpoint (needs keys 'model' and 'model_config')")
     return state
 
 
