@@ -69,9 +69,10 @@ def load_backbone(
 
     Args:
         path: ``RUN/<stage>/ckpt/last.pt``, ``RUN/<stage>``, an original-DiT ``.pt`` (facebookresearch/DiT or
-            MinimaxDiffusion, ported by :mod:`ddkit.models.dit_original`), a diffusers ``DiTTransformer2DModel`` dir (or a
-            pipeline dir with ``transformer/``), or an HF id such as ``facebook/DiT-XL-2-256`` present in
-            the local HF cache (loaded with ``local_files_only=True``; no network).
+            MinimaxDiffusion, ported by :mod:`ddkit.models.dit_original`), a diffusers
+            ``DiTTransformer2DModel`` dir (or a pipeline dir with ``transformer/``), or an HF id such as
+            ``facebook/DiT-XL-2-256`` present in the local HF cache (loaded with ``local_files_only=True``;
+            no network).
         use_ema: take the EMA weights of a ddkit checkpoint (what sampling uses).
         device: where to put the model.
         difffit_blocks: add DiffFit gammas (init 1) to the first N blocks when the source has fewer
