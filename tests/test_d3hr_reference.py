@@ -104,3 +104,26 @@ def test_group_count_up_to_reference_and_cost_per_class():
     lat, per_class = d3hr.select_latents(stats, [2, 0, 2], 5, seed=0, cfg=small)
     assert sorted(lat) == [0, 2] and lat[0].shape == (5, 4, 4, 4) and per_class > 0
     torch.testing.assert_close(lat[2], d3hr.initial_latents(stats, 2, 5, seed=0, cfg=small))
+
+
+def test_generate_decodes_on_reference_grid_and_prints_cost(mnist_shards, tmp_path, capsys):
+    """``ddkit generate`` for D^3HR with steps_max 50 and guided_channels 3 (what the other methods use):
+    the plan holds 32 steps, i.e. the reference chain 620, 600, ..., 0, and the group search's seconds per
+    class are printed and recorded."""
+    import json
+
+    from ddkit.config import load_config
+    from ddkit.generate import generate
+    from ddkit.models import build_backbone
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path}/run", f"data.shards={mnist_shards}", "generate.method=d3hr",
+        "generate.steps_min=10", "generate.steps_max=50", "generate.ipc_min=1", "generate.ipc_max=1",
+        "generate.guided_channels=3", "generate.batch_size=10", "generate.time_limit=600",
+        "generate.d3hr.max_images_per_class=2", "generate.d3hr.num_groups=8",
+    ])
+    gen_dir = generate(cfg, model=build_backbone(cfg.model, seed=0), device="cpu", progress=True)
+    man = json.loads((gen_dir / "manifest.json").read_text())
+    assert man["start_timestep"] == 620 and man["steps"]["planned"] == 32 and man["steps"]["max"] == 32
+    assert man["phases"]["rank0"]["d3hr_group_search_s_per_class"] > 0
+    assert "D^3HR group search: 8 groups/class" in capsys.readouterr().out
