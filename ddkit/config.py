@@ -66,11 +66,16 @@ class ModelConfig:
     latent_scale: float = 0.18215  # SD-VAE latent scaling factor (DiT, Peebles & Xie 2023)
     num_train_timesteps: int = 1000  # DiT: linear betas 1e-4..0.02 over 1000 steps
     difffit_blocks: int = 0  # DiffFit gamma scales on the first N blocks (set by minimax difffit training)
+    # timestep sinusoid frequencies exp(-ln(1e4)·i/(half - shift)): 0 = facebookresearch/DiT models.py, 1 =
+    # diffusers' downscale_freq_shift; None = the weights' own (0 for original-DiT .pt files, else 1)
+    timestep_shift: Optional[int] = None
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "input_size", "num_classes", "num_train_timesteps")
         if self.difffit_blocks < 0:
             raise ConfigError(f"difffit_blocks: must be >= 0, got {self.difffit_blocks}")
+        if self.timestep_shift not in (None, 0, 1):
+            raise ConfigError(f"timestep_shift: must be 0, 1 or null, got {self.timestep_shift}")
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ class D3HRConfig:
     store_to: int = 760  # last one (reference: 760); statistics cover every stride in between
     timestep: int = 600  # stored timestep whose per-class Gaussian is sampled (reference i_step=6 -> 600)
     restart_strides: int = 1  # sampling restarts this many strides above `timestep` (reference: 600 -> 620)
-    num_groups: int = 10000  # m candidate groups per class, a real count (reference loop: 10^8, see module)
+    num_groups: int = 10000  # m groups scored per class; the reference scores 10^8 (days/class on a CPU, see d3hr)
     lambda_mean: float = 1.0  # weight of ||mean_g - mu||_2 (reference 1)
     lambda_std: float = 1.0  # weight of ||std_g - sigma||_2 (reference 1)
     lambda_skew: float = 0.1  # weight of ||skew_g||_2 (reference evaluate_distribution_batch: 0.1)

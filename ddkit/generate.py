@@ -257,7 +257,9 @@ def generate(
         from ddkit.models import load_backbone
 
         checkpoint = checkpoint_for(cfg, method)
-        model, _ = load_backbone(checkpoint, use_ema=gcfg.use_ema, device=device)
+        model, _ = load_backbone(
+            checkpoint, use_ema=gcfg.use_ema, device=device, timestep_shift=cfg.model.timestep_shift
+        )
     model = model.to(device).eval()
     vae = None
     vae_name = cfg.model.vae_decoder or cfg.model.vae
@@ -288,6 +290,7 @@ def generate(
             progress=progress,
         )
         start_t = d3hr.start_timestep(gcfg.d3hr)
+        gcfg = d3hr.decode_settings(gcfg, cfg.model.num_train_timesteps)  # reference grid, all channels guided
         phases["d3hr_statistics"] = clock() - mark
         deadline += phases["d3hr_statistics"]  # precomputed data, outside the budget (module docstring)
 
@@ -399,11 +402,13 @@ def generate(
 
         mark = clock()
         latent_cache.clear()
-        for c in sorted({c for b in my_batches for c, _ in b.items}):
-            latent_cache[c] = d3hr.initial_latents(
-                stats, c, the_plan.ipc, seed=gcfg.seed, cfg=gcfg.d3hr
-            ).cpu()
+        mine = {c for b in my_batches for c, _ in b.items}
+        got, per_class = d3hr.select_latents(stats, mine, the_plan.ipc, seed=gcfg.seed, cfg=gcfg.d3hr)
+        latent_cache.update(got)
         phases["d3hr_latents"] = clock() - mark
+        phases["d3hr_group_search_s_per_class"] = per_class
+        if progress:
+            print(f"D^3HR group search: {gcfg.d3hr.num_groups} groups/class, {per_class:.3g} s/class", flush=True)
 
     runner = budget.Runner(
         plan=the_plan,

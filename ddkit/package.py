@@ -347,6 +347,63 @@ def scorer_tensor(d: Distilled, spec: ScorerSpec):
     return to_scorer_tensor(picked, spec), perm
 
 
+SCORES_FILE = "scores.txt"
+
+
+def official_scores(perf: dict[str, float]) -> str:
+    """The scorer's ``scores.txt`` content: ``correct: <score>``, one line, no newline (``evaluate.py``:
+    ``score = 0; score += perf`` for cifar100 then tinyimagenet; ``score /= 2``;
+    ``output_file.write("correct: {}".format(score))``).
+
+    Args:
+        perf: dataset name -> the scorer's per-dataset performance (mean over its 3 rounds of
+            correct / test images, a fraction in [0, 1]). With both challenge datasets the score is their
+            mean, summed in the scorer's order; with one dataset (``ddkit evaluate`` judges one at a time) it
+            is that dataset's performance, the mean over what was evaluated.
+
+    Raises:
+        PackageError: empty ``perf``, or more than one dataset when they are not the two challenge ones.
+    """
+    if not perf:
+        raise PackageError("scores: no challenge performance to write")
+    order = [n for n in ECCV2024 if n in perf] if set(perf) <= set(ECCV2024) else None
+    if order is None and len(perf) > 1:
+        raise PackageError(f"scores: datasets {sorted(perf)} are not the challenge's {sorted(ECCV2024)}")
+    score = 0
+    for name in order or list(perf):
+        score += perf[name]
+    score /= len(perf)
+    return f"correct: {score}"
+
+
+def write_official_scores(path: str | Path, perf: dict[str, float]) -> Path:
+    """Write :func:`official_scores` to ``path`` atomically; returns the path."""
+    from ddkit.io import atomic_write_text
+
+    atomic_write_text(Path(path), official_scores(perf))
+    return Path(path)
+
+
+def combine_scores(eval_dirs: list[str | Path], out: str | Path) -> Path:
+    """The two-dataset ``scores.txt`` from ``ddkit evaluate`` outputs (one per challenge dataset): each
+    ``results.json`` gives its dataset (``meta.dataset``) and the scorer performance of its submission
+    (``meta.scorer``, see :mod:`ddkit.evaluate.runner`). Writes ``out`` (a file) and returns it.
+
+    Raises:
+        PackageError: a directory without an eccv2024 result, or the same dataset twice.
+    """
+    perf: dict[str, float] = {}
+    for d in eval_dirs:
+        meta = (read_json(Path(d) / "results.json") or {}).get("meta", {})
+        name, value = meta.get("dataset"), meta.get("scorer")
+        if name is None or value is None:
+            raise PackageError(f"{d}/results.json: no eccv2024 scorer result (meta.dataset / meta.scorer)")
+        if name in perf:
+            raise PackageError(f"{d}: a second evaluation of {name}")
+        perf[name] = float(value)
+    return write_official_scores(out, perf)
+
+
 def check_tensor_file(path: str | Path, spec: ScorerSpec, *, tolerance: float = 0.02) -> Verdict:
     """Check one scorer file (``cifar100.pt`` / ``tinyimagenet.pt``) on disk; see :func:`check_submission`."""
     return _check_tensor(spec, Path(path).read_bytes(), {}, tolerance)
@@ -391,9 +448,24 @@ def write_eccv2024(sets: list[Distilled], out: str | Path, *, dataset: str | Non
     return out
 
 
-def write_folder(d: Distilled, out: str | Path) -> Path:
-    """Write ``out/<k:03d>_<class>/<i:04d>.png`` (uint8, as generated) plus ``manifest.json``, atomically."""
+def saved_images(d: Distilled) -> Distilled:
+    """The set as image files hold it: as generated, except D^3HR sets generated at 256 px, which are resized
+    to 224 with PIL LANCZOS as the D^3HR reference saves them (:func:`ddkit.methods.d3hr.reference_save_resize`)."""
+    import dataclasses
 
+    from ddkit.methods import d3hr
+
+    method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
+    if method != "d3hr" or tuple(d.images.shape[-2:]) != (256, 256):
+        return d
+    return dataclasses.replace(d, images=d3hr.reference_save_resize(d.images, d3hr.SAVE_SIZE))
+
+
+def write_folder(d: Distilled, out: str | Path) -> Path:
+    """Write ``out/<k:03d>_<class>/<i:04d>.png`` (uint8, as :func:`saved_images`) plus ``manifest.json``,
+    atomically."""
+
+    d = saved_images(d)
     out = Path(out)
     with atomic_dir(out, overwrite=True) as tmp:
         files: dict[str, str] = {}
@@ -409,9 +481,11 @@ def write_folder(d: Distilled, out: str | Path) -> Path:
 
 
 def write_webdataset(d: Distilled, out: str | Path) -> Path:
-    """Write the set as WebDataset shards (``png`` + ``cls`` per sample), ``classes.json``, ``manifest.json``."""
+    """Write the set (as :func:`saved_images`) as WebDataset shards (``png`` + ``cls`` per sample),
+    ``classes.json``, ``manifest.json``."""
     import webdataset as wds
 
+    d = saved_images(d)
     out = Path(out)
     with atomic_dir(out, overwrite=True) as tmp:
         counters = [0] * len(d.classes)
@@ -878,4 +952,5 @@ __all__ = [
     "CIFAR100_CLASSES", "ECCV2024", "FORMATS", "IPC", "CheckReport", "Distilled", "ScorerSpec", "Verdict",
     "canonical_order", "check_submission", "check_tensor_file", "make_readable", "scorer_tensor", "load_distilled", "normalize", "package_generator", "package_run",
     "resize_uint8", "resolve_gen_dir", "to_scorer_tensor", "write_eccv2024", "write_folder", "write_webdataset",
+    "saved_images", "official_scores", "write_official_scores", "combine_scores", "SCORES_FILE",
 ]

@@ -395,6 +395,9 @@ def test_cli_writes_results_with_baselines_and_resumes(real, tmp_path):
     lines = result.output.splitlines()
     assert all(str(f) in lines for f in fractions)
     assert f"Performance on demo dataset is {(0.0 + fractions[0] + fractions[1]) / 2}" in lines
+    # scores.txt is the official one line (the printout goes to scorer_log.txt).
+    assert (out / "scores.txt").read_text() == f"correct: {(0.0 + fractions[0] + fractions[1]) / 2}"
+    assert str(fractions[0]) in (out / "scorer_log.txt").read_text().splitlines()
     assert (out / "table.md").read_text().count("|") > 10 and (out / "DONE").is_file()
     n_runs = len((out / "runs.jsonl").read_text().splitlines())
     assert n_runs == 4

@@ -238,6 +238,7 @@ def evaluate(
     done = _read_runs(runs_path)
     results: dict[str, dict] = {}
     scorer_lines: list[str] = []
+    scorer_perf: float | None = None  # the scorer's performance of the first distilled set (the submission)
     console = _console()
     for s in sets:
         if s.kind == "full":
@@ -309,6 +310,8 @@ def evaluate(
             for f in finals:
                 score += _fraction(f, n_test)
             line = f"Performance on {s.name} dataset is {score / len(finals)}"
+            if scorer_perf is None and s.kind == "distilled":
+                scorer_perf = score / len(finals)
             scorer_lines.append(line)
             if progress:
                 console.print(line, highlight=False)
@@ -325,6 +328,8 @@ def evaluate(
         "precision": cfg.precision,
         "real": str(real),
         "order": list(results),  # results.json is key-sorted; this is the table's order
+        "dataset": index.get("dataset"),
+        "scorer": scorer_perf,
         "classes": classes,
         "hardware": hardware_info(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -334,7 +339,13 @@ def evaluate(
     atomic_write_json(out / "results.json", {"sets": results, "meta": meta})
     atomic_write_text(out / "table.md", table_markdown(results, protocol, network))
     if scorer_lines:
-        atomic_write_text(out / "scores.txt", "\n".join(scorer_lines) + "\n")
+        # scores.txt as the official scorer writes it (one line, ddkit.package.official_scores); its printout
+        # (per-round fractions, per-set lines) goes to scorer_log.txt.
+        atomic_write_text(out / "scorer_log.txt", "\n".join(scorer_lines) + "\n")
+    if scorer_perf is not None:
+        from ddkit.package import SCORES_FILE, write_official_scores
+
+        write_official_scores(out / SCORES_FILE, {str(index.get("dataset")): scorer_perf})
     if progress:
         console.print(rich_table(results, protocol, network))
     mark_done(out, {"sets": list(results)})

@@ -32,7 +32,10 @@ Pipeline (one class k at a time):
    weights λ_μ, λ_σ, λ_γ; we could not retrieve its stated numeric values in this environment, so the
    reference code's values are the defaults — set ``generate.d3hr.lambda_*`` to the paper's if they differ.
    ``num_groups`` is a real count m. The reference's ``--m 100000`` runs ``m // 10 = 10,000`` batches of
-   10,000 groups, i.e. 10^8 groups per class; we do not copy that (default m = 10,000, one reference batch).
+   10,000 groups, i.e. 10^8 groups per class (:data:`REFERENCE_NUM_GROUPS`); the default m = 10,000 is one
+   reference batch, and any m up to 10^8 can be set (``generate.d3hr.num_groups``). The search runs inside
+   the generation budget; :func:`select_latents` returns its seconds per class, which ``ddkit generate``
+   prints and records, and :func:`group_search_seconds` estimates it for any m from one timed chunk.
 4. **Decoding** by DDIM from the stored timestep with CFG 4.0, then VAE decoding for latent models (done by
    :mod:`ddkit.sampling`/:mod:`ddkit.generate`; :func:`ddim_denoise` here is the same loop, used for tests
    and the benchmark). The reference keeps the latent stored at t = 600 but restarts its 50-step DDIM
@@ -42,6 +45,15 @@ Pipeline (one class k at a time):
    because it is what produced the paper's numbers: the first x0-prediction divides by √ᾱ_620 = 0.141
    instead of √ᾱ_600 = 0.160, scaling it up by about 13%, and the sampler gets one more denoising step —
    a mild sharpening, not an exact reconstruction (``tests/test_d3hr.py`` measures both round trips).
+   The reference decodes on its 50-step grid, 620, 600, …, 0 (32 steps, :func:`decode_grid`); ``ddkit
+   generate`` caps the planner's steps at that count (:func:`decode_settings`), so the chain is exactly the
+   reference's whenever the budget allows 32 steps, and a coarser spacing of [0, 620] when it does not.
+   CFG covers all latent channels (the reference's ``sample`` guides ``noise_pred[:, :latent_channels]``),
+   whatever ``generate.guided_channels`` says for the other methods.
+5. **Saving**: the reference saves each 256 px decoded image resized to 224 with PIL LANCZOS
+   (``group_sampling.py``: ``numpy_to_pil(image)[0].resize((224, 224), Image.LANCZOS)``); see
+   :func:`reference_save_resize`. Real images enter inversion through ``Resize(256)`` + ``CenterCrop(256)``
+   (``dit_inversion_save_statistic.py`` ``get_transforms``); see :func:`reference_input_resize`.
 """
 
 from __future__ import annotations
@@ -63,7 +75,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ddkit.config import D3HRConfig, ExperimentConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: non-native inputs resized as the reference (Resize + CenterCrop), not bicubic
+#: Groups scored per class by the reference (``group_sampling.py``: ``m // 10`` batches of 10,000, m = 100,000).
+REFERENCE_NUM_GROUPS = 10**8
+#: CFG channels of the D^3HR decoding chain: None = all, as the reference ``sample`` guides every latent channel.
+GUIDED_CHANNELS = None
 # Largest candidate tensor scored at once (elements, float32): 2^24 = 64 MiB, so ImageNet latents
 # (D = 4096) at IPC 50 still fit comfortably on a GPU or in CPU RAM.
 _MAX_CHUNK_ELEMENTS = 1 << 24
@@ -113,6 +129,26 @@ def start_timestep(cfg: D3HRConfig, num_train_timesteps: int = 1000) -> int:
     if t >= num_train_timesteps:
         raise ConfigError(f"generate.d3hr.restart_strides: restart timestep {t} >= {num_train_timesteps}")
     return t
+
+
+def decode_grid(cfg: D3HRConfig, num_train_timesteps: int = 1000) -> list[int]:
+    """The reference's decoding timesteps: the DDIM grid (stride ``num_train_timesteps // inversion_steps``)
+    from :func:`start_timestep` down to 0 — ``[620, 600, …, 0]``, 32 steps, with the defaults
+    (``group_sampling.py``: ``scheduler.timesteps[18:]`` of 50 "leading" steps)."""
+    return list(range(start_timestep(cfg, num_train_timesteps), -1, -stride(cfg, num_train_timesteps)))
+
+
+def decode_settings(gcfg, num_train_timesteps: int = 1000):
+    """The :class:`ddkit.config.GenerateConfig` D^3HR decodes with: ``steps_min``/``steps_max`` capped at
+    ``len(decode_grid)`` (so the planner's largest choice is the reference's stride-20 chain, which
+    ``ddkit.sampling.timestep_spacing("ddim", 32, start_timestep=620)`` reproduces exactly) and
+    ``guided_channels`` = :data:`GUIDED_CHANNELS` (all channels, as the reference)."""
+    import dataclasses
+
+    n = len(decode_grid(gcfg.d3hr, num_train_timesteps))
+    return dataclasses.replace(
+        gcfg, steps_min=min(gcfg.steps_min, n), steps_max=min(gcfg.steps_max, n), guided_channels=GUIDED_CHANNELS
+    )
 
 
 def _inverse_scheduler(num_train_timesteps: int, steps: int):
@@ -386,23 +422,57 @@ def statistics_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
+#: Side of the PNGs the reference saves (``group_sampling.py``: ``.resize((224, 224), Image.LANCZOS)``).
+SAVE_SIZE = 224
+
+
+def _pil_map(images_u8: torch.Tensor, fn) -> torch.Tensor:
+    """Apply ``fn(PIL image) -> PIL image`` to each uint8 [C, H, W] of [B, C, H, W]; uint8 [B, C, H', W']."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = []
+    for img in images_u8.cpu():
+        arr = img.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        res = np.asarray(fn(pil), dtype=np.uint8)
+        out.append(torch.from_numpy(res.reshape(res.shape[0], res.shape[1], -1).copy()).permute(2, 0, 1))
+    return torch.stack(out) if out else images_u8
+
+
+def reference_input_resize(images_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """The reference's inversion input transform on uint8 [B, C, H, W]: ``transforms.Resize(size)`` (shorter
+    side to ``size``, PIL bilinear, torchvision's default) then ``CenterCrop(size)``
+    (``dit_inversion_save_statistic.py`` ``get_transforms``). Returns uint8 [B, C, size, size]; the reference's
+    ``ToTensor`` then divides these bytes by 255."""
+    from torchvision import transforms
+
+    t = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+    return _pil_map(images_u8, t)
+
+
+def reference_save_resize(images_u8: torch.Tensor, size: int = SAVE_SIZE) -> torch.Tensor:
+    """The reference's save step on uint8 [B, C, H, W]: each decoded image resized to ``size`` x ``size`` with
+    PIL LANCZOS (``group_sampling.py``). Returns uint8 [B, C, size, size]."""
+    from PIL import Image
+
+    return _pil_map(images_u8, lambda im: im.resize((size, size), Image.LANCZOS))
+
+
 def _prepare(
     images_u8: torch.Tensor, model, vae, cfg: ExperimentConfig, device, generator=None
 ) -> torch.Tensor:
     """uint8 [B, C, H, W] -> the clean latent the backbone diffuses (float32 on device).
 
-    Latent models sample z ~ q(z | x) like the reference (``latent_dist.sample()``), from ``generator`` so the
-    statistics are reproducible.
+    Images not at the backbone's native resolution (256 for DiT-XL/2) go through the reference's
+    ``Resize`` + ``CenterCrop`` first (:func:`reference_input_resize`). Latent models sample z ~ q(z | x)
+    like the reference (``latent_dist.sample()``), from ``generator`` so the statistics are reproducible.
     """
-    import torch.nn.functional as F
-
-    x = images_u8.to(device).float() / 127.5 - 1.0
     size = model.input_size * 8 if vae is not None else model.input_size
-    if x.shape[-1] != size or x.shape[-2] != size:
-        # The reference resizes to the backbone's native resolution (256 for DiT-XL/2) before encoding.
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(
-            -1, 1
-        )
+    if images_u8.shape[-1] != size or images_u8.shape[-2] != size:
+        images_u8 = reference_input_resize(images_u8, size)
+    x = images_u8.to(device).float() / 127.5 - 1.0
     if vae is not None:
         from ddkit.models.vae import encode
 
@@ -793,3 +863,38 @@ def initial_latents(
     best, score = select_group(mu, sigma, ipc, num_groups=cfg.num_groups, generator=gen, cfg=cfg)
     lat = best.reshape(ipc, *shape).contiguous()
     return (lat, score) if return_score else lat
+
+
+def select_latents(
+    stats: D3HRStats, classes, ipc: int, *, seed: int, cfg: D3HRConfig, device=None
+) -> tuple[dict[int, torch.Tensor], float]:
+    """:func:`initial_latents` for each class in ``classes``, on the CPU.
+
+    Returns:
+        ({class index: float32 [ipc, C, H, W]}, wall seconds per class of the group search).
+    """
+    classes = sorted(set(classes))
+    t0 = time.perf_counter()
+    out = {c: initial_latents(stats, c, ipc, seed=seed, cfg=cfg, device=device).cpu() for c in classes}
+    return out, (time.perf_counter() - t0) / max(1, len(classes))
+
+
+def group_search_seconds(dim: int, ipc: int, cfg: D3HRConfig, *, num_groups: int | None = None, device=None) -> float:
+    """Estimated seconds per class to score ``num_groups`` (default ``cfg.num_groups``) candidate groups of
+    ``ipc`` latents with ``dim`` features: one chunk of :func:`select_group` is timed (after a warm-up)
+    and scaled by the number of chunks. Use it to price m = :data:`REFERENCE_NUM_GROUPS` before a run."""
+    import torch
+
+    m = cfg.num_groups if num_groups is None else num_groups
+    per_chunk = max(1, min(cfg.chunk, _MAX_CHUNK_ELEMENTS // max(1, ipc * dim)))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    mu, sigma = torch.zeros(dim, device=dev), torch.ones(dim, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    timed = math.inf
+    for _ in range(2):  # the first run pays one-off allocation costs
+        t0 = time.perf_counter()
+        select_group(mu, sigma, ipc, num_groups=per_chunk, generator=gen, cfg=cfg)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        timed = min(timed, time.perf_counter() - t0)
+    return timed * math.ceil(m / per_chunk)

@@ -21,7 +21,14 @@ from ddkit.models.backbone import (
     init_dit_weights,
     tie_conditioning,
 )
-from ddkit.models.checkpoint import checkpoint_path, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ddkit.models.checkpoint import (
+    as_checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    read_torch_file,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "REGISTRY",
@@ -50,18 +57,27 @@ def model_config_from_dict(d: dict, source: str = "<checkpoint>"):
     return from_dict(ModelConfig, d, source)
 
 
-def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difffit_blocks: int | None = None):
+def load_backbone(
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    device="cpu",
+    difffit_blocks: int | None = None,
+    timestep_shift: int | None = None,
+):
     """Load a backbone from a ddkit checkpoint, a stage dir, or a diffusers DiT dir / Hugging Face id.
 
     Args:
-        path: ``RUN/<stage>/ckpt/last.pt``, ``RUN/<stage>``, a shipped ``ddkit:NAME`` (:mod:`ddkit.assets`),
-            a diffusers ``DiTTransformer2DModel`` dir (or a
-            pipeline dir with ``transformer/``), or an HF id such as ``facebook/DiT-XL-2-256`` present in
-            the local HF cache (loaded with ``local_files_only=True``; no network).
+        path: ``RUN/<stage>/ckpt/last.pt``, ``RUN/<stage>``, a shipped ``ddkit:NAME`` (:mod:`ddkit.assets`), an original-DiT ``.pt`` (facebookresearch/DiT or
+            MinimaxDiffusion, ported by :mod:`ddkit.models.dit_original`), a diffusers
+            ``DiTTransformer2DModel`` dir (or a pipeline dir with ``transformer/``), or an HF id such as
+            ``facebook/DiT-XL-2-256`` present in the local HF cache (loaded with ``local_files_only=True``;
+            no network).
         use_ema: take the EMA weights of a ddkit checkpoint (what sampling uses).
         device: where to put the model.
         difffit_blocks: add DiffFit gammas (init 1) to the first N blocks when the source has fewer
             (fine-tuning start); None keeps the source's.
+        timestep_shift: ``ModelConfig.timestep_shift`` override (None: the source's own; 0 for original DiT).
 
     Returns:
         (Backbone in eval mode, ModelConfig).
@@ -77,8 +93,19 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difff
     path = asset_path(str(path))
     ckpt = resolve_checkpoint(path)
     if ckpt is not None:
-        state = load_checkpoint(ckpt)
+        from ddkit.models.dit_original import load_original, original_state
+
+        blob = read_torch_file(ckpt)  # read once: DiT-XL/2 checkpoints are gigabytes
+        orig = original_state(blob)
+        if orig is not None:
+            model, mcfg = load_original(
+                orig, source=str(ckpt), timestep_shift=timestep_shift, difffit_blocks=difffit_blocks
+            )
+            return model.to(device).eval(), mcfg
+        state = as_checkpoint(blob, ckpt)
         mcfg = model_config_from_dict(state["model_config"], str(ckpt))
+        if timestep_shift is not None:
+            mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
         src_blocks = mcfg.difffit_blocks
         if difffit_blocks is not None and difffit_blocks > src_blocks:
             mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
@@ -124,5 +151,7 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difff
     mcfg = config_from_diffusers(dict(dit.config), pretrained=src)
     if difffit_blocks:
         mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
+    if timestep_shift is not None:
+        mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
     model = Backbone(dit, mcfg)
     return model.to(device).eval(), mcfg

@@ -147,6 +147,7 @@ class Backbone(nn.Module):
             blk.norm1.emb.class_embedder.dropout_prob = 0.0
         if tie_embedders:
             tie_conditioning(dit, force=tie_embedders == "force")
+        set_timestep_shift(dit, 1 if config.timestep_shift is None else config.timestep_shift)
         n = min(config.difffit_blocks, len(blocks))
         self.gammas = nn.ModuleList([DiffFitGammas(dit.inner_dim) for _ in range(n)])
         for g, blk in zip(self.gammas, blocks[: len(self.gammas)], strict=True):
@@ -209,6 +210,14 @@ class Backbone(nn.Module):
             if flag:
                 out.append((name, p))
         return out
+
+
+def set_timestep_shift(dit: nn.Module, shift: int) -> None:
+    """Set the sinusoid divisor ``half - shift`` of every block's timestep embedding (diffusers
+    ``Timesteps.downscale_freq_shift``): 0 reproduces facebookresearch/DiT ``TimestepEmbedder`` (see
+    :mod:`ddkit.models.dit_original`), 1 is diffusers' DiT default."""
+    for blk in dit.transformer_blocks:
+        blk.norm1.emb.time_proj.downscale_freq_shift = shift
 
 
 def tie_conditioning(dit: nn.Module, force: bool = False) -> bool:

@@ -49,6 +49,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         WeightsError: missing, unreadable or not a ddkit checkpoint (names the path).
     """
+    return as_checkpoint(read_torch_file(path), path)
+
+
+def as_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
+    """``state`` (what ``path`` held) when it is a ddkit checkpoint.
+
+    Raises:
+        WeightsError: it lacks the keys ``model`` and ``model_config`` (names the path).
+    """
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise WeightsError(f"{path}: not a ddkit checkpoint (needs keys 'model' and 'model_config')")
+    return state
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load`` onto the CPU, whatever the file holds.
+
+    Raises:
+        WeightsError: missing or unreadable (names the path).
+    """
     import torch
 
     p = Path(path)
@@ -60,6 +80,4 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(
             f"{p}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise WeightsError(f"{p}: not a ddkit checkpoint (needs keys 'model' and 'model_config')")
     return state
