@@ -80,6 +80,9 @@ def run_pipeline(
     Raises:
         DdkitError: from any stage (bad data, missing weights, budget too short, ...); completed stages stay.
     """
+    from ddkit.hardware import configure_threads
+
+    log(f"threads: {configure_threads()} (usable CPUs or OMP_NUM_THREADS)")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)

@@ -9,6 +9,7 @@ with the same settings only re-reads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -24,7 +25,7 @@ import torch
 from ddkit.config import EvaluateConfig, to_dict
 from ddkit.errors import DataError
 from ddkit.evaluate.protocols import ECCV2024Protocol, Protocol, RDEDProtocol, get_protocol
-from ddkit.evaluate.trainer import RunResult, train_student, train_teacher
+from ddkit.evaluate.trainer import RunResult, student_precision, train_student, train_teacher
 
 BASELINES = ("random_real", "full")
 
@@ -216,6 +217,10 @@ def evaluate(
     n_test = int(test_y.shape[0])
     ipc = cfg.ipc or (sets[0].ipc if sets else 10)
     real_fp = _key({"real": str(Path(real).resolve()), "sha": index.get("sha256", {})})
+    shape = (int(index["channels"]), int(index["resolution"]), int(index["resolution"]))
+    bs0 = cfg.batch_size or protocol.batch_size_for(ipc, k)
+    precision = student_precision(cfg.precision, network, shape, k, bs0, device)
+    cfg = dataclasses.replace(cfg, precision=precision.precision)  # run keys and students use the resolved one
     for b in cfg.baselines:
         if b == "random_real":
             sets.append(
@@ -322,7 +327,7 @@ def evaluate(
         "repeats": cfg.repeats,
         "seed": cfg.seed,
         "device": str(device),
-        "precision": cfg.precision,
+        "precision": precision.to_dict(),
         "real": str(real),
         "order": list(results),  # results.json is key-sorted; this is the table's order
         "classes": classes,
