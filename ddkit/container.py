@@ -169,10 +169,7 @@ def lint_definition(path: str | Path = DEFAULT_DEF, *, project_root: str | Path 
     """
     p = Path(path)
     d = read_definition(p)
-    try:
-        root = Path(project_root) if project_root is not None else build_context(p)
-    except ContainerError as e:
-        return [str(e)]
+    root = Path(project_root) if project_root is not None else p.resolve().parent.parent
     problems = list(d.problems)
     keys = list(d.header)
     if not keys or keys[0] != "Bootstrap":
@@ -340,10 +337,10 @@ def build(definition: str | Path = DEFAULT_DEF, image: str | Path = DEFAULT_IMAG
     Raises:
         ContainerError: lint problems, apptainer missing, or the build failing (with its exit code).
     """
-    context = build_context(definition)
     problems = lint_definition(definition)
     if problems:
         raise ContainerError(f"{definition}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    context = build_context(definition)
     cmd = build_command(definition, image, fakeroot=(not is_root()) if fakeroot is None else fakeroot, force=force)
     echo(format_command(cmd))
     cmd[0] = find_apptainer()
