@@ -209,11 +209,11 @@ def detect_capabilities(device: Any) -> Capabilities:
     device = torch.device(device)
     cap = torch.backends.cpu.get_cpu_capability()
     if device.type == "cuda":
-        return Capabilities(
-            device_name=torch.cuda.get_device_name(device),
-            cpu_capability=cap,
-            cuda_bf16=bool(torch.cuda.is_bf16_supported(including_emulation=False)),
-        )
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 has no such argument: native bf16 tensor cores start at sm_80
+            native = torch.cuda.get_device_capability(device) >= (8, 0)
+        return Capabilities(device_name=torch.cuda.get_device_name(device), cpu_capability=cap, cuda_bf16=bool(native))
     name = platform.processor() or platform.machine()
     for line in _cpuinfo_lines():
         if line.startswith("model name"):
