@@ -42,7 +42,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIN_SPEEDUP = 1.10
 #: Seconds the timed check may spend per precision (one warm-up step plus 1..TIMED_STEPS timed steps).
 CHECK_BUDGET_S = 2.0
-TIMED_STEPS = 2
+TIMED_STEPS = 3
 #: Largest batch the timed check runs (keeps it to a few seconds; the ratio barely depends on it beyond).
 CHECK_BATCH = 64
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -243,41 +243,52 @@ def step_timer(
     step: Callable[[], Any],
     device_type: str,
     *,
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
     budget_s: float = CHECK_BUDGET_S,
     timed_steps: int = TIMED_STEPS,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Timer:
     """A :data:`Timer` around ``step`` (one step of the actual model; see :func:`model_step`).
 
-    Per precision: one warm-up step (kernel selection, weight packing), then up to ``timed_steps`` steps
-    while the ``budget_s`` lasts (at least one); returns the fastest timed step (seconds), or the warm-up
-    step's time when that alone overran the budget (a step that slow, e.g. emulated bf16, decides the
-    question anyway). Global RNG states are restored afterwards, so a resumed run stays exact.
+    The first call measures every one of ``precisions``, interleaved so that a change in machine load hits
+    them alike: one warm-up step each (kernel selection, weight packing), then rounds of one step each while
+    ``budget_s`` per precision lasts (``timed_steps`` rounds at most, one at least); each precision's time is
+    its fastest timed step (seconds). When a warm-up step alone overran the budget (emulated bf16 on a CPU
+    without it), the warm-up times are the answer: a step that slow decides the question anyway. Later calls
+    return the stored times. Global RNG states are restored afterwards, so a resumed run stays exact.
     """
     import torch
 
-    def sync() -> None:
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+    times: dict[str, float] = {}
+
+    def one(precision: str) -> float:
+        with autocast(device_type, precision):
+            t = clock()
+            step()
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            return clock() - t
+
+    def measure() -> None:
+        with torch.random.fork_rng(devices=[]):
+            warm = {p: one(p) for p in precisions}
+            if max(warm.values()) > budget_s:
+                times.update(warm)
+                return
+            best = {p: float("inf") for p in precisions}
+            spent = sum(warm.values())
+            for _ in range(timed_steps):
+                for p in precisions:
+                    dt = one(p)
+                    best[p], spent = min(best[p], dt), spent + dt
+                if spent > budget_s * len(precisions):
+                    break
+            times.update(best)
 
     def timer(precision: str) -> float:
-        with torch.random.fork_rng(devices=[]), autocast(device_type, precision):
-            start = clock()
-            step()
-            sync()
-            warm = clock() - start
-            if warm > budget_s:
-                return warm
-            best, spent = float("inf"), warm
-            for _ in range(timed_steps):
-                t = clock()
-                step()
-                sync()
-                dt = clock() - t
-                best, spent = min(best, dt), spent + dt
-                if spent > budget_s:
-                    break
-            return best
+        if not times:
+            measure()
+        return times[precision]
 
     return timer
 

@@ -123,25 +123,26 @@ def test_a_resumed_run_keeps_the_recorded_choice(monkeypatch):
     assert hw.choose_precision("fp32", "cpu", role="train", step=never, previous=other).precision == "fp32"
 
 
-def test_step_timer_stays_inside_its_budget():
+def test_step_timer_interleaves_and_stays_inside_its_budget():
     now = [0.0]
-    per_step = {"fp32": 0.1, "bf16": 5.0}
-    current = {}
-
-    def clock() -> float:
-        return now[0]
+    per_step = {"fp32": 0.1, "bf16": 0.05}
+    order = []
 
     def step() -> None:
-        now[0] += per_step[current["p"]]
+        p = "bf16" if torch.is_autocast_enabled("cpu") else "fp32"
+        order.append(p)
+        now[0] += per_step[p]
 
-    def timer_for(p):
-        current["p"] = p
-        return hw.step_timer(step, "cpu", budget_s=2.0, timed_steps=2, clock=clock)(p)
+    timer = hw.step_timer(step, "cpu", budget_s=2.0, timed_steps=3, clock=lambda: now[0])
+    assert timer("fp32") == pytest.approx(0.1) and timer("bf16") == pytest.approx(0.05)
+    assert order == ["fp32", "bf16"] * 4  # warm-up, then three interleaved rounds; the second call is stored
 
-    assert timer_for("fp32") == pytest.approx(0.1)
-    start = now[0]
-    assert timer_for("bf16") == pytest.approx(5.0)  # one slow warm-up step decides: no further steps
-    assert now[0] - start == pytest.approx(5.0)
+    # Emulated bf16 (5 s a step): the warm-up overruns the budget and decides, nothing more is run.
+    now[0], order[:] = 0.0, []
+    per_step["bf16"] = 5.0
+    timer = hw.step_timer(step, "cpu", budget_s=2.0, timed_steps=3, clock=lambda: now[0])
+    assert timer("bf16") == pytest.approx(5.0) and timer("fp32") == pytest.approx(0.1)
+    assert order == ["fp32", "bf16"] and now[0] == pytest.approx(5.1)
 
 
 # ------------------------------------------------------------------------------------------------------------
