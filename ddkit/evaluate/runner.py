@@ -197,7 +197,7 @@ def evaluate(
         ConfigError: unknown protocol or network.
     """
     from ddkit.data import load_tensors, read_index
-    from ddkit.io import append_jsonl, hardware_info, mark_done, write_run_config
+    from ddkit.io import append_jsonl, atomic_write_json, hardware_info, mark_done, write_run_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +219,11 @@ def evaluate(
     real_fp = _key({"real": str(Path(real).resolve()), "sha": index.get("sha256", {})})
     shape = (int(index["channels"]), int(index["resolution"]), int(index["resolution"]))
     bs0 = cfg.batch_size or protocol.batch_size_for(ipc, k)
-    precision = student_precision(cfg.precision, network, shape, k, bs0, device)
+    # A rerun keeps the recorded choice (its cached runs are keyed by it); see ddkit.hardware.choose_precision.
+    prec_path = out / "precision.json"
+    prev = json.loads(prec_path.read_text()) if prec_path.is_file() else None
+    precision = student_precision(cfg.precision, network, shape, k, bs0, device, previous=prev)
+    atomic_write_json(prec_path, precision.to_dict())
     cfg = dataclasses.replace(cfg, precision=precision.precision)  # run keys and students use the resolved one
     for b in cfg.baselines:
         if b == "random_real":
@@ -334,7 +338,7 @@ def evaluate(
         "hardware": hardware_info(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    from ddkit.io import atomic_write_json, atomic_write_text
+    from ddkit.io import atomic_write_text
 
     atomic_write_json(out / "results.json", {"sets": results, "meta": meta})
     atomic_write_text(out / "table.md", table_markdown(results, protocol, network))

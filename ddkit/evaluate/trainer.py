@@ -71,9 +71,10 @@ def _stepper(device: torch.device, precision: str) -> Callable[[torch.optim.Opti
 
 
 def student_precision(requested: str, network: str, shape: tuple[int, int, int], num_classes: int,
-                      batch_size: int, device: torch.device | str):
+                      batch_size: int, device: torch.device | str, previous: dict | None = None):
     """``evaluate.precision`` resolved for this student (:func:`ddkit.hardware.choose_precision`; auto times a
-    training step of a fresh ``network`` on a random batch ``[batch_size, *shape]``, shape ``(C, H, W)``).
+    training step of a fresh ``network`` on a random batch ``[min(batch_size, 256), *shape]``, shape
+    ``(C, H, W)``; ``previous``: a recorded choice to keep).
 
     Returns:
         A :class:`ddkit.hardware.PrecisionChoice`.
@@ -85,7 +86,8 @@ def student_precision(requested: str, network: str, shape: tuple[int, int, int],
         torch.manual_seed(0)
         net = build(network, shape[0], num_classes, shape[-1]).to(device).train()
         x = torch.randn(min(batch_size, 256), *shape, device=device)
-    return hw.choose_precision(requested, device, role="evaluate", step=hw.model_step(net, (x,), backward=True))
+    step = hw.model_step(net, (x,), backward=True)
+    return hw.choose_precision(requested, device, role="evaluate", step=step, previous=previous)
 
 
 def _batches(n: int, batch_size: int):
