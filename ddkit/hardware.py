@@ -170,17 +170,25 @@ def _ratio(timer: Timer | None) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 # Capabilities and timing (impure)
 # ----------------------------------------------------------------------------------------------------------
-def cpu_flags(path: str | Path = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU feature flags of the first processor in ``/proc/cpuinfo`` (empty where there is none)."""
+def cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's ``key: value`` lines of ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         text = Path(path).read_text()
     except OSError:
-        return frozenset()
+        return {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
+        if not line.strip():
+            break
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        info[key.strip()] = value.strip()
+    return info
+
+
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags (x86 ``flags``, Arm ``Features``) from :func:`cpuinfo`."""
+    info = cpuinfo(path)
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 def cpu_bf16_features(flags: frozenset[str] | None = None) -> tuple[str, ...]:
@@ -214,19 +222,8 @@ def detect_capabilities(device: Any) -> Capabilities:
         except TypeError:  # torch < 2.4 has no such argument: native bf16 tensor cores start at sm_80
             native = torch.cuda.get_device_capability(device) >= (8, 0)
         return Capabilities(device_name=torch.cuda.get_device_name(device), cpu_capability=cap, cuda_bf16=bool(native))
-    name = platform.processor() or platform.machine()
-    for line in _cpuinfo_lines():
-        if line.startswith("model name"):
-            name = line.partition(":")[2].strip()
-            break
+    name = cpuinfo().get("model name") or platform.processor() or platform.machine()
     return Capabilities(device_name=name, cpu_capability=cap, cpu_bf16=cpu_bf16_features())
-
-
-def _cpuinfo_lines() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()[:40]
-    except OSError:
-        return []
 
 
 def autocast(device_type: str, precision: str):
@@ -399,6 +396,7 @@ __all__ = [
     "configure_threads",
     "cpu_bf16_features",
     "cpu_flags",
+    "cpuinfo",
     "detect_capabilities",
     "model_step",
     "resolve_precision",

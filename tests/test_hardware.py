@@ -145,6 +145,18 @@ def test_step_timer_interleaves_and_stays_inside_its_budget():
     assert order == ["fp32", "bf16"] and now[0] == pytest.approx(5.1)
 
 
+def test_cpuinfo_flags_give_the_native_bf16_features(tmp_path):
+    zen3 = tmp_path / "zen3"
+    zen3.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx avx2 fma\n\n"
+                    "processor\t: 1\nflags\t\t: avx512_bf16\n")
+    assert hw.cpuinfo(zen3)["model name"] == "AMD EPYC 7B13"
+    assert hw.cpu_bf16_features(hw.cpu_flags(zen3)) == ()  # only the first processor is read
+    spr = tmp_path / "spr"
+    spr.write_text("flags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert hw.cpu_bf16_features(hw.cpu_flags(spr)) == ("avx512_bf16", "amx_bf16")
+    assert hw.cpu_flags(tmp_path / "missing") == frozenset()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The real host
 # ------------------------------------------------------------------------------------------------------------
