@@ -157,6 +157,22 @@ def test_cpuinfo_flags_give_the_native_bf16_features(tmp_path):
     assert hw.cpu_flags(tmp_path / "missing") == frozenset()
 
 
+def test_fp16_training_scales_the_loss_and_checkpoints_the_scaler():
+    from ddkit.train import Trainer
+
+    cfg = load_config(None, ["pretrain.precision=fp16", "pretrain.batch_size=8"])
+    tr = Trainer.from_model(cfg, "pretrain", _tiny_backbone())
+    assert tr.precision.precision == "fp16" and tr.scaler.is_enabled()
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.rand(8, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 4, (8,), generator=g))
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    for _ in range(2):
+        assert torch.isfinite(tr.train_step(batch)).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
+    state = tr._state([tr._rank_state()])
+    assert state["scaler"]["scale"] > 1 and state["precision"]["precision"] == "fp16"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The real host
 # ------------------------------------------------------------------------------------------------------------
