@@ -10,11 +10,12 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml: pip takes them from this machine's disk.
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml asks for torch>=2.4; constraints.txt pins torch 2.14.1 / torchvision 0.29.1, the releases on
+# this machine's disk, so pip never downloads a multi-GB CUDA build. `.[dev]` includes the `demo` extra.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: install

@@ -179,6 +179,7 @@ def budget_runs(runs: int, time_limit: float) -> None:
                     f"run_dir={tmp}/run{r}",
                     f"data.shards={tmp}/none",
                     "generate.batch_size=20",
+                    "generate.precision=fp32",  # budget use in one fixed precision
                     "model.input_size=16",
                     "generate.steps_min=2",
                     "generate.steps_max=50",

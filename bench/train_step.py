@@ -43,7 +43,8 @@ def _mnist(n: int, size: int, rgb: bool):
 def _cfg(sets: list[str]):
     from ddkit.config import load_config
 
-    return load_config(None, sets)
+    # fp32 unless a set says otherwise: the ratios compare steps in one precision (auto would time the host)
+    return load_config(None, ["pretrain.precision=fp32", "minimax.precision=fp32", *sets])
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,37 @@ BOOTSTRAP_AGENTS = ("docker", "docker-archive", "docker-daemon", "oci", "oci-arc
                     "shub", "debootstrap", "yum", "dnf", "zypper", "busybox", "arch", "scratch")
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DEF = ROOT / "containers" / "ddkit.def"
+SOURCE_URL = "https://github.com/ddkit/ddkit"
+
+
+def default_definition() -> Path:
+    """``containers/ddkit.def`` of a source checkout, else the copy shipped in the wheel (package data
+    ``ddkit/resources/ddkit.def``, found through ``importlib.resources``)."""
+    source = ROOT / "containers" / "ddkit.def"
+    if source.is_file():
+        return source
+    from importlib.resources import files
+
+    return Path(str(files("ddkit") / "resources" / "ddkit.def"))
+
+
+def build_context(definition: str | Path) -> Path:
+    """The build context of ``definition``: the source checkout it lies in (``%files`` copies from there).
+
+    Raises:
+        ContainerError: no ``pyproject.toml`` two levels up, e.g. the copy inside a wheel install.
+    """
+    root = Path(definition).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise ContainerError(
+            f"{definition}: the image is built from a ddkit source checkout (%files copies pyproject.toml, ddkit/ "
+            f"and configs/ from it) and this install has none: git clone {SOURCE_URL} and run "
+            "`ddkit container build` inside it"
+        )
+    return root
+
+
+DEFAULT_DEF = default_definition()
 DEFAULT_IMAGE = "ddkit.sif"
 HF_HOME = "/opt/hf"
 
@@ -310,11 +340,12 @@ def build(definition: str | Path = DEFAULT_DEF, image: str | Path = DEFAULT_IMAG
     problems = lint_definition(definition)
     if problems:
         raise ContainerError(f"{definition}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    context = build_context(definition)
     cmd = build_command(definition, image, fakeroot=(not is_root()) if fakeroot is None else fakeroot, force=force)
     echo(format_command(cmd))
     cmd[0] = find_apptainer()
     # The build context is the repo root: %files sources are relative to it.
-    r = subprocess.run(cmd, cwd=Path(definition).resolve().parent.parent)
+    r = subprocess.run(cmd, cwd=context)
     if r.returncode != 0:
         raise ContainerError(f"apptainer build exited {r.returncode} for {definition}")
     return Path(image)
@@ -460,7 +491,7 @@ def shadow_build(definition: str | Path = DEFAULT_DEF, *, project_root: str | Pa
         ContainerError: a phase exits non-zero (naming the phase and the last output line).
     """
     definition = Path(definition)
-    proj = Path(project_root) if project_root is not None else definition.resolve().parent.parent
+    proj = Path(project_root) if project_root is not None else build_context(definition)
     d = read_definition(definition)
     res = ShadowResult(Path(root))
     t = time.monotonic()

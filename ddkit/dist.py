@@ -64,6 +64,61 @@ def dist_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def usable_cpus(environ: dict[str, str] | None = None, affinity: int | None = None) -> int:
+    """CPUs this process may use (>= 1): thread pools and torch's intra-op threads are sized from it.
+
+    ``len(os.sched_getaffinity(0))`` (which honours taskset, cgroup cpusets and SLURM's binding, unlike
+    ``os.cpu_count()``), capped by ``SLURM_CPUS_PER_TASK`` when set (a job step that is not bound still must
+    not use more than ``--cpus-per-task``), then shared among the ``LOCAL_WORLD_SIZE`` processes torchrun
+    starts on this node (they inherit one affinity mask).
+
+    Args:
+        environ: the environment (default ``os.environ``).
+        affinity: CPUs in this process's affinity mask (default: measured; tests inject it).
+
+    Raises:
+        ConfigError: ``SLURM_CPUS_PER_TASK`` or ``LOCAL_WORLD_SIZE`` is not a positive integer.
+    """
+    env = os.environ if environ is None else environ
+    if affinity is None:
+        if hasattr(os, "sched_getaffinity"):
+            affinity = len(os.sched_getaffinity(0))
+        else:  # macOS / Windows have no affinity query: all CPUs
+            affinity = (getattr(os, "process_cpu_count", None) or os.cpu_count)() or 1
+    n = affinity
+    slurm = _positive_env(env, "SLURM_CPUS_PER_TASK")
+    if slurm is not None:
+        n = min(n, slurm)
+    local = _positive_env(env, "LOCAL_WORLD_SIZE")
+    if local is not None:
+        n //= local
+    return max(1, n)
+
+
+def thread_request(environ: dict[str, str] | None = None) -> int | None:
+    """``OMP_NUM_THREADS`` when the user set it (an explicit thread count wins over :func:`usable_cpus`).
+
+    Raises:
+        ConfigError: set but not a positive integer.
+    """
+    return _positive_env(os.environ if environ is None else environ, "OMP_NUM_THREADS")
+
+
+def _positive_env(env, name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw.split(",")[0])  # OMP_NUM_THREADS may list nested levels: "4,1"
+    except ValueError:
+        value = 0
+    if value < 1:
+        from ddkit.errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r}: expected a positive integer")
+    return value
+
+
 def first_host(nodelist: str) -> str:
     """First host of a SLURM node list: ``gpu[003-005,7],cpu1`` -> ``gpu003``."""
     m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())

@@ -297,7 +297,8 @@ def generate(
     from ddkit import budget
     from ddkit.sampling import SamplingAborted, sample, to_uint8
 
-    autocast = torch.bfloat16 if gcfg.precision == "bf16" else None
+    precision = _sampling_precision(gcfg, model, device)
+    autocast = precision.dtype
     # D^3HR restarts a deterministic DDIM chain from its inverted-statistics latents (reference
     # ``group_sampling.py``); the other methods use the configured sampler.
     sampler = "ddim" if method == "d3hr" else gcfg.sampler
@@ -500,6 +501,7 @@ def generate(
         "excluded_seconds": phases.get("d3hr_statistics", 0.0),  # outside the budget (module docstring)
         "margin_seconds": margin,
         "hardware": hardware_info(),
+        "precision": precision.to_dict(),
     }
     phases["save"] = clock() - mark  # the save itself is measured into the DONE marker below
     shard["phases"] = dict(phases)
@@ -516,6 +518,17 @@ def generate(
     elif merge_when_done and _all_shards_done(gen_dir, world):
         merge(gen_dir, t0=t0, clock=clock)
     return gen_dir
+
+
+def _sampling_precision(gcfg, model, device):
+    """``generate.precision`` resolved for this model (auto: :mod:`ddkit.hardware`, a timed no-grad forward
+    of the CFG-doubled batch)."""
+    from ddkit import hardware as hw
+
+    inputs = hw.backbone_inputs(model, 2 * gcfg.batch_size, device)
+    step = hw.model_step(model, inputs, backward=False)
+    # Per rank (no collective): ranks whose shard is done do not come here (see their collectives above).
+    return hw.choose_precision(gcfg.precision, device, role="generate", step=step, agree=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -640,6 +653,7 @@ def merge(
         "dropped_batches": {f"rank{s['rank']}": s["dropped_batches"] for s in shards},
         "world_size": world,
         "hardware": first["hardware"],
+        "precision": first.get("precision"),
     }
     atomic_write_json(gen_dir / "manifest.json", manifest)
     if ipc == 0:

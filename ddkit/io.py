@@ -242,11 +242,13 @@ def set_aside(path: str | Path, keep_dir: str | Path) -> Path | None:
 
 
 def hardware_info() -> dict[str, Any]:
-    """What ran this: host, CPU count, torch version, accelerator name (for manifests)."""
+    """What ran this: host, usable CPUs, torch threads and version, accelerator name (for manifests)."""
+    from ddkit.dist import usable_cpus
+
     info: dict[str, Any] = {
         "host": platform.node(),
         "python": platform.python_version(),
-        "cpus": os.cpu_count(),
+        "cpus": usable_cpus(),  # this process's affinity / SLURM_CPUS_PER_TASK, not the machine's count
         "platform": platform.platform(),
     }
     try:

@@ -298,7 +298,9 @@ def run_pipeline(
         DdkitError: from any stage (bad data, missing weights, budget too short, ...); completed stages stay.
     """
     from ddkit.eta import RunClock
+    from ddkit.hardware import configure_threads
 
+    log(f"threads: {configure_threads()} (usable CPUs or OMP_NUM_THREADS)")
     run_dir = Path(cfg.run_dir)
     result = PipelineResult(run_dir=run_dir)
     steps = plan(cfg, stages=stages, force=force)

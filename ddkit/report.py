@@ -91,6 +91,7 @@ def write_report(cfg: ExperimentConfig) -> Path:
     lines.append("")
     if pictures:
         lines += ["## Samples and budget", "", *pictures, ""]
+    lines += _precision_lines(run, cfg)
     timings_path = run / "pipeline.json"
     if timings_path.exists():
         t = read_json(timings_path)
@@ -99,6 +100,40 @@ def write_report(cfg: ExperimentConfig) -> Path:
         lines.append("")
     lines += ["Reproduce: `ddkit run configs/" + f"{cfg.name}.yaml`", ""]
     return atomic_write_text(run / "report.md", "\n".join(lines))
+
+
+def _precision_lines(run: Path, cfg: ExperimentConfig) -> list[str]:
+    """The "Precision and threads" table: each stage's resolved precision, why, the measured fp32/bf16
+    step-time ratio (:mod:`ddkit.hardware`) and its torch thread count, read from the stage records."""
+    from ddkit.io import DONE
+
+    rows = []
+    sources = [(s, run / s / DONE, ("precision",), ("hardware",)) for s in ("pretrain", "minimax")]
+    sources += [(f"generate {m}", run / f"gen-{m}" / "manifest.json", ("precision",), ("hardware",)) for m in cfg.methods]
+    sources.append(("evaluate", run / "eval" / "results.json", ("meta", "precision"), ("meta", "hardware")))
+    for stage, path, pkey, hkey in sources:
+        if not path.is_file():
+            continue
+        rec = read_json(path)
+        p, h = _dig(rec, pkey), _dig(rec, hkey) or {}
+        if not isinstance(p, dict):
+            continue
+        ratio = p.get("ratio")
+        rows.append(
+            f"| {stage} | {p.get('precision')} ({p.get('requested')}) | {p.get('reason', '')} | "
+            f"{'–' if ratio is None else f'{ratio:.2f}'} | {_fmt(h.get('threads'))} of {_fmt(h.get('cpus'))} |"
+        )
+    if not rows:
+        return []
+    head = ["## Precision and threads", "", "| stage | precision (requested) | why | fp32/bf16 step time | threads of usable CPUs |",
+            "|---|---|---|---|---|"]
+    return [*head, *rows, ""]
+
+
+def _dig(rec: Any, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        rec = rec.get(k) if isinstance(rec, dict) else None
+    return rec
 
 
 def _fmt(v: Any) -> str:

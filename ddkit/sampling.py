@@ -260,7 +260,8 @@ def sample(
         start_timestep: timestep of ``latents`` (default: the top of the schedule, T - 1).
         num_train_timesteps: T of the training schedule.
         timesteps: explicit descending model timesteps (overrides ``steps``/``start_timestep`` spacing).
-        autocast_dtype: run the backbone under ``torch.autocast`` with this dtype (bf16 on GPU).
+        autocast_dtype: run the backbone under ``torch.autocast`` with this dtype (bf16 / fp16; None: fp32),
+            ``generate.precision`` as resolved by :func:`ddkit.hardware.choose_precision`.
         step_callback: called as ``step_callback(i, n)`` after step i (0-based) of n; returns None/True to
             go on, False to abort, or an int k (< n - i - 1) to finish the chain in k more steps, respaced
             from the current timestep (the budget's mid-batch step reduction).

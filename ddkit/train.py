@@ -204,6 +204,7 @@ class Trainer:
             from ddkit.models.vae import load_vae
 
             self.vae = load_vae(mcfg.vae, device=self.device)
+        self._resolve_precision(state)
         self._ready = True
 
     def _init_training(self, model, ema, mcfg: ModelConfig, cond) -> None:
@@ -273,8 +274,25 @@ class Trainer:
         tr.vae = vae
         mcfg = model.config
         tr._init_training(model, _clone_backbone(model, mcfg), mcfg, torch.arange(mcfg.num_classes))
+        tr._resolve_precision(None)
         tr._ready = True
         return tr
+
+    def _resolve_precision(self, state: dict[str, Any] | None) -> None:
+        """``self.precision`` (:class:`ddkit.hardware.PrecisionChoice`; auto: capabilities + a timed check of
+        this model's step) and ``self.scaler`` (a GradScaler, active for fp16; restored on resume)."""
+        import torch
+
+        from ddkit import hardware as hw
+
+        inputs = hw.backbone_inputs(self.model, self.local_batch, self.device)
+        step = hw.model_step(self.model, inputs, backward=True)
+        prev = state.get("precision") if state is not None else None
+        self.precision = hw.choose_precision(self.tcfg.precision, self.device, role="train", step=step, previous=prev)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
+        if state is not None and state.get("scaler") and self.precision.grad_scaler:
+            self.scaler.load_state_dict(state["scaler"])
+        self._log_console(f"{self.stage} precision: {self.precision.summary()}")
 
     def _initial_model(self):
         """(Backbone, ModelConfig) to start from when not resuming."""
@@ -386,7 +404,7 @@ class Trainer:
     def _loop(self) -> None:
         from ddkit import dist
         from ddkit.data import make_loader
-        from ddkit.io import append_jsonl, mark_done
+        from ddkit.io import append_jsonl, hardware_info, mark_done
 
         tcfg = self.tcfg
         total = tcfg.steps
@@ -452,7 +470,8 @@ class Trainer:
             bar.close()
         self._checkpoint()
         if self.step >= total and self.is_main:
-            mark_done(self.stage_dir, {"step": self.step, "checkpoint": str(self.ckpt_path)})
+            mark_done(self.stage_dir, {"step": self.step, "checkpoint": str(self.ckpt_path),
+                                       "precision": self.precision.to_dict(), "hardware": hardware_info()})
         dist.barrier()
 
     def train_step(self, batch) -> Any:
@@ -463,6 +482,7 @@ class Trainer:
         """
         import torch
 
+        from ddkit.hardware import autocast
         from ddkit.methods.minimax import diffusion_losses, minimax_terms, timestep_weights
 
         tcfg, dev, gen = self.tcfg, self.device, self.generator
@@ -487,7 +507,7 @@ class Trainer:
         t = torch.randint(0, self.model_cfg.num_train_timesteps, (b,), generator=gen, device=dev)
         noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=x0.dtype)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
+        with autocast(dev.type, self.precision.precision):
             out = self.ddp(x_t, t, y)
         terms = diffusion_losses(out, x0, x_t, t, noise, self.tables, self.model_cfg.learn_sigma)
         w = timestep_weights(t, self.tables, tcfg.loss_weight_cap)  # ones without a cap (DiT)
@@ -502,10 +522,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step + 1)
-        total.backward()
+        self.scaler.scale(total).backward()  # fp16: loss scaling; otherwise the plain backward
         if tcfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._ema_pairs[1], tcfg.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self._update_ema()
         return torch.stack(
             [
@@ -621,6 +643,8 @@ class Trainer:
             "trainable_names": self.trainable_names,
             "stage": self.stage,
             "world_size": self.env.world_size,
+            "precision": self.precision.to_dict(),
+            "scaler": self.scaler.state_dict(),
         }
 
     def _checkpoint(self) -> Path:

@@ -13,8 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def pytest_configure(config):
     import torch
 
-    # CI has 2 cores; developers share theirs. More threads than cores only adds contention.
-    torch.set_num_threads(int(os.environ.get("DDKIT_TEST_THREADS", "2")))
+    # CI has 2 cores; developers share theirs. More threads than cores only adds contention. OMP_NUM_THREADS
+    # also holds stage commands run in-process or as subprocesses to it (ddkit.hardware.configure_threads).
+    threads = os.environ.get("DDKIT_TEST_THREADS", "2")
+    os.environ["OMP_NUM_THREADS"] = threads
+    torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(scope="session")

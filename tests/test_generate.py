@@ -31,6 +31,7 @@ def make_cfg(tmp_path, *sets):
             f"data.shards={tmp_path / 'no-shards'}",  # no shard index: classes are the backbone's 0..K-1
             "model.input_size=16",
             "generate.batch_size=10",
+            "generate.precision=fp32",  # images are compared between runs: no timed auto choice
             *sets,
         ],
     )

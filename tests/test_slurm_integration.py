@@ -94,7 +94,7 @@ def config_file(tmp_path_factory, mnist_shards) -> Path:
 name: tiny
 data: {{shards: {mnist_shards}}}
 model: {{arch: DiT-T/4}}
-pretrain: {{steps: {STEPS}, batch_size: 16, log_every: 5, ckpt_every: 5}}
+pretrain: {{steps: {STEPS}, batch_size: 16, log_every: 5, ckpt_every: 5, precision: fp32}}
 generate: {{steps_min: 2, steps_max: 2, ipc_min: 1, ipc_max: 1, batch_size: 10}}
 """
     )

@@ -15,6 +15,9 @@ from ddkit.errors import WeightsError
 
 TINY_SETS = [
     "model.arch=DiT-T/4",
+    # Exactness is compared between separate runs: one fixed precision (auto times the machine).
+    "pretrain.precision=fp32",
+    "minimax.precision=fp32",
     "pretrain.batch_size=16",
     "pretrain.log_every=2",
     "pretrain.ckpt_every=5",

@@ -49,10 +49,14 @@ def handle_errors(fn: F) -> F:
 
 
 def load(config: Optional[Path], sets: Optional[list[str]]):
-    """Load the experiment config (``ddkit.config.load_config``) from CLI arguments."""
+    """Load the experiment config (``ddkit.config.load_config``) from CLI arguments, and size torch's thread
+    pool for the stage command about to run (:func:`ddkit.hardware.configure_threads`)."""
     from ddkit.config import load_config
+    from ddkit.hardware import configure_threads
 
-    return load_config(config, tuple(sets or ()))
+    cfg = load_config(config, tuple(sets or ()))
+    configure_threads()
+    return cfg
 
 
 def is_tty() -> bool:

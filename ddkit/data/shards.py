@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ddkit.data.registry import Listing, get_reader, list_dataset
+from ddkit.dist import usable_cpus
 from ddkit.errors import DataError, WeightsError
 from ddkit.io import (
     atomic_dir,
@@ -211,7 +212,7 @@ def load_tensors(shard_dir: str | Path, split: str):
     samples = counted_samples(urls, idx.get("shard_counts", {}))
     if res >= 64:
         # PNG decoding releases the GIL: threads pay off for large images (ImageNet subsets at 256)
-        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(min(8, usable_cpus())) as pool:
             keyed = list(pool.map(decode, samples, chunksize=1))
     else:
         keyed = [decode(s) for s in samples]
@@ -351,7 +352,7 @@ def _write(
     pattern_dir = str(tmp).replace("%", "%%")  # ShardWriter formats the whole path with %
     bar, task = _progress(progress, total, f"sharding {cfg.dataset}")
     # image decoding + resizing (PIL releases the GIL) overlaps with PNG encoding of the previous chunk
-    workers = max(1, min(8, (os.cpu_count() or 1)))
+    workers = min(8, usable_cpus())
     try:
         with ThreadPoolExecutor(workers) as pool:
             for split in SPLITS:

@@ -9,6 +9,7 @@ with the same settings only re-reads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -24,7 +25,7 @@ import torch
 from ddkit.config import EvaluateConfig, to_dict
 from ddkit.errors import DataError
 from ddkit.evaluate.protocols import ECCV2024Protocol, Protocol, RDEDProtocol, get_protocol
-from ddkit.evaluate.trainer import RunResult, train_student, train_teacher
+from ddkit.evaluate.trainer import RunResult, student_precision, train_student, train_teacher
 
 BASELINES = ("random_real", "full")
 
@@ -196,7 +197,7 @@ def evaluate(
         ConfigError: unknown protocol or network.
     """
     from ddkit.data import load_tensors, read_index
-    from ddkit.io import append_jsonl, hardware_info, mark_done, write_run_config
+    from ddkit.io import append_jsonl, atomic_write_json, hardware_info, mark_done, write_run_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +217,14 @@ def evaluate(
     n_test = int(test_y.shape[0])
     ipc = cfg.ipc or (sets[0].ipc if sets else 10)
     real_fp = _key({"real": str(Path(real).resolve()), "sha": index.get("sha256", {})})
+    shape = (int(index["channels"]), int(index["resolution"]), int(index["resolution"]))
+    bs0 = cfg.batch_size or protocol.batch_size_for(ipc, k)
+    # A rerun keeps the recorded choice (its cached runs are keyed by it); see ddkit.hardware.choose_precision.
+    prec_path = out / "precision.json"
+    prev = json.loads(prec_path.read_text()) if prec_path.is_file() else None
+    precision = student_precision(cfg.precision, network, shape, k, bs0, device, previous=prev)
+    atomic_write_json(prec_path, precision.to_dict())
+    cfg = dataclasses.replace(cfg, precision=precision.precision)  # run keys and students use the resolved one
     for b in cfg.baselines:
         if b == "random_real":
             sets.append(
@@ -325,7 +334,7 @@ def evaluate(
         "repeats": cfg.repeats,
         "seed": cfg.seed,
         "device": str(device),
-        "precision": cfg.precision,
+        "precision": precision.to_dict(),
         "real": str(real),
         "order": list(results),  # results.json is key-sorted; this is the table's order
         "dataset": index.get("dataset"),
@@ -334,7 +343,7 @@ def evaluate(
         "hardware": hardware_info(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    from ddkit.io import atomic_write_json, atomic_write_text
+    from ddkit.io import atomic_write_text
 
     atomic_write_json(out / "results.json", {"sets": results, "meta": meta})
     atomic_write_text(out / "table.md", table_markdown(results, protocol, network))

@@ -8,7 +8,6 @@ reproducible and every training set sees the same seed for repeat r ("same seeds
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from ddkit.evaluate import augment
 from ddkit.evaluate.networks import build
 from ddkit.evaluate.protocols import ECCV2024Protocol, IDCProtocol, Protocol, RDEDProtocol
+from ddkit.hardware import autocast
 
 
 @dataclass
@@ -53,9 +53,41 @@ def seed_everything(seed: int) -> None:
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(device.type, precision)
+
+
+def _stepper(device: torch.device, precision: str) -> Callable[[torch.optim.Optimizer, torch.Tensor], None]:
+    """``step(opt, loss)``: zero grads, backward, optimizer step; fp16 with loss scaling (torch.amp.GradScaler,
+    Micikevicius et al. 2018), which is a plain backward/step for fp32 and bf16."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def student_precision(requested: str, network: str, shape: tuple[int, int, int], num_classes: int,
+                      batch_size: int, device: torch.device | str, previous: dict | None = None):
+    """``evaluate.precision`` resolved for this student (:func:`ddkit.hardware.choose_precision`; auto times a
+    training step of a fresh ``network`` on a random batch ``[min(batch_size, 256), *shape]``, shape
+    ``(C, H, W)``; ``previous``: a recorded choice to keep).
+
+    Returns:
+        A :class:`ddkit.hardware.PrecisionChoice`.
+    """
+    from ddkit import hardware as hw
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = build(network, shape[0], num_classes, shape[-1]).to(device).train()
+        x = torch.randn(min(batch_size, 256), *shape, device=device)
+    step = hw.model_step(net, (x,), backward=True)
+    return hw.choose_precision(requested, device, role="evaluate", step=step, previous=previous)
 
 
 def _batches(n: int, batch_size: int):
@@ -144,7 +176,8 @@ def train_student(
         batch_size: training batch.
         seed: seeds network init, shuffling and augmentation.
         device: where to train.
-        precision: ``"fp32"`` (the references) or ``"bf16"`` autocast (about 1.6× faster on AVX-512-BF16 CPUs).
+        precision: ``"fp32"`` (the references), ``"bf16"`` or ``"fp16"`` (with loss scaling) autocast, as
+            resolved by :func:`ddkit.hardware.resolve_precision` (not ``"auto"``).
         teacher: the real-data teacher; required by the soft-label ``rded`` protocol.
         on_epoch: called with the number of finished epochs after each epoch (progress bars).
 
@@ -179,10 +212,7 @@ def train_student(
     seen = 0
     history: list[tuple[int, float]] = []
 
-    def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = _stepper(device, precision)
 
     if isinstance(protocol, ECCV2024Protocol):
         # The scorer receives normalised data and augments it there (evaluate.py + DiffAugment).
@@ -327,15 +357,14 @@ def train_teacher(
     model = build(network, c, num_classes, res).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=protocol.teacher_lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    step = _stepper(device, precision)
     for ep in range(epochs):
         for idx in _batches(real_x.shape[0], protocol.teacher_batch_size):
             idx = idx.to(device)
             xb = augment.random_flip(augment.random_resized_crop(as01(real_x[idx]), res, protocol.rrc_scale))
             with _autocast(device, precision):
                 loss = F.cross_entropy(model(norm(xb)), real_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(opt, loss)
         sched.step()
         if on_epoch:
             on_epoch(ep + 1)
