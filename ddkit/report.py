@@ -17,6 +17,9 @@ LABELS = {
     "minimax": "Minimax DiT (ours)",
     "dit": "plain DiT (no minimax)",
     "d3hr": "D^3HR",
+    "dit+select": "plain DiT + selection (ours)",
+    "minimax+select": "Minimax DiT + selection (ours)",
+    "d3hr+select": "D^3HR + selection",
     "random_real": "random real",
     "full": "full real data",
 }
@@ -62,8 +65,17 @@ def write_report(cfg: ExperimentConfig) -> Path:
         lines += ["## Results (test accuracy, %)", "", "| set | IPC | accuracy | runs |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in results_table(results)]
         lines.append("")
-    lines += ["## Generation", "", "| method | steps | IPC | images | wall s | budget s | budget used |", "|---|---|---|---|---|---|---|"]
-    pictures = []
+    lines += [
+        "## Generation",
+        "",
+        "Each method calibrates and plans against its own budget, so steps can differ between methods on a "
+        "loaded machine: the table says what each got and why (the plan's reason).",
+        "",
+        "| method | steps | IPC | images | wall s | budget s | budget used | plan |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    pictures: list[str] = []
+    selection_notes: list[str] = []
     for method in cfg.methods:
         gen = run / f"gen-{method}"
         man_path = gen / "manifest.json"
@@ -75,7 +87,7 @@ def write_report(cfg: ExperimentConfig) -> Path:
             lo, hi = steps.get("min"), steps.get("max")
             steps = lo if lo == hi else f"{lo}–{hi}"
         lines.append(
-            "| {} | {} | {} | {} | {} | {} | {} |".format(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 method,
                 _fmt(steps),
                 _fmt(m.get("ipc")),
@@ -83,12 +95,25 @@ def write_report(cfg: ExperimentConfig) -> Path:
                 _fmt(m.get("elapsed_seconds")),
                 _fmt(m.get("time_limit")),
                 _fmt(m.get("budget_share_used")),
+                (m.get("plan") or {}).get("reason", ""),
             )
         )
-        for png in ("grid.png", "budget.png"):
+        sel = m.get("selection")
+        if sel:
+            selection_notes.append(
+                f"- `{method}`: {sel['ratio']:g}x candidates ({sel['pool_ipc']} per class), kept {m.get('ipc')} by "
+                f"{sel['criterion']}; encoder confidence of the intended class: kept "
+                f"{_fmt(sel.get('kept_mean_confidence'))}, rejected {_fmt(sel.get('rejected_mean_confidence'))}"
+            )
+        for png in ("grid.png", "selection.png", "budget.png"):
             if (gen / png).exists():
                 pictures.append(f"![{method} {png[:-4]}](gen-{method}/{png})")
     lines.append("")
+    if selection_notes:
+        lines += ["Selection (`selection.png`: per class the kept images, a gap, then rejected ones):", "",
+                  *selection_notes, ""]
+    if (run / "bench" / "ipc_curve.png").exists():
+        lines += ["## Accuracy against IPC (`bench/distill.py`)", "", "![accuracy vs IPC](bench/ipc_curve.png)", ""]
     if pictures:
         lines += ["## Samples and budget", "", *pictures, ""]
     lines += _precision_lines(run, cfg)

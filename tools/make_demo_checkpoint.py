@@ -52,6 +52,8 @@ def export(stage_dir: Path, out: Path) -> Path:
         "train_config": state["config"].get("pretrain"),
     }
     (tmp / "ddkit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for f in tmp.iterdir():  # package data: readable by everyone who can read the package
+        f.chmod(0o644)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
