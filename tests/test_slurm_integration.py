@@ -131,9 +131,9 @@ def _params(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {"model": state["model"], "ema": state["ema"], "step": state["step"]}
 
 
-def _assert_same_params(a: Path, b: Path) -> None:
+def _assert_same_params(a: Path, b: Path, steps: int = STEPS) -> None:
     pa, pb = _params(a), _params(b)
-    assert pa["step"] == pb["step"] == STEPS
+    assert pa["step"] == pb["step"] == steps
     for key in ("model", "ema"):
         assert pa[key].keys() == pb[key].keys()
         for name in pa[key]:
@@ -279,6 +279,82 @@ def test_preempted_job_resumes_from_checkpoint_exactly(reference, timeout_job, c
     steps = [r["step"] for r in _log_steps(stage)]
     assert steps == list(range(5, STEPS + 1, 5))  # lines after the checkpoint were dropped, none repeat
     _assert_same_params(ckpt, ref_ckpt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two ranks under srun: preempted twice at arbitrary moments, bit-identical to an uninterrupted run
+# ----------------------------------------------------------------------------------------------------------
+DDP_STEPS = 48
+DDP_SETS = [f"pretrain.steps={DDP_STEPS}", "pretrain.log_every=1", "pretrain.ckpt_every=1000"]
+
+
+def _last_step(stage: Path) -> int:
+    return max((r["step"] for r in _log_steps(stage)), default=0)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(slurm_cluster, config_file, tmp_path_factory):
+    """An uninterrupted 2-rank run: ``ddkit submit train --gpus-per-node 2 --wait`` in the background, so
+    it trains beside the interrupted one. Yields (process, checkpoint)."""
+    run = tmp_path_factory.mktemp("ddpref") / "run"
+    code = "import sys; from ddkit.cli import main; sys.argv[0] = 'ddkit'; main()"
+    args = ["submit", "train", str(config_file), "--stage", "pretrain", "-p", "gpu", "--gpus-per-node", "2",
+            "--cpus-per-task", "1", "--time", "10", "--wait", "--set", f"run_dir={run}"]  # fmt: skip
+    for kv in DDP_SETS:
+        args += ["--set", kv]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    yield proc, run / "pretrain" / "ckpt" / "last.pt"
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_two_ranks_requeued_twice_resume_bit_identically(ddp_reference, config_file, tmp_path):
+    """``scontrol requeue`` (what SLURM preemption does: SIGTERM, KillWait, SIGKILL, requeue) at two
+    arbitrary steps of a 2-rank srun job: both ranks stop after one agreed step, one checkpoint is written,
+    the job resumes from it; the final weights equal an uninterrupted 2-rank run's, bit for bit."""
+    import random
+
+    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}", *DDP_SETS])
+    stage = tmp_path / "run" / "pretrain"
+    s = SlurmConfig(partition="gpu", gpus_per_node=2, cpus_per_task=1, time="10")
+    job = cluster.submit_train(cfg, "pretrain", slurm=s)
+    rng = random.Random()
+    lost, resume_s, resumed_at = [], [], 0
+    for attempt in (1, 2):
+        target = resumed_at + rng.randint(2, 10)  # an arbitrary step of this attempt (never a checkpoint's)
+        _wait_for(lambda t=target: _last_step(stage) >= t, 180, f"step {target}", poll_s=0.05)
+        seen = _last_step(stage)
+        t = time.monotonic()
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, capture_output=True)
+
+        def resumed(n=attempt):
+            starts = [e for e in cluster.read_events(stage) if e["event"] == "start"]
+            return len(starts) > n and _last_step(stage) > (starts[n]["resume_step"] or 0) and starts[n]
+
+        start = _wait_for(resumed, 180, f"training to resume after requeue {attempt}", poll_s=0.05)
+        resume_s.append(time.monotonic() - t)
+        stops = [e for e in cluster.read_events(stage) if e["event"] == "stop"]
+        assert len(stops) == attempt and stops[-1]["signals"] == ["SIGTERM"], stops
+        assert stops[-1]["requeue_by"] == "slurm"
+        resumed_at = start["resume_step"]
+        assert resumed_at == stops[-1]["step"] >= seen  # the checkpoint holds every step made
+        lost.append(max(seen, stops[-1]["step"]) - resumed_at)
+    ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=300))
+    events = cluster.read_events(stage)
+    assert [e["event"] for e in events] == ["start", "stop", "start", "stop", "start"], events
+    assert [r["step"] for r in _log_steps(stage)] == list(range(1, DDP_STEPS + 1))  # each step logged once
+    proc, ref_ckpt = ddp_reference
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    _assert_same_params(ckpt, ref_ckpt, DDP_STEPS)
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["world_size"] == 2
+    print(
+        f"\n2-rank requeues at steps {[e['step'] for e in events if e['event'] == 'stop']}: steps lost {lost}; "
+        f"requeue -> training resumed {', '.join(f'{x:.1f}s' for x in resume_s)}"
+    )
+    assert lost == [0, 0]
 
 
 def test_generation_array_completes_and_merges(reference, config_file, tmp_path):
