@@ -197,3 +197,71 @@ def test_slow_writer_never_overruns(tmp_path):
     assert reserve >= 7 * 0.6  # the writes after the last batch, as measured (not an assumed constant)
     assert seconds <= 30.0
     assert _balanced(gen) == man["ipc"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two ranks in one process group (gloo): a requeue that finds one shard done must not hang, D^3HR included
+# ----------------------------------------------------------------------------------------------------------
+def _two_rank_d3hr_worker(rank: int, port: int, tmp: str, shards: str) -> None:
+    import os
+    import shutil
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from ddkit import dist
+    from ddkit.models import build_backbone
+
+    model = build_backbone(
+        ModelConfig(arch="DiT-T/4", in_channels=1, input_size=32, num_classes=K, learn_sigma=True), seed=3
+    ).eval()
+
+    def run(name: str):
+        cfg = load_config(None, [
+            f"run_dir={Path(tmp) / name}", f"data.shards={shards}", "model.input_size=32", *FIXED,
+            "generate.d3hr.inversion_steps=10", "generate.d3hr.store_from=500", "generate.d3hr.store_to=700",
+            "generate.d3hr.timestep=600", "generate.d3hr.max_images_per_class=2",
+        ])  # fmt: skip
+        return generate(cfg, method="d3hr", time_limit=600, model=model, progress=False)
+
+    run("ref")
+    gen = run("int")
+    dist.barrier()
+    if rank == 0:  # requeued after shard 0 was done: shard 1, the merge and the statistics cache are gone
+        shutil.rmtree(gen / "shard-1")
+        shutil.rmtree(Path(tmp) / "int" / "d3hr-cache")
+        for f in ("DONE", "dataset.pt", "manifest.json"):
+            (gen / f).unlink()
+        (Path(tmp) / "mtime").write_text(str((gen / "shard-0" / "images.pt").stat().st_mtime_ns))
+    dist.barrier()
+    run("int")
+    dist.barrier()
+    dist.cleanup()
+
+
+def test_two_ranks_d3hr_rerun_with_one_shard_done_finishes_without_hang(tmp_path, mnist_shards):
+    """One collective decides the skip: the rank whose shard is done still meets the statistics barrier,
+    the cost vote and the merge barriers, so the job ends (deadline: a hang fails instead of blocking) and
+    the merged set equals an uninterrupted run's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_two_rank_d3hr_worker, args=(port, str(tmp_path), str(mnist_shards)), nprocs=2,
+                             join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-rank D^3HR rerun still running after 300 s: the ranks' collectives do not pair")
+    ref = torch.load(tmp_path / "ref" / "gen-d3hr" / "dataset.pt")
+    got = torch.load(tmp_path / "int" / "gen-d3hr" / "dataset.pt")
+    assert got["ipc"] == ref["ipc"] == 2
+    assert torch.equal(got["labels"], ref["labels"]) and torch.equal(got["images"], ref["images"])
+    shard0 = tmp_path / "int" / "gen-d3hr" / "shard-0" / "images.pt"
+    assert str(shard0.stat().st_mtime_ns) == (tmp_path / "mtime").read_text()  # kept, not regenerated
