@@ -253,12 +253,13 @@ def test_two_ranks_d3hr_rerun_with_one_shard_done_finishes_without_hang(tmp_path
         port = s.getsockname()[1]
     ctx = mp.start_processes(_two_rank_d3hr_worker, args=(port, str(tmp_path), str(mnist_shards)), nprocs=2,
                              join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 300
+    limit = 300.0
+    deadline = time.monotonic() + limit
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("2-rank D^3HR rerun still running after 300 s: the ranks' collectives do not pair")
+            pytest.fail(f"2-rank D^3HR rerun still running after {limit:.0f} s: the ranks' collectives do not pair")
     ref = torch.load(tmp_path / "ref" / "gen-d3hr" / "dataset.pt")
     got = torch.load(tmp_path / "int" / "gen-d3hr" / "dataset.pt")
     assert got["ipc"] == ref["ipc"] == 2

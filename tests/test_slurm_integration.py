@@ -271,12 +271,14 @@ def test_preempted_job_resumes_from_checkpoint_exactly(reference, timeout_job, c
         cfg, "pretrain", slurm=SlurmConfig(partition="cpu", gpus_per_node=0, cpus_per_task=1, time="5")
     )
     _wait_for(lambda: any(r["step"] >= 10 for r in _log_steps(stage)), 120, "10 training steps")
-    job._interrupt()  # submitit's preemption path: SIGTERM, then USR2 -> checkpoint + scontrol requeue
+    job._interrupt()  # submitit's preemption path: SIGTERM, then USR2 -> stop, checkpoint, scontrol requeue
     ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=180))
     events = cluster.read_events(stage)
-    assert [e["event"] for e in events] == ["start", "requeue", "start"], events
-    assert events[0]["resume_step"] is None and events[2]["restart"] == "1"
-    assert 5 <= events[2]["resume_step"] < STEPS  # resumed from a checkpoint, not from scratch
+    assert [e["event"] for e in events] == ["start", "stop", "requeue", "start"], events
+    assert events[0]["resume_step"] is None and events[3]["restart"] == "1"
+    assert events[1]["requeue_by"] == "submitit" and "SIGTERM" in events[1]["signals"]
+    # resumed from the checkpoint written at the stop: no step lost
+    assert 10 <= events[3]["resume_step"] == events[1]["step"] == events[2]["step"] < STEPS
     steps = [r["step"] for r in _log_steps(stage)]
     assert steps == list(range(5, STEPS + 1, 5))  # lines after the checkpoint were dropped, none repeat
     _assert_same_params(ckpt, ref_ckpt)
