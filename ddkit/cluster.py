@@ -515,7 +515,9 @@ class TrainJob(Checkpointable):
             record_event(self.stage_dir, "start", resume_step=_checkpoint_step(self.stage_dir))
         with _stop_on_signals() as requeue_handler:
             try:
-                return str(train(self.cfg, self.stage, resume="auto", max_steps=self.max_steps, progress=False))
+                return str(
+                    train(self.cfg, self.stage, resume="auto", max_steps=self.max_steps, progress=False)
+                )
             except Preempted as p:
                 self._leave(p, requeue_handler)
                 raise

@@ -8,12 +8,12 @@ Flow of one rank (``generate``):
    srun) the earliest start of all ranks is used. Model loading and D^3HR class statistics (cached on
    disk, so a requeued attempt only loads them) are inside the budget.
 2. **Calibrate** the real sampler at the real batch size (:func:`ddkit.budget.calibrate`) and what follows
-   the last batch on this filesystem (:func:`finish_seconds`: shard save, merge, plots, timed with the real
-   writers), **plan** steps and IPC with the DSR rule or a quality table (:func:`ddkit.budget.plan`;
-   :class:`BudgetError` before any sampling if even the minimums do not fit). Under a process group all
-   ranks adopt the slowest rank's cost and the largest reserve so they agree on one plan; a rank whose
-   peers' shards are already done (a requeued job) adopts their plan (:func:`_bounds`), so the merged set
-   is the one an uninterrupted run makes.
+   the last batch on this filesystem (:func:`ddkit.writecost.finish_seconds`: shard save, merge, plots,
+   timed with the real writers), **plan** steps and IPC with the DSR rule or a quality table
+   (:func:`ddkit.budget.plan`; :class:`BudgetError` before any sampling if even the minimums do not fit).
+   Under a process group all ranks adopt the slowest rank's cost and the largest reserve so they agree on
+   one plan; a rank whose peers' shards are already done (a requeued job) adopts their plan
+   (:func:`_bounds`), so the merged set is the one an uninterrupted run makes.
 3. **Sample** this rank's batches (global batch ``b`` -> rank ``b % world``), re-planning before each
    (:class:`ddkit.budget.Runner`). Image ``(class c, index i)`` is seeded by :func:`image_seed` only, so
    the images do not depend on the sharding. Latent models are decoded with the VAE; images are stored
@@ -163,44 +163,6 @@ def _bounds(gcfg, gen_dir: Path):
     return budget.Bounds(
         min(gcfg.steps_min, steps_max), steps_max, min(gcfg.ipc_min, ipc_max), ipc_max, gcfg.dsr_min_steps_quality
     )
-
-
-def finish_seconds(
-    gen_dir: Path,
-    *,
-    shard_bytes: int,
-    merged_bytes: int,
-    merges: bool,
-    grid: tuple[int, int, int],
-    clock: Callable[[], float] = time.monotonic,
-) -> float:
-    """Seconds this rank needs after its last batch, measured now on this machine and filesystem.
-
-    The real writers are timed in ``gen_dir`` (:func:`ddkit.writecost.measure`): the shard (``shard_bytes``
-    of uint8 images) and its DONE; when this rank ``merges``: reading the shards and writing ``dataset.pt``
-    (``merged_bytes`` each), manifest and DONE, and ``grid.png`` rendered now at its final size
-    ``grid = (rows, cols, pixels per image)`` (the budget plot, a figure of the same kind, is charged the
-    same).
-
-    Returns:
-        Seconds (the runner's ``reserve_seconds``).
-    """
-    import torch
-
-    from ddkit.writecost import measure
-
-    wc = measure(gen_dir, max(shard_bytes, merged_bytes if merges else 0), clock)
-    total = wc.seconds(files=1, tensor_bytes=(shard_bytes,))
-    if merges:
-        rows, cols, px = grid
-        side = max(1, int(math.isqrt(max(1, px))))
-        t = clock()
-        probe = gen_dir / ".writecost-grid.png"
-        write_grid(probe, torch.zeros(rows * cols, 1, side, side, dtype=torch.uint8),
-                   torch.arange(rows).repeat_interleave(cols), [str(k) for k in range(rows)], cols)  # fmt: skip
-        probe.unlink(missing_ok=True)
-        total += 2 * (clock() - t) + wc.seconds(files=2, tensor_bytes=(merged_bytes, merged_bytes))
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,12 +379,14 @@ def generate(
             x = decode(vae, x)
         to_uint8(x.float()).cpu()
 
+    from ddkit import writecost
+
     if mine_done:  # nothing left to sample here: the peers' cost decides (MAX below)
         cost, reserve = budget.CostModel(0.0, 0.0, B), 0.0
     else:
         cost = budget.calibrate(cal_run, clock=clock, batch_size=B, fixed=cal_fixed)
         out_px = cfg.data.channels * (S * 8) ** 2 if vae is not None else C * S * S
-        reserve = finish_seconds(
+        reserve = writecost.finish_seconds(
             gen_dir, shard_bytes=K * gcfg.ipc_max * out_px // world, merged_bytes=K * gcfg.ipc_max * out_px,
             merges=merge_when_done and (rank == 0 or not group), grid=(K, min(gcfg.ipc_max, 10), out_px),
             clock=clock,

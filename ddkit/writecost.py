@@ -5,7 +5,7 @@ the filesystem (a local NVMe disk or a parallel filesystem under load) and on th
 :func:`measure` times the real writers (:func:`ddkit.io.atomic_write_bytes` for a small file,
 :func:`ddkit.io.atomic_torch_save` for a probe tensor) in the output directory, and :meth:`WriteCost.seconds`
 turns that into the time a list of future writes will take. Used for generation's reserve
-(:mod:`ddkit.generate`) and the challenge entry point's write reserve (:mod:`ddkit.challenge`).
+(:func:`finish_seconds`, :mod:`ddkit.generate`) and the challenge entry point's write reserve (:mod:`ddkit.challenge`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ class WriteCost:
         return files * self.file_s + sum(per)
 
 
-def measure(
-    directory: str | Path, nbytes: int, clock: Callable[[], float] = time.monotonic
-) -> WriteCost:
+def measure(directory: str | Path, nbytes: int, clock: Callable[[], float] = time.monotonic) -> WriteCost:
     """Time one small atomic file and one atomic ``torch.save`` of ``min(nbytes, PROBE_MAX_BYTES)`` bytes
     (at least 1 KiB) in ``directory`` with the real writers, then delete both.
 
@@ -74,4 +72,45 @@ def measure(
     return WriteCost(file_s=file_s, probe_s=probe_s, probe_bytes=size)
 
 
-__all__ = ["PROBE_MAX_BYTES", "WriteCost", "measure"]
+def finish_seconds(
+    gen_dir: str | Path,
+    *,
+    shard_bytes: int,
+    merged_bytes: int,
+    merges: bool,
+    grid: tuple[int, int, int],
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Seconds this rank needs after its last batch, measured now on this machine and filesystem.
+
+    The real writers are timed in ``gen_dir`` (:func:`measure`): the shard (``shard_bytes``
+    of uint8 images) and its DONE; when this rank ``merges``: reading the shards and writing ``dataset.pt``
+    (``merged_bytes`` each), manifest and DONE, and ``grid.png`` rendered now at its final size
+    ``grid = (rows, cols, pixels per image)`` (the budget plot, a figure of the same kind, is charged the
+    same).
+
+    Returns:
+        Seconds (the runner's ``reserve_seconds``).
+    """
+    import math
+
+    import torch
+
+    from ddkit.generate import write_grid
+
+    gen_dir = Path(gen_dir)
+    wc = measure(gen_dir, max(shard_bytes, merged_bytes if merges else 0), clock)
+    total = wc.seconds(files=1, tensor_bytes=(shard_bytes,))
+    if merges:
+        rows, cols, px = grid
+        side = max(1, int(math.isqrt(max(1, px))))
+        t = clock()
+        probe = gen_dir / ".writecost-grid.png"
+        write_grid(probe, torch.zeros(rows * cols, 1, side, side, dtype=torch.uint8),
+                   torch.arange(rows).repeat_interleave(cols), [str(k) for k in range(rows)], cols)  # fmt: skip
+        probe.unlink(missing_ok=True)
+        total += 2 * (clock() - t) + wc.seconds(files=2, tensor_bytes=(merged_bytes, merged_bytes))
+    return total
+
+
+__all__ = ["PROBE_MAX_BYTES", "WriteCost", "finish_seconds", "measure"]

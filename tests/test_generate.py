@@ -166,7 +166,9 @@ def _generate_process(tmp_path, time_limit: float, *sets: str, prelude: str = ""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("DDKIT_T0", None)
     t = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120
+    )
     return res, time.monotonic() - t, run / "gen-minimax"
 
 
@@ -259,7 +261,9 @@ def test_two_ranks_d3hr_rerun_with_one_shard_done_finishes_without_hang(tmp_path
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"2-rank D^3HR rerun still running after {limit:.0f} s: the ranks' collectives do not pair")
+            pytest.fail(
+                f"2-rank D^3HR rerun still running after {limit:.0f} s: the ranks' collectives do not pair"
+            )
     ref = torch.load(tmp_path / "ref" / "gen-d3hr" / "dataset.pt")
     got = torch.load(tmp_path / "int" / "gen-d3hr" / "dataset.pt")
     assert got["ipc"] == ref["ipc"] == 2

@@ -500,7 +500,9 @@ def test_generation_requeued_at_any_moment_matches_uninterrupted(reference, d3hr
     pairs = [tuple(p) for p in man["seeds"]["per_image"]]
     assert pairs == [(c, i) for c in range(10) for i in range(2)]  # none duplicated, none missing
     assert man["ipc"] == 2 and man["images_dropped_for_balance"] == 0
-    restarts = [e for e in cluster.read_events(gen) if e["event"] == "start" and e.get("restart") not in (None, "0")]
+    restarts = [
+        e for e in cluster.read_events(gen) if e["event"] == "start" and e.get("restart") not in (None, "0")
+    ]
     print(f"\nD^3HR generation ({'array' if array else 'srun'}) requeued at '{moment}': "
           f"{'yes' if requeued else 'no (already done)'}, restarted tasks {len(restarts)}; "
           f"images {man['images']} = 10 classes x IPC {man['ipc']}, duplicated 0, missing 0")  # fmt: skip
