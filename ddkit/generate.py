@@ -303,7 +303,7 @@ def generate(
             progress=progress,
         )
         start_t = d3hr.start_timestep(gcfg.d3hr)
-        phases["d3hr_statistics"] = clock() - mark  # inside the budget: the plan below gets what is left
+        phases["d3hr_statistics"] = clock() - mark
 
     from ddkit import budget
     from ddkit.sampling import SamplingAborted, sample, to_uint8
