@@ -473,9 +473,13 @@ def _stop_on_signals():
     """Route SIGTERM and USR2 to :func:`ddkit.train.request_stop` while training; yield the handler USR2
     had (submitit's checkpoint-and-requeue) and put the old handlers back afterwards."""
     import signal
+    import threading
 
     from ddkit.train import request_stop
 
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
+        yield None
+        return
     sigs = (signal.SIGTERM, signal.SIGUSR2)
     old = {s: signal.getsignal(s) for s in sigs}
     for s in sigs:
