@@ -4,8 +4,9 @@ The organisers run the bundle's ``generate`` script (:data:`ddkit.package.GENERA
 ``python -m ddkit.challenge --bundle /bundle ...`` inside the Apptainer image. This module reads the bundle's
 ``configs/<dataset>.yaml`` (weight paths relative to the bundle), generates with
 :func:`ddkit.generate.generate` under the time limit (measured from this process's start, model loading
-included, minus a small reserve for writing the file), and writes ``DIR/<dataset>.pt`` in the scorer's
-format (:func:`ddkit.package.scorer_tensor`), checked before it lands.
+included, minus the time writing the file will take, measured first in DIR: :func:`write_reserve`), and
+writes ``DIR/<dataset>.pt`` in the scorer's format (:func:`ddkit.package.scorer_tensor`), checked before
+it lands.
 
 Exit status: 0 written and checked; 1 the written file fails its check; 2 any ddkit error (one line).
 """
@@ -23,9 +24,6 @@ from pathlib import Path
 # CLOCK_MONOTONIC on Linux, the same clock as time.perf_counter.
 _T0 = time.monotonic()
 
-# Seconds kept back from --time-limit for converting, saving and checking the tensor
-# (CIFAR-100: 12 MB, Tiny-ImageNet: 98 MB float32; well under a second each on a GPU node).
-WRITE_RESERVE_S = 5.0
 # Config paths that a bundle holds relative to itself.
 BUNDLE_KEYS = (("generate", "checkpoint"), ("model", "pretrained"), ("model", "vae"), ("model", "vae_decoder"),
                ("data", "shards"))
@@ -44,11 +42,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def challenge_config(args: argparse.Namespace, work: Path):
+def write_reserve(spec, out: Path) -> float:
+    """Seconds needed after generation, measured now in ``out`` with the real writers
+    (:func:`ddkit.writecost.measure`): reading ``dataset.pt`` (uint8), then writing and reading back the
+    scorer's float32 tensor (``spec.shape``: CIFAR-100 12 MB, Tiny-ImageNet 98 MB)."""
+    import math
+
+    from ddkit.writecost import measure
+
+    f32 = 4 * math.prod(spec.shape)
+    return measure(out, f32).seconds(tensor_bytes=(f32 // 4, f32, f32))
+
+
+def challenge_config(args: argparse.Namespace, work: Path, reserve: float = 0.0):
     """The experiment config for one challenge run.
 
     Weight and shard-index paths in the bundle config are relative to the bundle; the run dir is ``work``; the time limit
-    is ``--time-limit`` minus :data:`WRITE_RESERVE_S`; IPC is pinned to the scorer's 10.
+    is ``--time-limit`` minus ``reserve`` (seconds, :func:`write_reserve`); IPC is pinned to the scorer's 10.
 
     Raises:
         ConfigError: the config is missing or invalid.
@@ -64,7 +74,7 @@ def challenge_config(args: argparse.Namespace, work: Path):
         val = getattr(sections[sec], key)
         if val and not Path(val).is_absolute() and (args.bundle / val).exists():
             changes[sec][key] = str((args.bundle / val).resolve())
-    gen = replace(cfg.generate, **changes["generate"], time_limit=max(1.0, args.time_limit - WRITE_RESERVE_S),
+    gen = replace(cfg.generate, **changes["generate"], time_limit=max(1.0, args.time_limit - reserve),
                   ipc_min=IPC, ipc_max=IPC)
     return replace(cfg, run_dir=str(work), generate=gen, model=replace(cfg.model, **changes["model"]),
                    data=replace(cfg.data, **changes["data"]))
@@ -96,7 +106,7 @@ def run(args: argparse.Namespace) -> Path:
     spec = ECCV2024[args.dataset]
     out = args.out.resolve()
     work = out / f".ddkit-{args.dataset}"
-    cfg = challenge_config(args, work)
+    cfg = challenge_config(args, work, reserve=write_reserve(spec, out))
     gen_dir = generate(cfg, time_limit=cfg.generate.time_limit, t0=budget_start(), progress=False)
     d = load_distilled(gen_dir)
     tensor, _ = scorer_tensor(d, spec)

@@ -455,13 +455,52 @@ def _checkpoint_step(stage_dir: Path) -> int | None:
         return None
 
 
+def _job_ending() -> bool:
+    """Whether SLURM is ending this job's current attempt (state no longer RUNNING: ``scontrol requeue``,
+    preemption, ``scancel`` or the time limit), asked of ``squeue``; True when it cannot tell."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return True
+    try:
+        state = _run(["squeue", "-h", "-j", job, "-o", "%T"], timeout=10).strip()
+    except ClusterError:
+        return True
+    return state != "RUNNING"
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Route SIGTERM and USR2 to :func:`ddkit.train.request_stop` while training; yield the handler USR2
+    had (submitit's checkpoint-and-requeue) and put the old handlers back afterwards."""
+    import signal
+    import threading
+
+    from ddkit.train import request_stop
+
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
+        yield None
+        return
+    sigs = (signal.SIGTERM, signal.SIGUSR2)
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, lambda signum, _frame: request_stop(signum))
+    try:
+        yield old[signal.SIGUSR2]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 class TrainJob(Checkpointable):
     """``ddkit train`` as a checkpointable SLURM job (submitit's ``Checkpointable`` protocol).
 
     Calling it runs :func:`ddkit.train.train` with ``resume="auto"``, so a requeued job continues from
-    ``RUN/<stage>/ckpt/last.pt``. On USR2 (time limit or preemption) submitit calls :meth:`checkpoint` on
-    global rank 0, which writes an atomic checkpoint through the running trainer, records the event and
-    returns the same job for requeueing. Returns the checkpoint path (str).
+    ``RUN/<stage>/ckpt/last.pt``. SIGTERM (``scontrol requeue``, preemption, ``scancel``) and USR2 (the
+    time-limit warning, submitit's preemption signal) only ask the loop to stop; every rank stops after
+    the same step and one complete checkpoint is written (:class:`ddkit.train.Preempted`). Then rank 0
+    requeues through submitit's handler (which calls :meth:`checkpoint` and ``scontrol requeue``) unless
+    SLURM is already ending the attempt itself, and every rank exits without a result.
+    Returns the checkpoint path (str).
     """
 
     def __init__(self, cfg: ExperimentConfig, stage: str, max_steps: int | None = None) -> None:
@@ -474,11 +513,42 @@ class TrainJob(Checkpointable):
         return Path(self.cfg.run_dir) / self.stage
 
     def __call__(self) -> str:
-        from ddkit.train import train
+        from ddkit.train import Preempted, train
 
         if _is_rank0():
             record_event(self.stage_dir, "start", resume_step=_checkpoint_step(self.stage_dir))
-        return str(train(self.cfg, self.stage, resume="auto", max_steps=self.max_steps, progress=False))
+        with _stop_on_signals() as requeue_handler:
+            try:
+                return str(
+                    train(self.cfg, self.stage, resume="auto", max_steps=self.max_steps, progress=False)
+                )
+            except Preempted as p:
+                self._leave(p, requeue_handler)
+                raise
+
+    def _leave(self, p: Any, requeue_handler: Any) -> None:
+        """After a stop on a signal (checkpoint written by every rank's loop): rank 0 requeues through
+        submitit when SLURM does not end the attempt itself; every rank exits without a result pickle."""
+        import signal
+
+        from ddkit import dist
+
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            return  # in-process executors (tests): let Preempted propagate
+        names = [signal.Signals(s).name for s in p.signals if s in signal.valid_signals()]
+        requeue = signal.SIGUSR2 in p.signals or not _job_ending()
+        dist.cleanup()
+        if _is_rank0():
+            by = "submitit" if requeue else "slurm"
+            record_event(self.stage_dir, "stop", step=p.step, signals=names, requeue_by=by)
+            if requeue and callable(requeue_handler):
+                with contextlib.suppress(SystemExit):  # submitit: checkpoint() + scontrol requeue + exit
+                    requeue_handler(signal.SIGUSR2, None)
+        # Everything is on disk (atomic files): skip the interpreter's teardown, which took seconds of
+        # SLURM's KillWait under srun (measured 4 s) and delayed the requeued attempt.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(255)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         step = None
@@ -489,6 +559,8 @@ class TrainJob(Checkpointable):
             if trainer is not None:
                 trainer.save_checkpoint()
                 step = getattr(trainer, "step", None)
+        if step is None:  # the loop already stopped and wrote its checkpoint
+            step = _checkpoint_step(self.stage_dir)
         record_event(self.stage_dir, "requeue", step=step)
         return DelayedSubmission(type(self)(self.cfg, self.stage, self.max_steps), *args, **kwargs)
 

@@ -5,17 +5,22 @@ Flow of one rank (``generate``):
 1. **Clock.** The budget starts at ``t0``: the CLI passes the process start; ``DDKIT_T0`` (Unix epoch
    seconds, e.g. ``export DDKIT_T0=$(date +%s)`` in the sbatch script before ``srun``/array tasks) overrides
    it so every rank of a job shares ONE deadline ``t0 + time_limit``; under a process group (torchrun,
-   srun) the earliest start of all ranks is used. Model loading is inside the budget; D^3HR class
-   statistics are not (they are precomputed data, timed and added to the deadline).
-2. **Calibrate** the real sampler at the real batch size (:func:`ddkit.budget.calibrate`), **plan** steps
-   and IPC with the DSR rule or a quality table (:func:`ddkit.budget.plan`; :class:`BudgetError` before
-   any sampling if even the minimums do not fit). Under a process group all ranks adopt the slowest rank's
-   cost so they agree on one plan.
+   srun) the earliest start of all ranks is used. Model loading and D^3HR class statistics (cached on
+   disk, so a requeued attempt only loads them) are inside the budget.
+2. **Calibrate** the real sampler at the real batch size (:func:`ddkit.budget.calibrate`) and what follows
+   the last batch on this filesystem (:func:`ddkit.writecost.finish_seconds`: shard save, merge, plots,
+   timed with the real writers), **plan** steps and IPC with the DSR rule or a quality table
+   (:func:`ddkit.budget.plan`; :class:`BudgetError` before any sampling if even the minimums do not fit).
+   Under a process group all ranks adopt the slowest rank's cost and the largest reserve so they agree on
+   one plan; a rank whose peers' shards are already done (a requeued job) adopts their plan
+   (:func:`_bounds`), so the merged set is the one an uninterrupted run makes.
 3. **Sample** this rank's batches (global batch ``b`` -> rank ``b % world``), re-planning before each
    (:class:`ddkit.budget.Runner`). Image ``(class c, index i)`` is seeded by :func:`image_seed` only, so
    the images do not depend on the sharding. Latent models are decoded with the VAE; images are stored
    uint8.
-4. **Shard** ``gen-<method>/shard-<rank>/images.pt`` + ``DONE``. A rerun skips completed shards.
+4. **Shard** ``gen-<method>/shard-<rank>/images.pt`` + ``DONE``. A rerun skips completed shards; under a
+   process group the ranks decide that with one collective (all done: skip; otherwise the done ranks
+   take part in every collective with no batches of their own).
 5. **Merge** (:func:`merge`, by whichever rank sees every shard done, or ``ddkit generate --merge``): a
    class-major ``dataset.pt`` cut to a balanced IPC, ``manifest.json``, ``grid.png``, ``budget.png``,
    ``DONE``.
@@ -44,8 +49,6 @@ from ddkit.io import (
 )
 
 SHARD_FILE = "images.pt"
-#: Seconds kept for what follows the last batch (shard save, merge, grid and budget plots).
-RESERVE_SECONDS = 1.5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +147,24 @@ def _all_shards_done(gen_dir: Path, world_size: int) -> bool:
     return all(is_done(gen_dir / f"shard-{r}") for r in range(world_size))
 
 
+def _bounds(gcfg, gen_dir: Path):
+    """The planner's search box: the config's, capped at the plan (steps, IPC) of shards already done in
+    ``gen_dir`` (recorded in their DONE), so the remaining ranks sample the same layout and chains."""
+    import json
+
+    from ddkit import budget
+
+    steps_max, ipc_max = gcfg.steps_max, gcfg.ipc_max
+    for d in _shard_dirs(gen_dir):
+        if is_done(d):
+            plan = json.loads((d / "DONE").read_text() or "{}").get("plan")
+            if plan:
+                steps_max, ipc_max = min(steps_max, plan["steps"]), min(ipc_max, plan["ipc"])
+    return budget.Bounds(
+        min(gcfg.steps_min, steps_max), steps_max, min(gcfg.ipc_min, ipc_max), ipc_max, gcfg.dsr_min_steps_quality
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
@@ -221,18 +242,22 @@ def generate(
     gen_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0 or not (gen_dir / "config.yaml").exists():
         write_run_config(gen_dir, cfg)
-    if is_done(shard_dir):
-        if group:
-            # Take part in the same collectives as the ranks still generating (start, cost, barriers).
-            import torch
+    mine_done = is_done(shard_dir)
+    import torch
 
-            torch.distributed.all_reduce(
-                torch.tensor([math.inf], dtype=torch.float64), op=torch.distributed.ReduceOp.MIN
-            )
-            torch.distributed.all_reduce(
-                torch.zeros(2, dtype=torch.float64), op=torch.distributed.ReduceOp.MAX
-            )
-            dist.barrier()
+    if group:
+        # ONE collective decides for every rank: MIN of (budget start, shard done) -> the job's earliest
+        # start (one deadline) and whether every shard is done. A rank whose shard is done but whose
+        # peers are not keeps going with no batches of its own, so it meets every later collective
+        # (D^3HR statistics, cost, barriers) exactly as the others do.
+        vote = torch.tensor([time.time() - (clock() - t0), float(mine_done)], dtype=torch.float64)
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MIN)
+        t0 = clock() - (time.time() - float(vote[0]))
+        all_done = bool(vote[1])
+    else:
+        all_done = mine_done
+    if all_done:
+        if group:
             if rank == 0 and merge_when_done:
                 merge(gen_dir)
             dist.barrier()
@@ -240,13 +265,6 @@ def generate(
             merge(gen_dir)
         return gen_dir
 
-    import torch
-
-    if group:
-        # One deadline for the job: the earliest rank start, exchanged as epoch seconds.
-        start = torch.tensor([time.time() - (clock() - t0)], dtype=torch.float64)
-        torch.distributed.all_reduce(start, op=torch.distributed.ReduceOp.MIN)
-        t0 = clock() - (time.time() - float(start))
     deadline = t0 + limit
     phases: dict[str, float] = {}
     mark = clock()
@@ -292,7 +310,6 @@ def generate(
         start_t = d3hr.start_timestep(gcfg.d3hr)
         gcfg = d3hr.decode_settings(gcfg, cfg.model.num_train_timesteps)  # reference grid, all channels guided
         phases["d3hr_statistics"] = clock() - mark
-        deadline += phases["d3hr_statistics"]  # precomputed data, outside the budget (module docstring)
 
     from ddkit import budget
     from ddkit.sampling import SamplingAborted, sample, to_uint8
@@ -369,23 +386,32 @@ def generate(
             x = decode(vae, x)
         to_uint8(x.float()).cpu()
 
-    cost = budget.calibrate(cal_run, clock=clock, batch_size=B, fixed=cal_fixed)
-    if group:
-        c = torch.tensor([cost.step_seconds, cost.batch_seconds], dtype=torch.float64)
+    from ddkit import writecost
+
+    if mine_done:  # nothing left to sample here: the peers' cost decides (MAX below)
+        cost, reserve = budget.CostModel(0.0, 0.0, B), 0.0
+    else:
+        cost = budget.calibrate(cal_run, clock=clock, batch_size=B, fixed=cal_fixed)
+        out_px = cfg.data.channels * (S * 8) ** 2 if vae is not None else C * S * S
+        reserve = writecost.finish_seconds(
+            gen_dir, shard_bytes=K * gcfg.ipc_max * out_px // world, merged_bytes=K * gcfg.ipc_max * out_px,
+            merges=merge_when_done and (rank == 0 or not group), grid=(K, min(gcfg.ipc_max, 10), out_px),
+            clock=clock,
+        )  # fmt: skip
+    if group:  # one plan for all ranks: the slowest rank's cost and the largest reserve
+        c = torch.tensor([cost.step_seconds, cost.batch_seconds, reserve], dtype=torch.float64)
         torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX)
-        cost = budget.CostModel(float(c[0]), float(c[1]), B)
+        cost, reserve = budget.CostModel(float(c[0]), float(c[1]), B), float(c[2])
     phases["calibrate"] = clock() - mark
 
     # --- plan -------------------------------------------------------------------------------------------
     quality: Any = gcfg.quality
     if quality != "dsr":
         quality = budget.load_quality_table(quality)
-    bounds = budget.Bounds(
-        gcfg.steps_min, gcfg.steps_max, gcfg.ipc_min, gcfg.ipc_max, gcfg.dsr_min_steps_quality
-    )
+    bounds = _bounds(gcfg, gen_dir)
     margin = gcfg.safety_margin * limit
     plan_at = clock()
-    available = deadline - margin - RESERVE_SECONDS - plan_at
+    available = deadline - margin - reserve - plan_at
     the_plan = budget.plan(
         available, cost, bounds, num_classes=K, batch_size=B, world_size=world, quality=quality,
         ratios=select_ratios,
@@ -397,6 +423,8 @@ def generate(
         # A selection pool is sized by its plan; D^3HR latents are one group of the planned IPC per class.
         ipc_cap = the_plan.ipc
     my_batches, extra = budget.split_plan(K, the_plan.ipc, ipc_cap, B, rank, world)
+    if mine_done:  # its shard is on disk: take part in the collectives only
+        my_batches, extra = [], []
 
     if stats is not None:
         from ddkit.methods import d3hr
@@ -421,7 +449,7 @@ def generate(
         steps_min=gcfg.steps_min,
         t0=t0,
         margin_seconds=margin,
-        reserve_seconds=RESERVE_SECONDS,
+        reserve_seconds=reserve,
     )
 
     # --- sample -----------------------------------------------------------------------------------------
@@ -498,17 +526,19 @@ def generate(
         "shortened_batches": runner.shortened,
         "plan_time": plan_at - t0,
         "deadline": deadline - t0,
-        "excluded_seconds": phases.get("d3hr_statistics", 0.0),  # outside the budget (module docstring)
         "margin_seconds": margin,
+        "reserve_seconds": reserve,
         "hardware": hardware_info(),
         "precision": precision.to_dict(),
     }
     phases["save"] = clock() - mark  # the save itself is measured into the DONE marker below
     shard["phases"] = dict(phases)
     shard["finished"] = clock() - t0
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(shard, shard_dir / SHARD_FILE)
-    mark_done(shard_dir, {"images": int(shard["images"].shape[0]), "finished": clock() - t0})
+    if not mine_done:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(shard, shard_dir / SHARD_FILE)
+        plan = {"steps": the_plan.steps, "ipc": the_plan.ipc}  # a requeued peer adopts it (_bounds)
+        mark_done(shard_dir, {"images": int(shard["images"].shape[0]), "finished": clock() - t0, "plan": plan})
 
     if group:
         dist.barrier()
@@ -606,9 +636,7 @@ def merge(
     plots_s = clock() - mark
     limit = float(first["time_limit"])
     finished = max(float(s["finished"]) for s in shards)
-    excluded = max(float(s.get("excluded_seconds", 0.0)) for s in shards)
-    elapsed = (clock() - t0 - excluded) if t0 is not None else None
-    finished -= excluded
+    elapsed = (clock() - t0) if t0 is not None else None
     made = int(sum(s["images"].shape[0] for s in shards))
     possible = 0
     for s in shards:
@@ -645,8 +673,7 @@ def merge(
         "time_limit": limit,
         "phases": {f"rank{s['rank']}": s["phases"] for s in shards} | {"merge_plots": plots_s},
         "rank_finished_seconds": [float(s["finished"]) for s in shards],
-        "elapsed_seconds": elapsed if elapsed is not None else finished,  # budget seconds (excl. D^3HR stats)
-        "excluded_seconds": excluded,
+        "elapsed_seconds": elapsed if elapsed is not None else finished,  # budget seconds
         "budget_share_used": (elapsed if elapsed is not None else finished) / limit,
         "budget_use_images": made / possible if possible else None,
         "images_possible": possible,
@@ -728,7 +755,7 @@ def write_budget_plot(path: Path, shards: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    limit = float(shards[0]["deadline"])  # the time limit, plus any time excluded from the budget
+    limit = float(shards[0]["deadline"])  # the time limit
     for s in shards:
         ev = s["events"]
         p, c = s["plan"], s["cost"]

@@ -15,6 +15,11 @@ Exact resume: a checkpoint holds everything the next step depends on — weights
 step, each rank's RNG states and minimax memories, and the data position (epoch, batch-in-epoch). The data
 loader is deterministic per (seed, epoch, rank), so resuming rebuilds the epoch's loader and skips the
 batches already consumed; the resumed run then computes bit-identical steps (CPU) to an uninterrupted one.
+
+Preemption (SLURM ``scontrol requeue``/preemption SIGTERM, time-limit USR2): the job's signal handlers only
+call :func:`request_stop`; at every step boundary the ranks vote once (:meth:`Trainer._agree_stop`), all
+stop after the same step, write one checkpoint (rank 0, atomically) and raise :class:`Preempted`, so no
+step is lost, whatever the moment of the signal.
 """
 
 from __future__ import annotations
@@ -31,12 +36,33 @@ from ddkit.errors import ConfigError, DataError, WeightsError
 
 Stage = Literal["pretrain", "minimax"]
 _CURRENT: Trainer | None = None
+#: Signal numbers received since the process started (appended by :func:`request_stop`, from a handler).
+_STOP: list[int] = []
 
 
 def current_trainer() -> Trainer | None:
     """The :class:`Trainer` whose :meth:`Trainer.run` is executing in this process, or None (used by the
     SLURM checkpoint hook to save on preemption)."""
     return _CURRENT
+
+
+def request_stop(signum: int) -> None:
+    """Ask the training loop of this process to stop at the next step boundary (safe in a signal handler:
+    it only appends ``signum``). Every rank's loop then agrees on the step (:meth:`Trainer._agree_stop`),
+    writes one complete checkpoint and raises :class:`Preempted`."""
+    _STOP.append(int(signum))
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a complete checkpoint at ``step`` (all ranks).
+
+    Attributes: ``step`` (optimizer steps in the checkpoint), ``signals`` (signal numbers any rank had
+    received, sorted), ``checkpoint`` (its path).
+    """
+
+    def __init__(self, step: int, signals: tuple[int, ...], checkpoint: Path) -> None:
+        super().__init__(f"stopped on signal(s) {list(signals)} at step {step}; checkpoint {checkpoint}")
+        self.step, self.signals, self.checkpoint = step, signals, checkpoint
 
 
 def train(
@@ -63,6 +89,7 @@ def train(
 
     Raises:
         ConfigError, DataError, WeightsError: bad config, missing shards, missing initial weights.
+        Preempted: :func:`request_stop` was called (SIGTERM/USR2 under SLURM); the checkpoint is written.
     """
     trainer = Trainer(cfg, stage, resume=resume, max_steps=max_steps, progress=progress)
     return trainer.run()
@@ -105,6 +132,7 @@ class Trainer:
         self._ready = False
         self._in_step = False
         self._last_ckpt: Path | None = None
+        self._ctl_group = None
 
     # ------------------------------------------------------------------------------------------------------
     # Setup
@@ -127,6 +155,12 @@ class Trainer:
                 f"{self.stage}.batch_size: {tcfg.batch_size} not divisible by world size {world}"
             )
         self.local_batch = tcfg.batch_size // world
+        self._ctl_group = None  # the stop vote runs on CPU tensors: a gloo group beside NCCL
+        if self.env.distributed:
+            import torch.distributed as tdist
+
+            if tdist.get_backend() == "nccl":
+                self._ctl_group = tdist.new_group(backend="gloo")
         if self.device.type == "cuda":
             # As the reference: TF32 matmuls make A100/H100 training much faster at no visible cost.
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -413,8 +447,9 @@ class Trainer:
         t_log = time.perf_counter()
         t_start = t_log
         bar = _ProgressBar(self.stage, total, self.step, enabled=self.progress and self.is_main)
+        stopped: tuple[int, ...] = ()
         try:
-            while self.step < stop:
+            while self.step < stop and not stopped:
                 loader = make_loader(
                     self.cfg.data.shards,
                     "train",
@@ -438,6 +473,8 @@ class Trainer:
                 for _ in range(b):  # resume inside an epoch: skip the batches already consumed
                     next(it)
                 while b < n_batches and self.step < stop:
+                    if stopped := self._agree_stop():
+                        break
                     batch = next(it)
                     self._in_step = True
                     terms = self.train_step(batch)
@@ -469,6 +506,8 @@ class Trainer:
             self._in_step = False
             bar.close()
         self._checkpoint()
+        if stopped:
+            raise Preempted(self.step, stopped, self.ckpt_path)
         if self.step >= total and self.is_main:
             mark_done(self.stage_dir, {"step": self.step, "checkpoint": str(self.ckpt_path),
                                        "precision": self.precision.to_dict(), "hardware": hardware_info()})
@@ -594,6 +633,25 @@ class Trainer:
         tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
         return int(t.item())
 
+    def _agree_stop(self) -> tuple[int, ...]:
+        """At a step boundary: the signals any rank has received (:func:`request_stop`), or ``()``.
+
+        ONE collective per step boundary: an ``all_reduce(MAX)`` of a 0/1 vector indexed by signal number
+        (a union of the ranks' signals, on CPU; a gloo side group under NCCL, so no device sync). Every
+        rank gets the same answer at the same step, so all stop after the same step and write one
+        checkpoint together; steps lost to a preemption: none.
+        """
+        import torch
+
+        flags = torch.zeros(65, dtype=torch.int32)
+        for s in _STOP:
+            flags[min(s, 64)] = 1
+        if self.env.distributed:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self._ctl_group)
+        return tuple(int(i) for i in flags.nonzero().flatten())
+
     def _rng_state(self) -> dict[str, Any]:
         import numpy as np
         import torch
@@ -670,11 +728,12 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Save now if the state is consistent; return the checkpoint that holds the latest consistent state.
 
-        Safe to call from a signal handler (e.g. SLURM preemption via submitit's ``checkpoint``). State is
-        consistent only between optimizer steps: ``_in_step`` is set from the first random draw of a step
-        until its data position is advanced. Mid-step, and in multi-rank runs (a collective inside a signal
-        handler could deadlock), nothing is written and the last periodic checkpoint is returned: resuming
-        from it still reproduces the run exactly, since every step is deterministic given the saved state.
+        Safe to call from a signal handler in a single process. State is consistent only between optimizer
+        steps: ``_in_step`` is set from the first random draw of a step until its data position is
+        advanced. Mid-step, and in multi-rank runs (a collective inside a signal handler could deadlock),
+        nothing is written here and the last checkpoint is returned. SLURM jobs do not rely on this: their
+        signal handlers call :func:`request_stop`, and the loop itself stops all ranks at one agreed step
+        and writes the checkpoint (:meth:`_agree_stop`), mid-step signals included.
         Returns None when no checkpoint exists yet.
         """
         if not self._ready or self._in_step or self.env.distributed:
@@ -773,4 +832,4 @@ class _ProgressBar:
             self.p.stop()
 
 
-__all__ = ["Trainer", "current_trainer", "train"]
+__all__ = ["Preempted", "Trainer", "current_trainer", "request_stop", "train"]

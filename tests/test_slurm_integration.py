@@ -58,7 +58,8 @@ def slurm_cluster(tmp_path_factory):
         unavailable("slurm/start-local-cluster.sh needs root")
     # A short state path: slurmstepd's and munge's unix sockets live below it (108-byte limit).
     state = Path(reuse) if reuse else Path(f"/tmp/ddks{os.getpid()}")
-    env = dict(os.environ, DDKIT_SLURM_CPUS="4")  # oversubscribe 2 cores: tiny jobs overlap their waits
+    # Oversubscribe 2 cores, so tiny jobs overlap their waits; 4 fake GPUs, so two 2-rank jobs run at once.
+    env = dict(os.environ, DDKIT_SLURM_CPUS="4", DDKIT_SLURM_GPUS="4")
     t = time.monotonic()
     try:
         res = subprocess.run(
@@ -131,9 +132,9 @@ def _params(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {"model": state["model"], "ema": state["ema"], "step": state["step"]}
 
 
-def _assert_same_params(a: Path, b: Path) -> None:
+def _assert_same_params(a: Path, b: Path, steps: int = STEPS) -> None:
     pa, pb = _params(a), _params(b)
-    assert pa["step"] == pb["step"] == STEPS
+    assert pa["step"] == pb["step"] == steps
     for key in ("model", "ema"):
         assert pa[key].keys() == pb[key].keys()
         for name in pa[key]:
@@ -270,15 +271,109 @@ def test_preempted_job_resumes_from_checkpoint_exactly(reference, timeout_job, c
         cfg, "pretrain", slurm=SlurmConfig(partition="cpu", gpus_per_node=0, cpus_per_task=1, time="5")
     )
     _wait_for(lambda: any(r["step"] >= 10 for r in _log_steps(stage)), 120, "10 training steps")
-    job._interrupt()  # submitit's preemption path: SIGTERM, then USR2 -> checkpoint + scontrol requeue
+    job._interrupt()  # submitit's preemption path: SIGTERM, then USR2 -> stop, checkpoint, scontrol requeue
     ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=180))
     events = cluster.read_events(stage)
-    assert [e["event"] for e in events] == ["start", "requeue", "start"], events
-    assert events[0]["resume_step"] is None and events[2]["restart"] == "1"
-    assert 5 <= events[2]["resume_step"] < STEPS  # resumed from a checkpoint, not from scratch
+    assert [e["event"] for e in events] == ["start", "stop", "requeue", "start"], events
+    assert events[0]["resume_step"] is None and events[3]["restart"] == "1"
+    assert events[1]["requeue_by"] == "submitit" and "SIGTERM" in events[1]["signals"]
+    # resumed from the checkpoint written at the stop: no step lost
+    assert 10 <= events[3]["resume_step"] == events[1]["step"] == events[2]["step"] < STEPS
     steps = [r["step"] for r in _log_steps(stage)]
     assert steps == list(range(5, STEPS + 1, 5))  # lines after the checkpoint were dropped, none repeat
     _assert_same_params(ckpt, ref_ckpt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two ranks under srun: preempted twice at arbitrary moments, bit-identical to an uninterrupted run
+# ----------------------------------------------------------------------------------------------------------
+DDP_STEPS = 48
+DDP_SETS = [f"pretrain.steps={DDP_STEPS}", "pretrain.log_every=1", "pretrain.ckpt_every=1000"]
+
+
+def _last_step(stage: Path) -> int:
+    return max((r["step"] for r in _log_steps(stage)), default=0)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(slurm_cluster, config_file, tmp_path_factory):
+    """An uninterrupted 2-rank run: ``ddkit submit train --gpus-per-node 2 --wait`` in a subprocess.
+
+    Started at once when the node has 4 GPUs (it trains beside the interrupted run); on a reused 2-GPU
+    cluster only when asked for, so it never holds the GPUs a requeued job waits for (that wait would
+    count as requeue -> resume time). Yields a function returning the reference checkpoint.
+    """
+    run = tmp_path_factory.mktemp("ddpref") / "run"
+    code = "import sys; from ddkit.cli import main; sys.argv[0] = 'ddkit'; main()"
+    args = ["submit", "train", str(config_file), "--stage", "pretrain", "-p", "gpu", "--gpus-per-node", "2",
+            "--cpus-per-task", "1", "--time", "10", "--wait", "--set", f"run_dir={run}"]  # fmt: skip
+    for kv in DDP_SETS:
+        args += ["--set", kv]
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        cmd = [sys.executable, "-c", code, *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    def result() -> Path:
+        if not procs:
+            start()
+        out, err = procs[0].communicate(timeout=300)
+        assert procs[0].returncode == 0, err
+        return run / "pretrain" / "ckpt" / "last.pt"
+
+    if cluster.partitions()["gpu"].gpus_per_node >= 4:
+        start()
+    yield result
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_two_ranks_requeued_twice_resume_bit_identically(ddp_reference, config_file, tmp_path):
+    """``scontrol requeue`` (what SLURM preemption does: SIGTERM, KillWait, SIGKILL, requeue) at two
+    arbitrary steps of a 2-rank srun job: both ranks stop after one agreed step, one checkpoint is written,
+    the job resumes from it; the final weights equal an uninterrupted 2-rank run's, bit for bit."""
+    import random
+
+    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}", *DDP_SETS])
+    stage = tmp_path / "run" / "pretrain"
+    s = SlurmConfig(partition="gpu", gpus_per_node=2, cpus_per_task=1, time="10")
+    job = cluster.submit_train(cfg, "pretrain", slurm=s)
+    rng = random.Random()
+    lost, resume_s, restart_s, resumed_at = [], [], [], 0
+    for attempt in (1, 2):
+        target = resumed_at + rng.randint(2, 10)  # an arbitrary step of this attempt (never a checkpoint's)
+        _wait_for(lambda t=target: _last_step(stage) >= t, 180, f"step {target}", poll_s=0.05)
+        seen = _last_step(stage)
+        t, t_epoch = time.monotonic(), time.time()
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, capture_output=True)
+
+        def resumed(n=attempt):
+            starts = [e for e in cluster.read_events(stage) if e["event"] == "start"]
+            return len(starts) > n and _last_step(stage) > (starts[n]["resume_step"] or 0) and starts[n]
+
+        start = _wait_for(resumed, 180, f"training to resume after requeue {attempt}", poll_s=0.05)
+        resume_s.append(time.monotonic() - t)
+        restart_s.append(start["time"] - t_epoch)  # until the requeued job runs ddkit code again
+        stops = [e for e in cluster.read_events(stage) if e["event"] == "stop"]
+        assert len(stops) == attempt and stops[-1]["signals"] == ["SIGTERM"], stops
+        assert stops[-1]["requeue_by"] == "slurm"
+        resumed_at = start["resume_step"]
+        assert resumed_at == stops[-1]["step"] >= seen  # the checkpoint holds every step made
+        lost.append(max(seen, stops[-1]["step"]) - resumed_at)
+    ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=300))
+    events = cluster.read_events(stage)
+    assert [e["event"] for e in events] == ["start", "stop", "start", "stop", "start"], events
+    assert [r["step"] for r in _log_steps(stage)] == list(range(1, DDP_STEPS + 1))  # each step logged once
+    _assert_same_params(ckpt, ddp_reference(), DDP_STEPS)
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["world_size"] == 2
+    print(
+        f"\n2-rank requeues at steps {[e['step'] for e in events if e['event'] == 'stop']}: steps lost {lost}; "
+        f"requeue -> training resumed {', '.join(f'{x:.1f}s' for x in resume_s)} (of which SLURM requeue + "
+        f"job start {', '.join(f'{x:.1f}s' for x in restart_s)}; the rest is imports, model, DDP, checkpoint load)"
+    )
+    assert lost == [0, 0]
 
 
 def test_generation_array_completes_and_merges(reference, config_file, tmp_path):
@@ -336,6 +431,84 @@ def test_generation_one_job_one_rank_per_gpu(reference, config_file, tmp_path):
     # two srun tasks in one process group shared the shards; the merge job added the SLURM history
     assert manifest["world_size"] == 2 and manifest["ipc"] == 1 and (gen / "DONE").is_file()
     assert [e["event"] for e in manifest["slurm"]["events"]] == ["start"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation ranks (one srun job, or an array) requeued at an arbitrary moment, D^3HR included
+# ----------------------------------------------------------------------------------------------------------
+D3HR_SETS = ["generate.ipc_min=2", "generate.ipc_max=2", "generate.d3hr.inversion_steps=10",
+             "generate.d3hr.store_from=500", "generate.d3hr.store_to=700", "generate.d3hr.timestep=600",
+             "generate.d3hr.max_images_per_class=2"]  # fmt: skip
+
+
+def _submit_d3hr(config_file: Path, run: Path, ckpt: Path, array: bool, wait: bool):
+    args = ["submit", "generate", str(run), "-c", str(config_file), "--method", "d3hr", "--time-limit", "120",
+            "--gpus", "2", "-p", "gpu", "--cpus-per-task", "1", "--time", "5", "--set",
+            f"generate.checkpoint={ckpt}"] + (["--array"] if array else []) + (["--wait"] if wait else [])  # fmt: skip
+    for kv in D3HR_SETS:
+        args += ["--set", kv]
+    code = "import sys; from ddkit.cli import main; sys.argv[0] = 'ddkit'; main()"
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def d3hr_reference(reference, config_file, tmp_path_factory):
+    """An uninterrupted 2-rank D^3HR generation (one srun job), started in the background."""
+    _, ref_ckpt, _ = reference
+    run = tmp_path_factory.mktemp("d3hrref") / "run"
+    proc = _submit_d3hr(config_file, run, ref_ckpt, array=False, wait=True)
+
+    def result() -> Path:
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err
+        return run / "gen-d3hr" / "dataset.pt"
+
+    yield result
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["srun", "array"])
+def test_generation_requeued_at_any_moment_matches_uninterrupted(reference, d3hr_reference, config_file,
+                                                                 tmp_path, array):  # fmt: skip
+    """``scontrol requeue`` at a moment picked at random (job start, during the D^3HR statistics, or once
+    a shard is done): no hang, no duplicate and no missing image, the same merged set as an uninterrupted
+    run."""
+    import random
+
+    _, ref_ckpt, _ = reference
+    run = tmp_path / "run"
+    gen = run / "gen-d3hr"
+    proc = _submit_d3hr(config_file, run, ref_ckpt, array=array, wait=True)
+    moment = random.choice(["start", "statistics", "shard"])
+    milestones = {
+        "start": lambda: any(e["event"] == "start" for e in cluster.read_events(gen)),
+        "statistics": lambda: any((run / "d3hr-cache").glob("*")),
+        "shard": lambda: any((gen / f"shard-{r}" / "DONE").is_file() for r in (0, 1)),
+    }
+    _wait_for(milestones[moment], 240, f"generation to reach '{moment}'", poll_s=0.05)
+    starts = [e for e in cluster.read_events(gen) if e["event"] == "start"]
+    requeued = not (gen / "DONE").exists() and bool(starts)
+    if requeued:
+        job = starts[0]["array_job_id"] + "_" + starts[0]["array_task"] if array else starts[0]["job_id"]
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+    out, err = proc.communicate(timeout=400)  # a hang fails here, at the deadline
+    assert proc.returncode == 0, err
+    man = json.loads((gen / "manifest.json").read_text())
+    pairs = [tuple(p) for p in man["seeds"]["per_image"]]
+    assert pairs == [(c, i) for c in range(10) for i in range(2)]  # none duplicated, none missing
+    assert man["ipc"] == 2 and man["images_dropped_for_balance"] == 0
+    restarts = [
+        e for e in cluster.read_events(gen) if e["event"] == "start" and e.get("restart") not in (None, "0")
+    ]
+    print(f"\nD^3HR generation ({'array' if array else 'srun'}) requeued at '{moment}': "
+          f"{'yes' if requeued else 'no (already done)'}, restarted tasks {len(restarts)}; "
+          f"images {man['images']} = 10 classes x IPC {man['ipc']}, duplicated 0, missing 0")  # fmt: skip
+    ref = torch.load(d3hr_reference(), weights_only=False)
+    got = torch.load(gen / "dataset.pt", weights_only=False)
+    assert torch.equal(got["labels"], ref["labels"]) and torch.equal(got["images"], ref["images"])
 
 
 def test_time_limit_requeues_and_finishes(timeout_job):

@@ -296,3 +296,56 @@ def test_ddp_two_ranks_gloo(tmp_path, tiny_shards):
         assert torch.equal(v, r0["model"][k])
     assert [r["step"] for r in read_jsonl(run / "pretrain" / "train_log.jsonl")] == [2, 4]
     assert json.loads((run / "pretrain" / "DONE").read_text())["step"] == 4
+
+
+def _ddp_stop_worker(rank: int, world: int, port: int, tmp: str, shards: str) -> None:
+    """Reference 6-step run; then a run in which rank 1 alone gets a signal inside step 3; then its resume."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from ddkit import dist
+    from ddkit import train as T
+
+    def cfg(run: str):
+        return _cfg(Path(tmp) / run, Path(shards), "pretrain.steps=6", "pretrain.batch_size=8",
+                    "pretrain.ckpt_every=100")  # fmt: skip
+
+    T.train(cfg("ref"), "pretrain", progress=False)
+    original = T.Trainer.train_step
+
+    def signalled(self, batch):
+        if rank == 1 and self.step == 2:  # mid-step 3 on one rank only
+            T.request_stop(15)
+        return original(self, batch)
+
+    T.Trainer.train_step = signalled
+    out = {}
+    try:
+        T.train(cfg("int"), "pretrain", progress=False)
+    except T.Preempted as p:
+        out = {"step": p.step, "signals": p.signals}
+    T.Trainer.train_step = original
+    T._STOP.clear()
+    out["on_disk"] = torch.load(Path(tmp) / "int/pretrain/ckpt/last.pt", weights_only=False)["step"]
+    T.train(cfg("int"), "pretrain", progress=False)
+    torch.save(out, Path(tmp) / f"stop{rank}.pt")
+    dist.barrier()
+    dist.cleanup()
+
+
+@pytest.mark.timeout(240)
+def test_ddp_signal_on_one_rank_stops_both_at_one_step_and_resumes_exactly(tmp_path, tiny_shards):
+    import torch.multiprocessing as mp
+
+    from ddkit.models import load_checkpoint
+
+    mp.spawn(_ddp_stop_worker, args=(2, _free_port(), str(tmp_path), str(tiny_shards)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"stop{r}.pt", weights_only=False) for r in (0, 1)]
+    # The signal reached rank 1 inside step 3: both ranks finish step 3, agree, and stop there.
+    assert got[0] == got[1] == {"step": 3, "signals": (15,), "on_disk": 3}
+    ref = load_checkpoint(tmp_path / "ref/pretrain/ckpt/last.pt")
+    res = load_checkpoint(tmp_path / "int/pretrain/ckpt/last.pt")
+    assert ref["step"] == res["step"] == 6
+    for key in ("model", "ema"):
+        for k in ref[key]:
+            assert torch.equal(ref[key][k], res[key][k]), f"{key}.{k}"
