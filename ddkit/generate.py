@@ -147,9 +147,10 @@ def _all_shards_done(gen_dir: Path, world_size: int) -> bool:
     return all(is_done(gen_dir / f"shard-{r}") for r in range(world_size))
 
 
-def _bounds(gcfg, gen_dir: Path):
-    """The planner's search box: the config's, capped at the plan (steps, IPC) of shards already done in
-    ``gen_dir`` (recorded in their DONE), so the remaining ranks sample the same layout and chains."""
+def _bounds(gcfg, gen_dir: Path, ratios: tuple[float, ...] = (1.0,)):
+    """The planner's search box and over-generation ratios: the config's, capped at the plan (steps, kept
+    IPC, ratio) of shards already done in ``gen_dir`` (recorded in their DONE), so the remaining ranks
+    sample the same layout and chains."""
     import json
 
     from ddkit import budget
@@ -159,10 +160,13 @@ def _bounds(gcfg, gen_dir: Path):
         if is_done(d):
             plan = json.loads((d / "DONE").read_text() or "{}").get("plan")
             if plan:
-                steps_max, ipc_max = min(steps_max, plan["steps"]), min(ipc_max, plan["ipc"])
-    return budget.Bounds(
+                kept = plan.get("kept_ipc") or plan["ipc"]
+                steps_max, ipc_max = min(steps_max, plan["steps"]), min(ipc_max, kept)
+                ratios = (float(plan.get("ratio", 1.0)),)
+    bounds = budget.Bounds(
         min(gcfg.steps_min, steps_max), steps_max, min(gcfg.ipc_min, ipc_max), ipc_max, gcfg.dsr_min_steps_quality
     )
+    return bounds, ratios
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,8 +397,9 @@ def generate(
     else:
         cost = budget.calibrate(cal_run, clock=clock, batch_size=B, fixed=cal_fixed)
         out_px = cfg.data.channels * (S * 8) ** 2 if vae is not None else C * S * S
+        ipc_w = math.ceil(gcfg.ipc_max * max(select_ratios))  # a selection pool writes all its candidates
         reserve = writecost.finish_seconds(
-            gen_dir, shard_bytes=K * gcfg.ipc_max * out_px // world, merged_bytes=K * gcfg.ipc_max * out_px,
+            gen_dir, shard_bytes=K * ipc_w * out_px // world, merged_bytes=K * ipc_w * out_px,
             merges=merge_when_done and (rank == 0 or not group), grid=(K, min(gcfg.ipc_max, 10), out_px),
             clock=clock,
         )  # fmt: skip
@@ -408,7 +413,7 @@ def generate(
     quality: Any = gcfg.quality
     if quality != "dsr":
         quality = budget.load_quality_table(quality)
-    bounds = _bounds(gcfg, gen_dir)
+    bounds, select_ratios = _bounds(gcfg, gen_dir, select_ratios)
     margin = gcfg.safety_margin * limit
     plan_at = clock()
     available = deadline - margin - reserve - plan_at
