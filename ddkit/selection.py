@@ -76,35 +76,44 @@ def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, s
     return net, means, str(path)
 
 
-def generate_selected(cfg: ExperimentConfig, method: str, *, progress: bool = True) -> Path:
+def generate_selected(
+    cfg: ExperimentConfig,
+    method: str,
+    *,
+    time_limit: float | None = None,
+    out_dir: str | Path | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    t0: float | None = None,
+) -> Path:
     """Generate ``ratio × IPC`` candidates per class with the base method, then keep IPC per class.
 
     Args:
         cfg: the experiment; ``generate.select`` gives ratio, criterion and confidence threshold.
         method: ``<base>+select`` with base ``minimax``, ``dit`` or ``d3hr``.
-        progress: progress bars of the pool's generation.
+        time_limit, rank, world_size, progress, t0: as :func:`ddkit.generate.generate` (the pool's generation
+            is sharded like any other; whichever process merges the pool also selects).
+        out_dir: default ``RUN/gen-<method>``.
 
     Returns:
-        ``RUN/gen-<method>`` with ``dataset.pt`` (``{"images": uint8 [K·ipc, C, H, W], "labels": int64,
-        "classes", "ipc"}``), ``manifest.json``, ``grid.png``, ``selection.png``, ``DONE``.
+        ``out_dir`` with ``dataset.pt`` (``{"images": uint8 [K·ipc, C, H, W], "labels": int64,
+        "classes", "ipc"}``), ``manifest.json``, ``grid.png``, ``selection.png``, ``DONE`` once selected.
 
     Raises:
         ConfigError: not a ``+select`` method; BudgetError / WeightsError from the pool's generation.
     """
-    from ddkit.generate import generate, merge, write_grid
-    from ddkit.methods.select import encode, select_per_class
+    from ddkit.generate import generate
 
     base, selected = split_method(method)
     if not selected:
         raise ConfigError(f"generate.method: {method!r} is not a '<base>{SUFFIX}' method")
     gcfg, scfg = cfg.generate, cfg.generate.select
-    out = Path(cfg.run_dir) / f"gen-{method}"
+    out = Path(out_dir) if out_dir is not None else Path(cfg.run_dir) / f"gen-{method}"
     if is_done(out):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    encoder, real_means, encoder_path = encoder_for(cfg)
-    encoder_s = time.monotonic() - t0
+    encoder_for(cfg)  # trained once per dataset and cached, before the pool's clock unless t0 says otherwise
     # The planner picks the ratio with steps and IPC (budget.plan's third axis): with the DSR rule the
     # configured ratio when it fits, with a quality table the best measured (steps, ipc, ratio).
     ratios = {1.0, float(scfg.ratio)}
@@ -112,12 +121,37 @@ def generate_selected(cfg: ExperimentConfig, method: str, *, progress: bool = Tr
         from ddkit.budget import load_quality_table
 
         ratios |= {float(k[2]) for k in load_quality_table(gcfg.quality) if len(k) > 2 and k[2] <= scfg.ratio}
-    select_reserve = 1.0 + 0.002 * math.ceil(scfg.ratio * gcfg.ipc_max) * len(real_means)
+    limit = float(time_limit if time_limit is not None else gcfg.time_limit)
+    # Selection's own cost (encode + greedy choice) is charged as work: ~2 ms per candidate on a CPU.
+    select_reserve = 1.0 + 0.002 * math.ceil(scfg.ratio * gcfg.ipc_max) * cfg.model.num_classes
     pool = out / "pool"
     generate(cfg, method=base, out_dir=pool, progress=progress, select_ratios=tuple(sorted(ratios)),
-             time_limit=max(1e-3, gcfg.time_limit - select_reserve))
+             time_limit=max(1e-3, limit - select_reserve), rank=rank, world_size=world_size, t0=t0)
+    if (pool / "dataset.pt").exists():
+        return select_pool(cfg, method, out)
+    return out
+
+
+def select_pool(cfg: ExperimentConfig, method: str, out_dir: str | Path | None = None) -> Path:
+    """Select from ``out_dir/pool`` (merging its shards first if needed) and write the distilled set.
+
+    Returns:
+        ``out_dir`` (default ``RUN/gen-<method>``), as :func:`generate_selected`.
+
+    Raises:
+        DataError: the pool's shards are not all done (from :func:`ddkit.generate.merge`).
+    """
+    from ddkit.generate import merge, write_grid
+    from ddkit.methods.select import encode, select_per_class
+
+    scfg = cfg.generate.select
+    out = Path(out_dir) if out_dir is not None else Path(cfg.run_dir) / f"gen-{method}"
+    pool = out / "pool"
     if not (pool / "dataset.pt").exists():
         merge(pool)
+    t0 = time.monotonic()
+    encoder, real_means, encoder_path = encoder_for(cfg)
+    encoder_s = time.monotonic() - t0
     t1 = time.monotonic()
     data = torch.load(pool / "dataset.pt", map_location="cpu", weights_only=True)
     the_plan = read_json(pool / "manifest.json")["plan"]

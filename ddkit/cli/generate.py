@@ -21,7 +21,8 @@ def generate(
     ),
     config: Optional[Path] = ConfigArg,
     method: Optional[str] = typer.Option(
-        None, "--method", "-m", help="minimax | dit | d3hr (default: generate.method)."
+        None, "--method", "-m",
+        help="minimax | dit | d3hr, or <base>+select to over-generate and select (default: generate.method).",
     ),
     time_limit: Optional[float] = typer.Option(
         None, "--time-limit", "-t", help="Seconds for the whole generation, model loading included."
@@ -44,6 +45,7 @@ def generate(
     --rank/--world-size for SLURM array tasks (then run `ddkit generate --merge` once all are done; the
     last rank to finish merges by itself too).
     """
+    import os
     import sys
 
     from ddkit.generate import process_start_monotonic
@@ -62,14 +64,17 @@ def generate(
         sets.insert(0, f"run_dir={run}")
     cfg = load(config, sets)
     from ddkit import generate as lib
+    from ddkit import selection
 
     m = method or cfg.generate.method
+    selected = selection.split_method(m)[1]
     gen_dir = out or lib.gen_dir_for(cfg, m)
     if merge:
-        path = lib.merge(gen_dir)
+        path = selection.select_pool(cfg, m, gen_dir) if selected else lib.merge(gen_dir)
         console.print(f"[green]merged[/] {path}")
         return
-    gen_dir = lib.generate(
+    run_fn = selection.generate_selected if selected else lib.generate
+    gen_dir = run_fn(
         cfg,
         method=m,
         time_limit=time_limit,
@@ -90,3 +95,9 @@ def generate(
         )
     else:
         console.print(f"[green]shard done[/] in {gen_dir}; merge with `ddkit generate --merge` when all are")
+    if own_process:
+        # The budget covers the process's whole life; torch's interpreter teardown (about 1 s idle, several
+        # under load) would run after the deadline the planner kept, so the process ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
