@@ -254,7 +254,7 @@ def generate(
         from ddkit.models import load_backbone
 
         checkpoint = checkpoint_for(cfg, method)
-        model, _ = load_backbone(checkpoint, use_ema=gcfg.use_ema, device=device)
+        model, _ = load_backbone(checkpoint, use_ema=gcfg.use_ema, device=device, expect=cfg.model)
     model = model.to(device).eval()
     vae = None
     vae_name = cfg.model.vae_decoder or cfg.model.vae

@@ -296,7 +296,9 @@ class Trainer:
         if init is None:
             mcfg = dataclasses.replace(cfg.model, difffit_blocks=blocks)
             return build_backbone(mcfg, seed=cfg.seed, class_embed_std=tcfg.class_embed_std), mcfg
-        model, mcfg = load_backbone(init, use_ema=True, device="cpu", difffit_blocks=blocks or None)
+        model, mcfg = load_backbone(
+            init, use_ema=True, device="cpu", difffit_blocks=blocks or None, expect=cfg.model
+        )
         # Data-side settings (VAE choice) come from this run's config when the source does not say.
         mcfg = dataclasses.replace(
             mcfg,

@@ -15,7 +15,9 @@ from ddkit.models.backbone import (
     Backbone,
     DiffFitGammas,
     arch_spec,
+    arch_name,
     build_backbone,
+    check_model_config,
     config_from_diffusers,
     count_parameters,
     init_dit_weights,
@@ -28,8 +30,10 @@ __all__ = [
     "ArchSpec",
     "Backbone",
     "DiffFitGammas",
+    "arch_name",
     "arch_spec",
     "build_backbone",
+    "check_model_config",
     "checkpoint_path",
     "config_from_diffusers",
     "count_parameters",
@@ -50,7 +54,14 @@ def model_config_from_dict(d: dict, source: str = "<checkpoint>"):
     return from_dict(ModelConfig, d, source)
 
 
-def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difffit_blocks: int | None = None):
+def load_backbone(
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    device="cpu",
+    difffit_blocks: int | None = None,
+    expect=None,
+):
     """Load a backbone from a ddkit checkpoint, a stage dir, or a diffusers DiT dir / Hugging Face id.
 
     Args:
@@ -61,12 +72,16 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difff
         device: where to put the model.
         difffit_blocks: add DiffFit gammas (init 1) to the first N blocks when the source has fewer
             (fine-tuning start); None keeps the source's.
+        expect: the run's ``ModelConfig``; a diffusers DiT must match its ``arch``, ``in_channels``,
+            ``input_size``, ``num_classes`` and ``learn_sigma`` (any size loads: unknown sizes are named
+            ``custom(...)``), and its other keys (VAE, latent scale, timesteps) are kept.
 
     Returns:
         (Backbone in eval mode, ModelConfig).
 
     Raises:
-        WeightsError: nothing loadable at ``path`` (names it); ConfigError: unknown architecture.
+        WeightsError: nothing loadable at ``path`` (names it); ConfigError: unknown architecture, or a
+        diffusers DiT that differs from ``expect`` (lists what the folder holds).
     """
     import torch
 
@@ -118,7 +133,11 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, device="cpu", difff
         raise WeightsError(
             f"{src}: DiT weights not found locally (no network; put them in the HF cache or a dir): {msg}"
         )
-    mcfg = config_from_diffusers(dict(dit.config), pretrained=src)
+    if p.is_dir():
+        src = str(p.resolve())  # stored in checkpoints and records: independent of the working directory
+    mcfg = config_from_diffusers(dict(dit.config), pretrained=src, base=expect)
+    if expect is not None:
+        check_model_config(mcfg, expect, src)
     if difffit_blocks:
         mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
     model = Backbone(dit, mcfg)
