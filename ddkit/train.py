@@ -315,6 +315,9 @@ class Trainer:
             self.data_mode = "pixels"
         elif mcfg.in_channels == 4 and mcfg.input_size * 8 == res:
             if index.get("latents"):
+                from ddkit.models.vae import check_latent_vae
+
+                check_latent_vae(index.get("latent"), mcfg.vae, f"{self.cfg.data.shards}/dataset.json")
                 self.data_mode = "latents"
             elif mcfg.vae:
                 self.data_mode = "encode"

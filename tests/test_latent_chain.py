@@ -1,0 +1,158 @@
+"""The tiny diffusers DiT pipeline (ddkit.models.tiny) and loading any diffusers DiT, whatever its size."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ddkit.config import ModelConfig
+from ddkit.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    from ddkit.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-dit")
+
+
+def _expected(**kw) -> ModelConfig:
+    from ddkit.models.tiny import TINY_MODEL_SETTINGS
+
+    return dataclasses.replace(ModelConfig(**TINY_MODEL_SETTINGS), **kw)
+
+
+def test_tiny_pipeline_has_the_hub_layout(tiny_pipe):
+    index = json.loads((tiny_pipe / "model_index.json").read_text())
+    assert index["_class_name"] == "DiTPipeline"
+    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
+    tcfg = json.loads((tiny_pipe / "transformer" / "config.json").read_text())
+    # DiT-XL/2's keys: learn-sigma (4 -> 8 channels), 1,000 classes, patch 2, adaLN-Zero.
+    assert (tcfg["in_channels"], tcfg["out_channels"], tcfg["num_embeds_ada_norm"]) == (4, 8, 1000)
+    assert tcfg["patch_size"] == 2 and tcfg["norm_type"] == "ada_norm_zero" and tcfg["sample_size"] == 8
+    sched = json.loads((tiny_pipe / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDIMScheduler" and sched["beta_schedule"] == "linear"
+    assert (sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"]) == (1e-4, 0.02, 1000)
+    assert json.loads((tiny_pipe / "vae" / "config.json").read_text())["latent_channels"] == 4
+
+
+def test_any_diffusers_dit_loads_as_a_custom_arch(tiny_pipe):
+    from ddkit.models import arch_spec, build_backbone, load_backbone
+
+    model, mcfg = load_backbone(tiny_pipe, expect=_expected(vae="some-vae"), difffit_blocks=14)
+    assert mcfg.arch == "custom(depth=2,hidden=32,heads=2,patch=2)"
+    assert mcfg.vae == "some-vae" and mcfg.pretrained == str(tiny_pipe.resolve())
+    assert len(model.gammas) == 2
+    spec = arch_spec(mcfg.arch)
+    assert (spec.depth, spec.hidden, spec.heads, spec.patch) == (2, 32, 2, 2)
+    # The custom name rebuilds the same module tree (how a fine-tuned checkpoint of it is reloaded).
+    rebuilt = build_backbone(mcfg, init=False)
+    rebuilt.load_state_dict(model.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([3, 1000])
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x, t, y), model(x, t, y))
+        assert model(x, t, y).shape == (2, 8, 8, 8)
+
+
+def test_a_mismatching_model_config_is_one_line_naming_the_folder(tiny_pipe):
+    from ddkit.models import load_backbone
+
+    with pytest.raises(ConfigError) as e:
+        load_backbone(tiny_pipe, expect=_expected(arch="DiT-XL/2", input_size=32))
+    msg = str(e.value)
+    assert "\n" not in msg and str(tiny_pipe.resolve()) in msg
+    assert "arch='DiT-XL/2'" in msg and "input_size=32" in msg
+    assert "model.arch=custom(depth=2,hidden=32,heads=2,patch=2)" in msg and "model.input_size=8" in msg
+
+
+def test_custom_arch_names_are_validated():
+    from ddkit.models import arch_name, arch_spec
+
+    with pytest.raises(ConfigError, match="heads must divide hidden"):
+        arch_spec("custom(depth=2,hidden=30,heads=4,patch=2)")
+    with pytest.raises(ConfigError, match=r"custom\(depth=D"):
+        arch_spec("DiT-Q/3")
+    assert arch_name(arch_spec("DiT-XL/2")) == "DiT-XL/2"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Real images: foolbox's 20 ImageNet JPEGs (PyPI foolbox, foolbox/data/imagenet_<i>_<label>.jpg)
+# --------------------------------------------------------------------------------------------------------
+def foolbox_images() -> list:
+    """The 20 ImageNet validation JPEGs PyPI foolbox ships (RGB PIL images, 512 px)."""
+    from pathlib import Path
+
+    foolbox = pytest.importorskip("foolbox")
+    from PIL import Image
+
+    files = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_*.jpg"))
+    assert len(files) == 20
+    return [Image.open(f).convert("RGB") for f in files]
+
+
+def make_wnid_imagefolder(root, wnids, train_per_class: int, val_per_class: int, size: int = 64):
+    """ImageNet-style ``root/{train,val}/<wnid>/*.JPEG``: class ``c`` holds crops (scale, position, flip) of
+    the foolbox images ``c, c+n, c+2n, ...`` resized to ``size`` px, so every file is a real photo."""
+    import random
+
+    from PIL import ImageOps
+
+    photos = foolbox_images()
+    rng = random.Random(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c, w in enumerate(wnids):
+            d = root / split / w
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = photos[(c + i * len(wnids)) % len(photos)]
+                side = int(img.width * rng.uniform(0.55, 1.0))
+                x0, y0 = rng.randint(0, img.width - side), rng.randint(0, img.height - side)
+                crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size))
+                if rng.random() < 0.5:
+                    crop = ImageOps.mirror(crop)
+                crop.save(d / f"{w}_{i}.JPEG", quality=90)
+    return root
+
+
+def test_encode_latents_takes_a_pipeline_folder_and_records_the_vae(tiny_pipe, tmp_path):
+    from ddkit.config import DataConfig
+    from ddkit.data import read_index, shard_dataset
+    from ddkit.data.registry import imagenet_wnids
+    from ddkit.errors import DataError
+    from ddkit.models.tiny import build_tiny_pipeline
+    from ddkit.models.vae import check_latent_vae
+
+    root = make_wnid_imagefolder(tmp_path / "inet", imagenet_wnids()[:2], 3, 1)
+    cfg = DataConfig(
+        dataset="imagefolder", root=str(root), shards=str(tmp_path / "sh"), resolution=64, channels=3,
+        encode_latents=str(tiny_pipe),
+    )
+    out = shard_dataset(cfg)
+    latent = read_index(out)["latent"]
+    assert latent["vae"] == str(tiny_pipe.resolve()) and len(latent["encoder_sha256"]) == 64
+    assert latent["channels"] == 4 and latent["size"] == 8
+    where = str(out / "dataset.json")
+    check_latent_vae(latent, str(tiny_pipe / "vae"), where)  # another name, the same encoder: accepted
+    other = build_tiny_pipeline(tmp_path / "other", seed=1)
+    with pytest.raises(DataError) as e:
+        check_latent_vae(latent, str(other), where)
+    assert "\n" not in str(e.value) and str(other) in str(e.value) and where in str(e.value)
+    # Reusing the shard set with another VAE is refused, not silently served.
+    with pytest.raises(DataError, match="another encoder"):
+        shard_dataset(dataclasses.replace(cfg, encode_latents=str(other)))
+
+
+def test_evaluate_refuses_too_few_real_images_before_any_training(mnist_shards, tmp_path):
+    from ddkit.config import EvaluateConfig
+    from ddkit.errors import DataError
+    from ddkit.evaluate import evaluate
+
+    cfg = EvaluateConfig(protocol="idc", epochs=1, repeats=1, ipc=401, baselines=("random_real",))
+    with pytest.raises(DataError) as e:
+        evaluate({}, mnist_shards, cfg, out_dir=tmp_path / "ev", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "IPC 401" in msg and "10 class(es)" in msg and str(mnist_shards) in msg
+    assert not (tmp_path / "ev" / "runs.jsonl").exists()
