@@ -165,15 +165,9 @@ class Trainer:
         self._check_data(mcfg, index)
 
         # Class mapping: memories use the subset index, conditioning the backbone's index.
-        imnet = index.get("imagenet_index")
-        if imnet is not None and mcfg.num_classes == 1000:
-            cond = torch.tensor(imnet, dtype=torch.long)
-        else:
-            if self.num_subset_classes > mcfg.num_classes:
-                raise ConfigError(
-                    f"model.num_classes: {mcfg.num_classes} < {self.num_subset_classes} classes in {cfg.data.shards}"
-                )
-            cond = torch.arange(self.num_subset_classes, dtype=torch.long)
+        from ddkit.data.classmap import backbone_labels
+
+        cond = torch.tensor(backbone_labels(index, mcfg.num_classes, cfg.model.class_map), dtype=torch.long)
         self._init_training(model, ema, mcfg, cond)
 
         if state is not None:

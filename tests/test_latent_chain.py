@@ -108,7 +108,7 @@ def make_wnid_imagefolder(root, wnids, train_per_class: int, val_per_class: int,
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 img = photos[(c + i * len(wnids)) % len(photos)]
-                side = int(img.width * rng.uniform(0.55, 1.0))
+                side = int(min(img.size) * rng.uniform(0.55, 1.0))
                 x0, y0 = rng.randint(0, img.width - side), rng.randint(0, img.height - side)
                 crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size))
                 if rng.random() < 0.5:
@@ -156,3 +156,79 @@ def test_evaluate_refuses_too_few_real_images_before_any_training(mnist_shards, 
     msg = str(e.value)
     assert "\n" not in msg and "IPC 401" in msg and "10 class(es)" in msg and str(mnist_shards) in msg
     assert not (tmp_path / "ev" / "runs.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# model.class_map: one rule for training, generation and D^3HR
+# --------------------------------------------------------------------------------------------------------
+def test_class_map_modes(tmp_path):
+    from ddkit.data.classmap import backbone_labels
+
+    cifar = {"classes": ["apple", "aquarium_fish", "baby"], "imagenet_index": None}
+    with pytest.raises(ConfigError, match="choose 'identity'"):
+        backbone_labels(cifar, 1000)  # not silently ImageNet 0..2
+    assert backbone_labels(cifar, 1000, "identity") == [0, 1, 2]
+    assert backbone_labels(cifar, 3) == [0, 1, 2]
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps({"apple": 948, "aquarium_fish": 1, "baby": 2}))
+    assert backbone_labels(cifar, 1000, str(f)) == [948, 1, 2]
+    f.write_text(json.dumps([948, 1, 1000]))
+    with pytest.raises(ConfigError, match="'baby' maps to 1000"):
+        backbone_labels(cifar, 1000, str(f))
+    with pytest.raises(ConfigError, match="no imagenet_index"):
+        backbone_labels(cifar, 1000, "imagenet")
+    woof = {"classes": ["a", "b"], "imagenet_index": [155, 159]}
+    assert backbone_labels(woof, 1000) == [155, 159] and backbone_labels(woof, 1000, "identity") == [0, 1]
+
+
+def test_training_generation_and_d3hr_condition_on_the_same_imagenet_labels(tiny_pipe, tmp_path):
+    from ddkit.config import load_config
+    from ddkit.data import read_index, shard_dataset
+    from ddkit.data.registry import imagenet_wnids
+    from ddkit.generate import class_layout
+    from ddkit.methods.d3hr import backbone_labels
+    from ddkit.models import load_backbone
+    from ddkit.train import Trainer
+
+    wnids = [imagenet_wnids()[i] for i in (7, 281, 948)]  # cock, tabby cat, Granny Smith
+    root = make_wnid_imagefolder(tmp_path / "inet", wnids, 2, 1)
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", "data.dataset=imagefolder", f"data.root={root}", "data.resolution=64",
+        "data.channels=3", f"data.shards={tmp_path / 'sh'}", f"data.encode_latents={tiny_pipe}",
+        *tiny_model_sets(tiny_pipe), "minimax.batch_size=2",
+    ])  # fmt: skip
+    shard_dataset(cfg.data)
+    index = read_index(cfg.data.shards)
+    tr = Trainer(cfg, "minimax", resume="never", progress=False)
+    tr.setup()
+    assert tr.data_mode == "latents"
+    trained = tr.cond_map.tolist()
+    model, _ = load_backbone(tiny_pipe, expect=cfg.model)
+    assert trained == [7, 281, 948]
+    assert class_layout(cfg, model.num_classes)[1] == trained
+    assert backbone_labels(index, model, cfg.model.class_map) == trained
+
+
+def tiny_model_sets(pipe) -> list[str]:
+    """``--set`` values pointing ``model.*`` at the tiny pipeline folder."""
+    from ddkit.models.tiny import TINY_MODEL_SETTINGS
+
+    sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_MODEL_SETTINGS.items()]
+    return sets + [f"model.pretrained={pipe}", f"model.vae={pipe}", f"model.vae_decoder={pipe}"]
+
+
+def test_cli_paths_are_absolute_and_package_says_where_it_looked(tmp_path, monkeypatch):
+    from ddkit.config import absolute_paths, load_config
+    from ddkit.errors import PackageError
+    from ddkit.package import ECCV2024, canonical_order
+
+    (tmp_path / "weights").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(None, [
+        "run_dir=runs/x", "data.shards=shards/x", "model.pretrained=weights", "model.vae=stabilityai/sd-vae-ft-ema",
+    ]))  # fmt: skip
+    assert cfg.run_dir == str(tmp_path / "runs/x") and cfg.data.shards == str(tmp_path / "shards/x")
+    assert cfg.model.pretrained == str(tmp_path / "weights")
+    assert cfg.model.vae == "stabilityai/sd-vae-ft-ema"  # a Hugging Face id stays an id
+    with pytest.raises(PackageError, match="looked in /somewhere/shards"):
+        canonical_order([f"c{i}" for i in range(200)], ECCV2024["tinyimagenet"], None, "/somewhere/shards")

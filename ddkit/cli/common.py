@@ -49,10 +49,11 @@ def handle_errors(fn: F) -> F:
 
 
 def load(config: Optional[Path], sets: Optional[list[str]]):
-    """Load the experiment config (``ddkit.config.load_config``) from CLI arguments."""
-    from ddkit.config import load_config
+    """Load the experiment config (``ddkit.config.load_config``) from CLI arguments, its relative paths made
+    absolute (``ddkit.config.absolute_paths``) so the records it writes work from any directory."""
+    from ddkit.config import absolute_paths, load_config
 
-    return load_config(config, tuple(sets or ()))
+    return absolute_paths(load_config(config, tuple(sets or ())))
 
 
 def is_tty() -> bool:
