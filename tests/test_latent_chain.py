@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,94 @@ def test_cli_paths_are_absolute_and_package_says_where_it_looked(tmp_path, monke
     assert cfg.model.vae == "stabilityai/sd-vae-ft-ema"  # a Hugging Face id stays an id
     with pytest.raises(PackageError, match="looked in /somewhere/shards"):
         canonical_order([f"c{i}" for i in range(200)], ECCV2024["tinyimagenet"], None, "/somewhere/shards")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole latent chain through the CLI, at 64 px, on the CPU
+# --------------------------------------------------------------------------------------------------------
+CHAIN_YAML = """\
+name: latent-chain
+run_dir: runs/inet10
+methods: [minimax, d3hr]
+data: {dataset: imagefolder, root: inet10, shards: shards/inet10, resolution: 64, channels: 3, shard_size: 64}
+minimax:
+  {steps: 4, batch_size: 8, trainable: difffit, lambda_r: 0.002, lambda_d: 0.008, memory_size: 8, ckpt_every: 2}
+generate:
+  sampler: ddpm
+  steps_min: 2
+  steps_max: 4
+  ipc_min: 10
+  ipc_max: 10
+  batch_size: 100
+  d3hr: {inversion_steps: 5, store_from: 400, store_to: 800, timestep: 600, num_groups: 50, max_images_per_class: 4}
+evaluate: {protocol: idc, network: ConvNet-3, epochs: 1, repeats: 1, baselines: [random_real]}
+"""
+
+
+def _cli(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from ddkit.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    assert r.exit_code == 0, (args, r.output[-3000:])
+    return r.output
+
+
+def test_latent_chain_through_the_cli(tmp_path, monkeypatch):
+    """Shard with VAE latents -> DiffFit minimax from a diffusers pipeline -> budgeted generation -> D^3HR ->
+    idc evaluation on 10 wnid classes; then the same checkpoint on 200 wnid classes -> eccv2024 package
+    (Tiny-ImageNet layout) written and checked from another directory."""
+    from typer.testing import CliRunner
+
+    from ddkit.cli import app
+    from ddkit.data.registry import imagenet_wnids
+    from ddkit.io import read_json
+    from ddkit.models import load_checkpoint
+    from ddkit.models.tiny import build_tiny_pipeline
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    pipe = build_tiny_pipeline(work / "tiny-dit")
+    wnids = imagenet_wnids()
+    make_wnid_imagefolder(work / "inet10", [wnids[i] for i in range(0, 1000, 100)], 12, 2)
+    (work / "cfg.yaml").write_text(CHAIN_YAML)
+    sets = [a for kv in tiny_model_sets("tiny-dit") for a in ("--set", kv)]
+
+    _cli("data", "shard", "imagefolder", "-c", "cfg.yaml", "--encode-latents", "tiny-dit", *sets)
+    latent = read_json(work / "shards/inet10/dataset.json")["latent"]
+    assert latent["vae"] == str(pipe) and latent["size"] == 8
+
+    # model.arch is checked against the folder, not ignored.
+    r = CliRunner().invoke(app, ["train", "-c", "cfg.yaml", "--stage", "minimax", *sets, "--set", "model.arch=DiT-XL/2"])
+    assert r.exit_code != 0 and "model.arch=custom(depth=2,hidden=32,heads=2,patch=2)" in r.output
+
+    _cli("train", "-c", "cfg.yaml", "--stage", "minimax", "--no-progress", *sets)
+    state = load_checkpoint(work / "runs/inet10/minimax/ckpt/last.pt")
+    assert state["model_config"]["arch"] == "custom(depth=2,hidden=32,heads=2,patch=2)"
+    assert state["model_config"]["pretrained"] == str(pipe) and state["trainable"] == "difffit"
+
+    for method in ("minimax", "d3hr"):
+        _cli("generate", "-c", "cfg.yaml", "--method", method, "--time-limit", "240", "--no-progress", *sets)
+        man = read_json(work / f"runs/inet10/gen-{method}/manifest.json")
+        assert man["budget_share_used"] <= 1.0 and Path(man["checkpoint"]).is_absolute()
+    assert read_json(work / "runs/inet10/gen-d3hr/manifest.json")["checkpoint"] == str(pipe)
+
+    _cli("evaluate", "-c", "cfg.yaml", "runs/inet10/gen-minimax", "runs/inet10/gen-d3hr", "--no-progress", *sets)
+    res = read_json(work / "runs/inet10/eval/results.json")["sets"]
+    assert set(res) == {"gen-minimax", "gen-d3hr", "random_real"} and res["gen-minimax"]["images"] == 100
+
+    # 200 wnid classes (the Tiny-ImageNet scorer's), one real image each, sampled by the same checkpoint.
+    make_wnid_imagefolder(work / "inet200", sorted(wnids[i] for i in range(0, 1000, 5)), 1, 1)
+    big = [*sets, "--set", "run_dir=runs/inet200", "--set", "data.root=inet200", "--set", "data.shards=shards/inet200",
+           "--set", "generate.checkpoint=runs/inet10/minimax", "--set", "generate.batch_size=250"]  # fmt: skip
+    _cli("data", "shard", "imagefolder", "-c", "cfg.yaml", *big)
+    _cli("generate", "-c", "cfg.yaml", "--method", "minimax", "--time-limit", "400", "--no-progress", *big)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _cli("package", str(work / "runs/inet200"), "--method", "minimax", "--format", "eccv2024", "--dataset",
+         "tinyimagenet", "--out", "submission.zip")  # fmt: skip
+    out = _cli("package", "--check", "submission.zip", "--partial")
+    assert "tinyimagenet.pt: float32 [2000, 3, 64, 64], 200 classes x IPC 10" in out
