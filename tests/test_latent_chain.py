@@ -80,42 +80,13 @@ def test_custom_arch_names_are_validated():
 
 
 # --------------------------------------------------------------------------------------------------------
-# Real images: foolbox's 20 ImageNet JPEGs (PyPI foolbox, foolbox/data/imagenet_<i>_<label>.jpg)
+# Latents, evaluation inputs
 # --------------------------------------------------------------------------------------------------------
-def foolbox_images() -> list:
-    """The 20 ImageNet validation JPEGs PyPI foolbox ships (RGB PIL images, 512 px)."""
-    from pathlib import Path
+def make_wnid_imagefolder(*args, **kw):
+    pytest.importorskip("foolbox")  # a dev dependency: its 20 ImageNet JPEGs are the real images
+    from ddkit.models.tiny import make_wnid_imagefolder as make
 
-    foolbox = pytest.importorskip("foolbox")
-    from PIL import Image
-
-    files = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_*.jpg"))
-    assert len(files) == 20
-    return [Image.open(f).convert("RGB") for f in files]
-
-
-def make_wnid_imagefolder(root, wnids, train_per_class: int, val_per_class: int, size: int = 64):
-    """ImageNet-style ``root/{train,val}/<wnid>/*.JPEG``: class ``c`` holds crops (scale, position, flip) of
-    the foolbox images ``c, c+n, c+2n, ...`` resized to ``size`` px, so every file is a real photo."""
-    import random
-
-    from PIL import ImageOps
-
-    photos = foolbox_images()
-    rng = random.Random(0)
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c, w in enumerate(wnids):
-            d = root / split / w
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = photos[(c + i * len(wnids)) % len(photos)]
-                side = int(min(img.size) * rng.uniform(0.55, 1.0))
-                x0, y0 = rng.randint(0, img.width - side), rng.randint(0, img.height - side)
-                crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size))
-                if rng.random() < 0.5:
-                    crop = ImageOps.mirror(crop)
-                crop.save(d / f"{w}_{i}.JPEG", quality=90)
-    return root
+    return make(*args, **kw)
 
 
 def test_encode_latents_takes_a_pipeline_folder_and_records_the_vae(tiny_pipe, tmp_path):
