@@ -295,3 +295,26 @@ def test_latent_chain_through_the_cli(tmp_path, monkeypatch):
          "tinyimagenet", "--out", "submission.zip")  # fmt: skip
     out = _cli("package", "--check", "submission.zip", "--partial")
     assert "tinyimagenet.pt: float32 [2000, 3, 64, 64], 200 classes x IPC 10" in out
+
+
+def test_a_checkpoint_fine_tuned_from_an_untied_dit_reloads_unchanged(tmp_path):
+    """A diffusers DiT whose blocks hold different embedder copies stays untied, and so does its reload."""
+    from diffusers import DiTTransformer2DModel
+
+    from ddkit.models import load_backbone, save_checkpoint
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=4, patch_size=2, num_embeds_ada_norm=10,
+    )  # fmt: skip
+    dit.save_pretrained(tmp_path / "dit")
+    model, mcfg = load_backbone(tmp_path / "dit")
+    assert model.dit.transformer_blocks[1].norm1.emb is not model.dit.transformer_blocks[0].norm1.emb
+    sd = model.state_dict()
+    state = {"model": sd, "ema": sd, "model_config": dataclasses.asdict(mcfg)}
+    save_checkpoint(state, tmp_path / "stage" / "ckpt" / "last.pt")
+    again, _ = load_backbone(tmp_path / "stage")
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 900]), torch.tensor([3, 10])
+    with torch.no_grad():
+        assert torch.equal(again(x, t, y), model(x, t, y))

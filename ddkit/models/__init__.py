@@ -94,8 +94,13 @@ def load_backbone(
         src_blocks = mcfg.difffit_blocks
         if difffit_blocks is not None and difffit_blocks > src_blocks:
             mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
-        model = build_backbone(mcfg, init=False)
         weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+        if _embedder_copies_equal(weights):
+            model = build_backbone(mcfg, init=False)
+        else:  # fine-tuned from an untied source: tying would keep only one block's copy
+            from ddkit.models.backbone import make_dit
+
+            model = Backbone(make_dit(mcfg, init=False), mcfg, tie_embedders=False)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         bad = [k for k in missing if not k.startswith("gammas.")] + list(unexpected)
         if bad:
@@ -142,3 +147,16 @@ def load_backbone(
         mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
     model = Backbone(dit, mcfg)
     return model.to(device).eval(), mcfg
+
+
+def _embedder_copies_equal(weights: dict) -> bool:
+    """Whether every block's conditioning-embedder weights in a state dict equal block 0's (see
+    :func:`ddkit.models.backbone.tie_conditioning`)."""
+    import re
+
+    import torch
+
+    pat = re.compile(r"dit\.transformer_blocks\.(\d+)\.norm1\.emb\.(.+)")
+    copies = [(m.group(1), m.group(2), v) for k, v in weights.items() if (m := pat.fullmatch(k))]
+    first = {name: v for block, name, v in copies if block == "0"}
+    return all(name in first and torch.equal(first[name], v) for block, name, v in copies if block != "0")
