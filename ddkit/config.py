@@ -72,6 +72,9 @@ class ModelConfig:
     # timestep sinusoid frequencies exp(-ln(1e4)·i/(half - shift)): 0 = facebookresearch/DiT models.py, 1 =
     # diffusers' downscale_freq_shift; None = the weights' own (0 for original-DiT .pt files, else 1)
     timestep_shift: Optional[int] = None
+    # dataset class -> backbone class (ddkit.data.classmap): auto = an ImageNet subset's own ImageNet index,
+    # identity when the class counts match, else an error; "identity" puts CIFAR-100 on ImageNet 0-99
+    class_map: str = "auto"
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "input_size", "num_classes", "num_train_timesteps")
@@ -416,6 +419,50 @@ def dump_yaml(cfg: Any) -> str:
 def replace(cfg: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` that re-runs validation (frozen configs are changed only by copy)."""
     return dataclasses.replace(cfg, **changes)
+
+
+#: Path keys made absolute by :func:`absolute_paths`: always (outputs, dataset locations) ...
+_PATH_KEYS = (("run_dir",), ("data", "root"), ("data", "shards"), ("package", "out"))
+#: ... and only when they name something on disk (else a Hugging Face id or a name resolved later).
+_LOCAL_KEYS = (
+    ("data", "encode_latents"), ("model", "pretrained"), ("model", "vae"), ("model", "vae_decoder"),
+    ("pretrain", "init"), ("minimax", "init"), ("generate", "checkpoint"), ("generate", "quality"),
+    ("package", "image"),
+)  # fmt: skip
+
+
+def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:
+    """``cfg`` with its relative paths joined to ``base`` (default: the working directory), so the run
+    records written from it (``config.yaml`` in every stage, manifests) resolve from any directory.
+
+    Output and dataset locations (``run_dir``, ``data.root``, ``data.shards``, ``package.out``) are always
+    made absolute; weights and other inputs (``model.pretrained``, ``model.vae``, ``generate.checkpoint``,
+    ...) only when that path exists, since a missing one is a Hugging Face id (``facebook/DiT-XL-2-256``).
+    The CLI applies this to every config it loads; library calls keep paths as given.
+    """
+    import os
+
+    root = Path.cwd() if base is None else Path(base)
+
+    def join(v: str) -> str:
+        return os.path.normpath(root / Path(v).expanduser())
+
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for keys, only_local in [(k, False) for k in _PATH_KEYS] + [(k, True) for k in _LOCAL_KEYS]:
+        obj = cfg
+        for k in keys[:-1]:
+            obj = getattr(obj, k)
+        v = getattr(obj, keys[-1])
+        if not v or Path(v).expanduser().is_absolute() or (only_local and not Path(join(v)).exists()):
+            continue
+        if len(keys) == 1:
+            top[keys[0]] = join(v)
+        else:
+            sections.setdefault(keys[0], {})[keys[1]] = join(v)
+    for sec, changes in sections.items():
+        top[sec] = dataclasses.replace(getattr(cfg, sec), **changes)
+    return dataclasses.replace(cfg, **top) if top else cfg
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -116,27 +116,22 @@ def checkpoint_for(cfg: ExperimentConfig, method: str) -> str:
 
 
 def class_layout(cfg: ExperimentConfig, num_backbone_classes: int) -> tuple[list[str], list[int]]:
-    """(class names, backbone label per class) from the shard index, or ``0..K-1`` without shards.
+    """(class names, backbone label per class) from the shard index (``model.class_map``, see
+    :mod:`ddkit.data.classmap`), or ``0..K-1`` without shards.
 
     Raises:
-        DataError: more dataset classes than backbone classes and no ``imagenet_index``.
+        ConfigError: no usable class map (one line naming ``model.class_map``).
     """
     idx_file = Path(cfg.data.shards) / "dataset.json"
     if idx_file.is_file():
         from ddkit.data import read_index
+        from ddkit.data.classmap import backbone_labels
 
         index = read_index(cfg.data.shards)
         names = list(index["classes"])
-        mapping = index.get("imagenet_index")
-        labels = list(mapping) if mapping and num_backbone_classes != len(names) else list(range(len(names)))
-    else:
-        names = [str(i) for i in range(num_backbone_classes)]
-        labels = list(range(num_backbone_classes))
-    if max(labels) >= num_backbone_classes:
-        raise DataError(
-            f"{idx_file}: {len(names)} classes but the backbone has {num_backbone_classes} and no imagenet_index"
-        )
-    return names, labels
+        return names, backbone_labels(index, num_backbone_classes, cfg.model.class_map)
+    names = [str(i) for i in range(num_backbone_classes)]
+    return names, list(range(num_backbone_classes))
 
 
 def _shard_dirs(gen_dir: Path) -> list[Path]:
@@ -280,7 +275,8 @@ def generate(
 
         checkpoint = checkpoint_for(cfg, method)
         model, _ = load_backbone(
-            checkpoint, use_ema=gcfg.use_ema, device=device, timestep_shift=cfg.model.timestep_shift
+            checkpoint, use_ema=gcfg.use_ema, device=device, timestep_shift=cfg.model.timestep_shift,
+            expect=cfg.model,
         )
     model = model.to(device).eval()
     vae = None

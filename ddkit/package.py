@@ -233,7 +233,9 @@ def to_scorer_tensor(images, spec: ScorerSpec):
     return normalize(resize_uint8(images, spec.size), spec.mean, spec.std).contiguous().clone()
 
 
-def canonical_order(classes: list[str], spec: ScorerSpec, class_ids: list[str] | None = None) -> list[int]:
+def canonical_order(
+    classes: list[str], spec: ScorerSpec, class_ids: list[str] | None = None, looked: str = "nowhere"
+) -> list[int]:
     """Permutation putting the run's classes into the scorer's class order.
 
     CIFAR-100: the official fine-label order (:data:`CIFAR100_CLASSES`; names compared ignoring case,
@@ -259,7 +261,8 @@ def canonical_order(classes: list[str], spec: ScorerSpec, class_ids: list[str] |
     if all(_WNID.match(c) for c in ids):
         return sorted(range(len(ids)), key=lambda i: ids[i])
     raise PackageError(
-        f"{spec.name}: cannot verify the class order: classes are not wnids and the shard index is unavailable"
+        f"{spec.name}: cannot verify the class order: classes are not wnids and no shard index "
+        f"(dataset.json with class_ids) was found; looked in {looked}"
     )
 
 
@@ -341,7 +344,8 @@ def scorer_tensor(d: Distilled, spec: ScorerSpec):
         raise PackageError(f"{d.gen_dir}: {d.images.shape[1]}-channel images; {spec.name} needs 3")
     if d.ipc < IPC:
         raise PackageError(f"{d.gen_dir}: IPC {d.ipc}; the scorer (evaluate.py) asserts exactly {IPC} images per class")
-    perm = canonical_order(d.classes, spec, _index_class_ids(d))
+    looked = ", ".join(str(p) for p in _index_candidates(d)) or "nowhere (the run config has no data.shards)"
+    perm = canonical_order(d.classes, spec, _index_class_ids(d), looked)
     blocks = d.images.view(len(d.classes), d.ipc, *d.images.shape[1:])
     picked = blocks[perm, :IPC].reshape(-1, *d.images.shape[1:])
     return to_scorer_tensor(picked, spec), perm
@@ -900,13 +904,12 @@ def _manifest(fmt: str, entries: dict[str, Any], files: dict[str, str]) -> dict[
 
 def _find_index(d: Distilled) -> Path | None:
     """The run's shard directory holding ``dataset.json`` (``data.shards``, absolute or run-relative)."""
+    return next((b for b in _index_candidates(d) if (b / "dataset.json").is_file()), None)
+
+
+def _index_candidates(d: Distilled) -> list[Path]:
     shards = (d.config.get("data") or {}).get("shards")
-    if not shards:
-        return None
-    for base in (Path(shards), d.gen_dir.parent / shards):
-        if (base / "dataset.json").is_file():
-            return base
-    return None
+    return [Path(shards).absolute(), (d.gen_dir.parent / shards).absolute()] if shards else []
 
 
 def _index_class_ids(d: Distilled) -> list[str] | None:

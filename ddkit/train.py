@@ -201,15 +201,9 @@ class Trainer:
         self._check_data(mcfg, index)
 
         # Class mapping: memories use the subset index, conditioning the backbone's index.
-        imnet = index.get("imagenet_index")
-        if imnet is not None and mcfg.num_classes == 1000:
-            cond = torch.tensor(imnet, dtype=torch.long)
-        else:
-            if self.num_subset_classes > mcfg.num_classes:
-                raise ConfigError(
-                    f"model.num_classes: {mcfg.num_classes} < {self.num_subset_classes} classes in {cfg.data.shards}"
-                )
-            cond = torch.arange(self.num_subset_classes, dtype=torch.long)
+        from ddkit.data.classmap import backbone_labels
+
+        cond = torch.tensor(backbone_labels(index, mcfg.num_classes, cfg.model.class_map), dtype=torch.long)
         self._init_training(model, ema, mcfg, cond)
 
         if state is not None:
@@ -354,7 +348,7 @@ class Trainer:
             return build_backbone(mcfg, seed=cfg.seed, class_embed_std=tcfg.class_embed_std), mcfg
         model, mcfg = load_backbone(
             init, use_ema=True, device="cpu", difffit_blocks=blocks or None,
-            timestep_shift=cfg.model.timestep_shift,
+            timestep_shift=cfg.model.timestep_shift, expect=cfg.model,
         )
         # Data-side settings (VAE choice) come from this run's config when the source does not say.
         mcfg = dataclasses.replace(
@@ -372,6 +366,9 @@ class Trainer:
             self.data_mode = "pixels"
         elif mcfg.in_channels == 4 and mcfg.input_size * 8 == res:
             if index.get("latents"):
+                from ddkit.models.vae import check_latent_vae
+
+                check_latent_vae(index.get("latent"), mcfg.vae, f"{self.cfg.data.shards}/dataset.json")
                 self.data_mode = "latents"
             elif mcfg.vae:
                 self.data_mode = "encode"

@@ -265,5 +265,6 @@ def test_dry_run_writes_nothing(finished_run):
         "package",
         "report",
     ]
-    assert lines[1] == "[pretrain] would run: changed: seed 0 -> 1"
-    assert lines[2] == "[minimax] would run: upstream pretrain reruns"
+    plan = [line for line in lines if line.startswith("[")]  # after the run's "threads: N" line
+    assert plan[1] == "[pretrain] would run: changed: seed 0 -> 1"
+    assert plan[2] == "[minimax] would run: upstream pretrain reruns"

@@ -49,12 +49,13 @@ def handle_errors(fn: F) -> F:
 
 
 def load(config: Optional[Path], sets: Optional[list[str]]):
-    """Load the experiment config (``ddkit.config.load_config``) from CLI arguments, and size torch's thread
-    pool for the stage command about to run (:func:`ddkit.hardware.configure_threads`)."""
-    from ddkit.config import load_config
+    """Load the experiment config (``ddkit.config.load_config``) from CLI arguments, its relative paths made
+    absolute (``ddkit.config.absolute_paths``) so the records it writes work from any directory, and size
+    torch's thread pool for the stage command about to run (:func:`ddkit.hardware.configure_threads`)."""
+    from ddkit.config import absolute_paths, load_config
     from ddkit.hardware import configure_threads
 
-    cfg = load_config(config, tuple(sets or ()))
+    cfg = absolute_paths(load_config(config, tuple(sets or ())))
     configure_threads()
     return cfg
 

@@ -39,13 +39,13 @@ def run(
     """
     from rich.table import Table
 
-    from ddkit.config import load_config
+    from ddkit.config import absolute_paths, load_config
     from ddkit.errors import ConfigError
     from ddkit.pipeline import QUICK, STAGES, run_pipeline
     from ddkit.report import results_table
 
     overrides = (*QUICK, *(sets or ())) if quick else tuple(sets or ())
-    cfg = load_config(config, overrides)
+    cfg = absolute_paths(load_config(config, overrides))
     stages = tuple(stage) if stage else STAGES
     for s in stages:
         if s not in STAGES:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ddkit.data.registry import Listing, get_reader, list_dataset
 from ddkit.dist import usable_cpus
-from ddkit.errors import DataError, WeightsError
+from ddkit.errors import DataError
 from ddkit.io import (
     atomic_dir,
     atomic_write_json,
@@ -306,6 +306,10 @@ def _check_reusable(idx: dict[str, Any], cfg: Any, out: Path) -> None:
         raise DataError(
             f"{out / INDEX}: written without latents but --encode-latents was given; delete {out} to rebuild"
         )
+    if cfg.encode_latents:
+        from ddkit.models.vae import check_latent_vae
+
+        check_latent_vae(idx.get("latent"), cfg.encode_latents, str(out / INDEX))
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -488,13 +492,10 @@ def _latent_encoder(vae_path: str) -> Callable[[list[np.ndarray]], tuple[np.ndar
     """
     import torch
 
-    try:
-        from diffusers import AutoencoderKL
+    from ddkit.models.vae import encoder_digest, load_vae, vae_source
 
-        vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"{vae_path}: cannot load VAE offline ({first[:200]})") from None
+    vae = load_vae(vae_path)
+    digest = encoder_digest(vae)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = vae.to(device).eval()
     in_ch = int(vae.config.in_channels)
@@ -511,7 +512,8 @@ def _latent_encoder(vae_path: str) -> Callable[[list[np.ndarray]], tuple[np.ndar
         dist = vae.encode(x.to(device)).latent_dist
         moments = torch.cat([dist.mean, dist.logvar], dim=1).float().cpu().numpy()
         info = {
-            "vae": str(vae_path),
+            "vae": vae_source(vae_path),
+            "encoder_sha256": digest,
             "channels": int(dist.mean.shape[1]),
             "size": int(dist.mean.shape[-1]),
             "scale": scale,

@@ -156,6 +156,29 @@ def random_real_subset(images: torch.Tensor, labels: torch.Tensor, ipc: int, see
     return images[idx_t], labels[idx_t]
 
 
+def check_real_counts(index: dict[str, Any], cfg: EvaluateConfig, ipc: int, where: str) -> None:
+    """Check, from the shard index alone (no image is read), that the real data can feed the baselines:
+    a non-empty test split and, for ``random_real``, ``ipc`` training images in every class. Called before
+    any training, so a doomed evaluation stops at once.
+
+    Raises:
+        DataError: one line naming the shard directory, the class and the counts.
+    """
+    counts = index.get("counts") or {}
+    if not sum((counts.get("test") or {}).values()):
+        raise DataError(f"{where}: the real test split is empty; nothing to score students on")
+    if "random_real" not in cfg.baselines:
+        return
+    train = counts.get("train") or {}
+    short = [(c, int(train.get(c, 0))) for c in index["classes"] if int(train.get(c, 0)) < ipc]
+    if short:
+        c, n = short[0]
+        raise DataError(
+            f"{where}: random_real at IPC {ipc} needs {ipc} training images per class but {len(short)} "
+            f"class(es) have fewer ({c!r}: {n}); lower evaluate.ipc or drop random_real from evaluate.baselines"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------------------
@@ -211,11 +234,12 @@ def evaluate(
     write_run_config(out, cfg)
 
     sets = [load_distilled(p, index, name) for name, p in distilled.items()]
+    ipc = cfg.ipc or (sets[0].ipc if sets else 10)
+    check_real_counts(index, cfg, ipc, str(real))
     test_u8, test_y = load_tensors(real, "test")
     train_u8, train_y = load_tensors(real, "train")
     test_x = test_u8  # uint8; converted per batch by the trainer
     n_test = int(test_y.shape[0])
-    ipc = cfg.ipc or (sets[0].ipc if sets else 10)
     real_fp = _key({"real": str(Path(real).resolve()), "sha": index.get("sha256", {})})
     shape = (int(index["channels"]), int(index["resolution"]), int(index["resolution"]))
     bs0 = cfg.batch_size or protocol.batch_size_for(ipc, k)

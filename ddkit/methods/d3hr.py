@@ -375,22 +375,12 @@ def tensor_digest(module) -> str:
     return h.hexdigest()
 
 
-def backbone_labels(index: dict[str, Any], model) -> list[int]:
-    """Backbone class index for each dataset class, the same rule as ``ddkit.generate.class_layout`` (so
-    inversion and sampling condition on the same label): ``imagenet_index`` when the index has one and the
-    backbone's class count differs from the dataset's (an ImageNet DiT on a subset), else ``0..K-1``.
+def backbone_labels(index: dict[str, Any], model, class_map: str = "auto") -> list[int]:
+    """Backbone class index for each dataset class: :func:`ddkit.data.classmap.backbone_labels`, the rule
+    training and generation use, so inversion and sampling condition on the same label."""
+    from ddkit.data.classmap import backbone_labels as labels_for
 
-    Raises:
-        DataError: a label falls outside the backbone's classes.
-    """
-    k = len(index["classes"])
-    mapping = index.get("imagenet_index")
-    labels = [int(m) for m in mapping] if mapping and model.num_classes != k else list(range(k))
-    if max(labels) >= model.num_classes:
-        raise DataError(
-            f"dataset.json: {k} classes but the backbone has {model.num_classes} and no usable imagenet_index"
-        )
-    return labels
+    return labels_for(index, model.num_classes, class_map)
 
 
 def statistics_inputs(model, cfg: ExperimentConfig, index: dict[str, Any], vae=None) -> dict[str, Any]:
@@ -407,7 +397,7 @@ def statistics_inputs(model, cfg: ExperimentConfig, index: dict[str, Any], vae=N
         "vae": None if vae is None else [cfg.model.vae, tensor_digest(vae), cfg.model.latent_scale],
         "schedule": scheduler_config(cfg.model.num_train_timesteps),
         "data": {"dataset": index.get("dataset"), "classes": list(index["classes"]), "sha256": shas},
-        "labels": backbone_labels(index, model),
+        "labels": backbone_labels(index, model, cfg.model.class_map),
         "inversion": {
             "steps": d.inversion_steps,
             "cfg_scale": d.inversion_cfg_scale,
@@ -588,7 +578,7 @@ def class_statistics(
     t0 = time.perf_counter()
     images, labels = load_tensors(cfg.data.shards, "train")
     classes = list(index["classes"])
-    ylab = backbone_labels(index, model)
+    ylab = backbone_labels(index, model, cfg.model.class_map)
     parts = cache_dir / f"d3hr-stats-{key[:16]}.parts"
     parts.mkdir(parents=True, exist_ok=True)
 

@@ -14,8 +14,10 @@ from ddkit.models.backbone import (
     ArchSpec,
     Backbone,
     DiffFitGammas,
+    arch_name,
     arch_spec,
     build_backbone,
+    check_model_config,
     config_from_diffusers,
     count_parameters,
     init_dit_weights,
@@ -35,8 +37,10 @@ __all__ = [
     "ArchSpec",
     "Backbone",
     "DiffFitGammas",
+    "arch_name",
     "arch_spec",
     "build_backbone",
+    "check_model_config",
     "checkpoint_path",
     "config_from_diffusers",
     "count_parameters",
@@ -64,6 +68,7 @@ def load_backbone(
     device="cpu",
     difffit_blocks: int | None = None,
     timestep_shift: int | None = None,
+    expect=None,
 ):
     """Load a backbone from a ddkit checkpoint, a stage dir, or a diffusers DiT dir / Hugging Face id.
 
@@ -78,12 +83,16 @@ def load_backbone(
         difffit_blocks: add DiffFit gammas (init 1) to the first N blocks when the source has fewer
             (fine-tuning start); None keeps the source's.
         timestep_shift: ``ModelConfig.timestep_shift`` override (None: the source's own; 0 for original DiT).
+        expect: the run's ``ModelConfig``; a diffusers DiT must match its ``arch``, ``in_channels``,
+            ``input_size``, ``num_classes`` and ``learn_sigma`` (any size loads: unknown sizes are named
+            ``custom(...)``), and its other keys (VAE, latent scale, timesteps) are kept.
 
     Returns:
         (Backbone in eval mode, ModelConfig).
 
     Raises:
-        WeightsError: nothing loadable at ``path`` (names it); ConfigError: unknown architecture.
+        WeightsError: nothing loadable at ``path`` (names it); ConfigError: unknown architecture, or a
+        diffusers DiT that differs from ``expect`` (lists what the folder holds).
     """
     import torch
 
@@ -109,8 +118,13 @@ def load_backbone(
         src_blocks = mcfg.difffit_blocks
         if difffit_blocks is not None and difffit_blocks > src_blocks:
             mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
-        model = build_backbone(mcfg, init=False)
         weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+        if _embedder_copies_equal(weights):
+            model = build_backbone(mcfg, init=False)
+        else:  # fine-tuned from an untied source: tying would keep only one block's copy
+            from ddkit.models.backbone import make_dit
+
+            model = Backbone(make_dit(mcfg, init=False), mcfg, tie_embedders=False)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         bad = [k for k in missing if not k.startswith("gammas.")] + list(unexpected)
         if bad:
@@ -148,10 +162,27 @@ def load_backbone(
         raise WeightsError(
             f"{src}: DiT weights not found locally (no network; put them in the HF cache or a dir): {msg}"
         )
-    mcfg = config_from_diffusers(dict(dit.config), pretrained=src)
+    if p.is_dir():
+        src = str(p.resolve())  # stored in checkpoints and records: independent of the working directory
+    mcfg = config_from_diffusers(dict(dit.config), pretrained=src, base=expect)
+    if expect is not None:
+        check_model_config(mcfg, expect, src)
     if difffit_blocks:
         mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
     if timestep_shift is not None:
         mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
     model = Backbone(dit, mcfg)
     return model.to(device).eval(), mcfg
+
+
+def _embedder_copies_equal(weights: dict) -> bool:
+    """Whether every block's conditioning-embedder weights in a state dict equal block 0's (see
+    :func:`ddkit.models.backbone.tie_conditioning`)."""
+    import re
+
+    import torch
+
+    pat = re.compile(r"dit\.transformer_blocks\.(\d+)\.norm1\.emb\.(.+)")
+    copies = [(m.group(1), m.group(2), v) for k, v in weights.items() if (m := pat.fullmatch(k))]
+    first = {name: v for block, name, v in copies if block == "0"}
+    return all(name in first and torch.equal(first[name], v) for block, name, v in copies if block != "0")

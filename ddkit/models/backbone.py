@@ -21,6 +21,7 @@ Three deliberate deviations from a bare ``DiTTransformer2DModel`` make it behave
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -60,17 +61,34 @@ def _dit_family() -> dict[str, ArchSpec]:
 REGISTRY: dict[str, ArchSpec] = _dit_family()
 
 
+_CUSTOM = re.compile(r"custom\(depth=(\d+),hidden=(\d+),heads=(\d+),patch=(\d+)\)")
+
+
+def arch_name(spec: ArchSpec) -> str:
+    """The registry name of ``spec``, else ``custom(depth=D,hidden=H,heads=N,patch=P)`` (any DiT size, e.g. a
+    tiny diffusers stand-in; :func:`arch_spec` parses it back)."""
+    name = next((n for n, s in REGISTRY.items() if s == spec), None)
+    return name or f"custom(depth={spec.depth},hidden={spec.hidden},heads={spec.heads},patch={spec.patch})"
+
+
 def arch_spec(name: str) -> ArchSpec:
-    """The :class:`ArchSpec` of a registry name.
+    """The :class:`ArchSpec` of a registry name or a ``custom(depth=..,hidden=..,heads=..,patch=..)`` name.
 
     Raises:
-        ConfigError: unknown name (the message lists the known ones).
+        ConfigError: unknown name (the message lists the known ones), or heads not dividing hidden.
     """
+    m = _CUSTOM.fullmatch(name.replace(" ", ""))
+    if m:
+        spec = ArchSpec(*(int(g) for g in m.groups()))
+        if min(spec.depth, spec.hidden, spec.heads, spec.patch) < 1 or spec.hidden % spec.heads:
+            raise ConfigError(f"model.arch: {name!r}: sizes must be >= 1 and heads must divide hidden")
+        return spec
     try:
         return REGISTRY[name]
     except KeyError:
         raise ConfigError(
-            f"model.arch: unknown architecture {name!r} (known: {', '.join(REGISTRY)})"
+            f"model.arch: unknown architecture {name!r} (known: {', '.join(REGISTRY)}, "
+            "or custom(depth=D,hidden=H,heads=N,patch=P))"
         ) from None
 
 
@@ -327,33 +345,50 @@ def build_backbone(
     return Backbone(dit, model_cfg)
 
 
+#: The ModelConfig keys a diffusers DiT folder determines (checked against the run's config on load).
+DIFFUSERS_KEYS = ("arch", "in_channels", "input_size", "num_classes", "learn_sigma")
+
+
 def config_from_diffusers(
     dit_config: dict, *, pretrained: str | None = None, base: ModelConfig | None = None
 ) -> ModelConfig:
-    """The :class:`ModelConfig` of a diffusers DiT config (``config.json``), matched against the registry.
-
-    Raises:
-        ConfigError: no registry entry has this depth/width/heads/patch.
-    """
+    """The :class:`ModelConfig` of a diffusers DiT config (``config.json``): a registry name when the
+    depth/width/heads/patch match one, else a ``custom(...)`` name (:func:`arch_name`). The remaining keys
+    (VAE, DiffFit blocks, ...) come from ``base``."""
     import dataclasses
 
     heads, head_dim = dit_config["num_attention_heads"], dit_config["attention_head_dim"]
-    key = ArchSpec(dit_config["num_layers"], heads * head_dim, heads, dit_config["patch_size"])
-    arch = next((n for n, s in REGISTRY.items() if s == key), None)
-    if arch is None:
-        raise ConfigError(f"{pretrained or 'diffusers config'}: no registry architecture matches {key}")
+    spec = ArchSpec(dit_config["num_layers"], heads * head_dim, heads, dit_config["patch_size"])
     in_ch = dit_config["in_channels"]
     out_ch = dit_config.get("out_channels") or in_ch
     base = base or ModelConfig()
     return dataclasses.replace(
         base,
-        arch=arch,
+        arch=arch_name(spec),
         in_channels=in_ch,
         input_size=dit_config["sample_size"],
         num_classes=dit_config["num_embeds_ada_norm"],
         learn_sigma=out_ch == 2 * in_ch,
         pretrained=pretrained,
     )
+
+
+def check_model_config(loaded: ModelConfig, expected: ModelConfig, source: str) -> None:
+    """Raise when the run's ``model.*`` keys (``expected``) disagree with what ``source`` holds (``loaded``),
+    so the run config and report never name a model that was not used.
+
+    Raises:
+        ConfigError: one line listing every differing ``model.<key>`` and what the folder holds.
+    """
+    bad = [k for k in DIFFUSERS_KEYS if getattr(loaded, k) != getattr(expected, k)]
+    if bad:
+        said = ", ".join(f"{k}={getattr(expected, k)!r}" for k in bad)
+        holds = " ".join(f"--set 'model.{k}={_yaml(getattr(loaded, k))}'" for k in DIFFUSERS_KEYS)
+        raise ConfigError(f"model: config says {said} but {source} holds {holds}")
+
+
+def _yaml(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

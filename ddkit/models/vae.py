@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.errors import WeightsError
+from ddkit.errors import DataError, WeightsError
 
 #: SD-VAE latent scaling factor (DiT ``train.py``; Rombach et al. 2022).
 LATENT_SCALE = 0.18215
@@ -51,6 +51,41 @@ def load_vae(
     vae = vae.to(device=device, dtype=dtype) if dtype is not None else vae.to(device)
     vae.eval().requires_grad_(False)
     return vae
+
+
+def vae_source(name_or_path: str | Path) -> str:
+    """How a VAE is recorded: the absolute path of a local directory (so records do not depend on the
+    working directory), else the Hugging Face id as given."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.is_dir() else str(name_or_path)
+
+
+def encoder_digest(vae) -> str:
+    """sha256 hex of the encoder side (``encoder.*``, ``quant_conv.*``): what fixes the latent space. The SD
+    decoders fine-tuned from one encoder (sd-vae-ft-ema / -mse) share it, so either may decode."""
+    from ddkit.methods.d3hr import tensor_digest
+
+    return tensor_digest(torch.nn.ModuleList([vae.encoder, vae.quant_conv]))
+
+
+def check_latent_vae(latent: dict | None, vae_name: str | None, where: str) -> None:
+    """Check that cached latents (``dataset.json``'s ``latent``: ``vae`` as given when sharding,
+    ``encoder_sha256``) were encoded by ``vae_name`` (``model.vae``): same name, else same encoder weights
+    (``vae_name`` is then loaded, on the CPU).
+
+    Raises:
+        DataError: one line naming both VAEs (``where`` is the index file).
+    """
+    if not latent or not vae_name or vae_source(str(latent.get("vae"))) == vae_source(vae_name):
+        return
+    recorded = latent.get("encoder_sha256")
+    if recorded and encoder_digest(load_vae(vae_name)) == recorded:
+        return
+    raise DataError(
+        f"{where}: latents were encoded with {latent.get('vae')!r} but model.vae={vae_name!r} "
+        f"{'has another encoder' if recorded else '(no encoder digest recorded)'}; "
+        "re-shard with that data.encode_latents or set model.vae to match"
+    )
 
 
 @torch.no_grad()
