@@ -27,30 +27,17 @@ import torch
 
 
 def train_judge(shards: str, epochs: int = 4, seed: int = 0):
-    """ConvNet-3 on the real train split. Returns (judge in eval mode, real test accuracy in [0, 1], the real
-    test split as (float [N, C, H, W] in [-1, 1], int64 [N]))."""
-    import torch.nn.functional as F
-
+    """ConvNet-3 (width 128) on the real train split, the selector's encoder recipe
+    (:func:`ddkit.methods.select.train_encoder`). Returns (judge in eval mode, real test accuracy in [0, 1],
+    the real test split as (float [N, C, H, W] in [-1, 1], int64 [N]))."""
     from ddkit.data.shards import load_tensors, read_index
-    from ddkit.evaluate.networks import ConvNet
+    from ddkit.methods.select import train_encoder
 
     idx = read_index(shards)
     x, y = load_tensors(shards, "train")
     xt, yt = load_tensors(shards, "test")
-    x, xt = x.float() / 127.5 - 1, xt.float() / 127.5 - 1
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = ConvNet(int(idx["channels"]), len(idx["classes"]), int(idx["resolution"]))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            j = perm[i : i + 64]
-            loss = F.cross_entropy(net(x[j]), y[j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
+    net = train_encoder(x, y, num_classes=len(idx["classes"]), epochs=epochs, seed=seed, width=128)
+    xt = xt.float() / 127.5 - 1
     return net, accuracy(net, xt, yt), (xt, yt)
 
 
