@@ -249,7 +249,7 @@ class PackageConfig:
     format: Literal["eccv2024", "folder", "webdataset", "eccv2024-generator"] = "eccv2024"
     dataset: Optional[Literal["cifar100", "tinyimagenet"]] = None  # None: take from data.dataset
     out: Optional[str] = None  # default: RUN/submission.zip (folder: RUN/distilled, generator: RUN/generator)
-    method: Optional[str] = None  # which RUN/gen-<method> (None: the only one, or minimax)
+    method: Optional[str] = None  # which RUN/gen-<method> `ddkit run` packages (None: the first of `methods`)
     image: Optional[str] = None  # eccv2024-generator: Apptainer image copied into the bundle
 
 

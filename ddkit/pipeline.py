@@ -144,7 +144,8 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
         )
     gens = tuple(f"gen-{m}" for m in cfg.methods)
     nodes.append(Node("evaluate", "evaluate", ("evaluate", "methods"), upstream=("shard", *gens)))
-    nodes.append(Node("package", "package", ("package", "data.dataset"), upstream=gens[:1]))
+    packaged = f"gen-{cfg.package.method}" if cfg.package.method in cfg.methods else gens[0]
+    nodes.append(Node("package", "package", ("package", "data.dataset"), upstream=(packaged,)))
     nodes.append(Node("report", "report"))
     return nodes
 
@@ -437,7 +438,8 @@ def _evaluate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 def _package(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.package import package_run
 
-    gen_dir = Path(cfg.run_dir) / f"gen-{cfg.methods[0]}"
+    method = cfg.package.method if cfg.package.method in cfg.methods else cfg.methods[0]
+    gen_dir = Path(cfg.run_dir) / f"gen-{method}"
     return package_run(gen_dir, fmt=cfg.package.format, out=package_out(cfg), dataset=cfg.package.dataset)
 
 
