@@ -29,6 +29,15 @@ import torch.nn.functional as F
 CRITERIA = ("herding", "kcenter", "confidence")
 
 
+def _prepare(name: str, features: torch.Tensor, k: int, target: torch.Tensor | None):
+    """float64 features [N, D] and the target mean [D] (default: the features' mean); checks ``k``."""
+    n = features.shape[0]
+    if not 0 <= k <= n:
+        raise ValueError(f"{name}: k={k} outside [0, {n}]")
+    f = features.double()
+    return f, (f.mean(0) if target is None else target.double())
+
+
 def herding(features: torch.Tensor, k: int, target: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy herding: indices of ``k`` rows whose running mean tracks ``target`` (Welling 2009; iCaRL Alg. 4).
 
@@ -46,11 +55,8 @@ def herding(features: torch.Tensor, k: int, target: torch.Tensor | None = None) 
     Raises:
         ValueError: ``k`` outside [0, N].
     """
-    n = features.shape[0]
-    if not 0 <= k <= n:
-        raise ValueError(f"herding: k={k} outside [0, {n}]")
-    f = features.double()
-    mu = f.mean(0) if target is None else target.double()
+    f, mu = _prepare("herding", features, k, target)
+    n = f.shape[0]
     chosen: list[int] = []
     total = torch.zeros_like(mu)
     free = torch.ones(n, dtype=torch.bool)
@@ -77,13 +83,9 @@ def k_center(features: torch.Tensor, k: int, target: torch.Tensor | None = None)
     Raises:
         ValueError: ``k`` outside [0, N].
     """
-    n = features.shape[0]
-    if not 0 <= k <= n:
-        raise ValueError(f"k_center: k={k} outside [0, {n}]")
+    f, mu = _prepare("k_center", features, k, target)
     if k == 0:
         return torch.zeros(0, dtype=torch.long)
-    f = features.double()
-    mu = f.mean(0) if target is None else target.double()
     first = int(((f - mu) ** 2).sum(1).argmin())
     chosen = [first]
     nearest = ((f - f[first]) ** 2).sum(1)
