@@ -19,6 +19,7 @@ from ddkit.pipeline import run_pipeline
 ROOT = Path(__file__).parent.parent
 TINY = (
     "methods=[minimax, dit]",
+    "model.pretrained=null",  # pretrain from scratch here; the shipped DiT is covered by test_pipeline.py
     "pretrain.steps=20",
     "pretrain.batch_size=16",
     "pretrain.log_every=5",
