@@ -418,12 +418,34 @@ def _generate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.selection import generate_selected, split_method
 
     method = node.name.removeprefix("gen-")
-    if split_method(method)[1]:
+    base, selected = split_method(method)
+    if base == "d3hr":
+        _d3hr_statistics(cfg, progress)
+    if selected:
         return generate_selected(cfg, method, progress=progress)
     gen_dir = generate(cfg, method=method, progress=progress)
     if not is_done(gen_dir):
         merge(gen_dir)
     return gen_dir
+
+
+def _d3hr_statistics(cfg: ExperimentConfig, progress: bool) -> None:
+    """D^3HR's per-class statistics (DDIM inversion of the real train split) are data made once per model
+    and dataset and cached in ``RUN/d3hr-cache`` (:func:`ddkit.methods.d3hr.class_statistics`): ``ddkit
+    run`` makes them before the method's generation budget starts, as training comes before it. ``ddkit
+    generate --method d3hr`` on its own, like the challenge's bundle, spends its budget on them when no cache
+    exists."""
+    from ddkit import dist
+    from ddkit.generate import checkpoint_for
+    from ddkit.methods import d3hr
+    from ddkit.models import load_backbone
+
+    device = dist.device_for(dist.dist_env())
+    model, _ = load_backbone(
+        checkpoint_for(cfg, "d3hr"), use_ema=cfg.generate.use_ema, device=device,
+        timestep_shift=cfg.model.timestep_shift, expect=cfg.model,
+    )  # fmt: skip
+    d3hr.class_statistics(model, cfg, device=device, cache_dir=Path(cfg.run_dir) / "d3hr-cache", progress=progress)
 
 
 def _evaluate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:

@@ -27,7 +27,7 @@ def quick_run(mnist_shards, tmp_path_factory):
     args = [
         "run", str(ROOT / "configs" / "mnist.yaml"), "--quick", "--no-progress",
         "--set", f"run_dir={run_dir}", "--set", f"data.shards={mnist_shards}",
-        "--set", "generate.d3hr.cfg_scale=3.0",  # D^3HR's own guidance, apart from the others' 2.0
+        "--set", "generate.d3hr.cfg_scale=3.0",  # D^3HR's own guidance, apart from the others' 1.0
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -46,7 +46,7 @@ def test_quick_pipeline_writes_every_artefact(quick_run):
             assert (gen / name).is_file(), gen / name
         manifest = read_json(gen / "manifest.json")
         assert manifest["ipc"] == 10
-        assert manifest["cfg_scale"] == (3.0 if method == "d3hr" else 2.0), method
+        assert manifest["cfg_scale"] == (3.0 if method == "d3hr" else 1.0), method
     assert (run_dir / "gen-dit+select" / "selection.png").is_file()
     sel = read_json(run_dir / "gen-dit+select" / "manifest.json")["selection"]
     assert sel["pool_ipc"] == 10 * sel["ratio"] and sel["ratio"] > 1
