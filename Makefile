@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (both install what they need):
-#   make demo   the main job: `ddkit run configs/mnist.yaml` on the embedded MNIST-5k (about 18 min, 2 CPU cores)
+#   make demo   the main job: `ddkit run configs/mnist.yaml` on the embedded MNIST-5k (about 14 min, 2 CPU cores)
 #   make test   the test suite (starts a real single-node SLURM cluster on localhost; installs it with apt)
 VENV   ?= .venv
 PYTHON ?= python3

@@ -89,8 +89,9 @@ def budget_start() -> float:
     return min(_T0, start()) if start is not None else _T0
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Generate and write ``OUT/<dataset>.pt``; return its path.
+def run(args: argparse.Namespace, t0: float | None = None) -> Path:
+    """Generate and write ``OUT/<dataset>.pt``; return its path. ``t0``: the budget's start on
+    ``time.monotonic()`` (default :func:`budget_start`, the process start).
 
     Raises:
         DdkitError: generation or packaging failed (budget, weights, wrong classes...).
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> Path:
     out = args.out.resolve()
     work = out / f".ddkit-{args.dataset}"
     cfg = challenge_config(args, work, reserve=write_reserve(spec, out))
-    gen_dir = generate(cfg, time_limit=cfg.generate.time_limit, t0=budget_start(), progress=False)
+    t0 = budget_start() if t0 is None else t0
+    gen_dir = generate(cfg, time_limit=cfg.generate.time_limit, t0=t0, progress=False)
     d = load_distilled(gen_dir)
     tensor, _ = scorer_tensor(d, spec)
     target = out / spec.filename
@@ -124,12 +126,15 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; see the module docstring for exit codes."""
+    """Console entry point; see the module docstring for exit codes. As the process's own entry point
+    (``argv`` None) the budget starts at the process start; called with ``argv`` from a running program
+    (tests, a driver) it starts now."""
     from ddkit.errors import DdkitError, PackageError
 
+    t0 = None if argv is None else time.monotonic()
     args = parse_args(argv)
     try:
-        target = run(args)
+        target = run(args, t0=t0)
     except PackageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

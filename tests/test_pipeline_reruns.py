@@ -82,7 +82,7 @@ def test_readme_example_continues_minimax_and_reruns_generation_and_evaluation(f
     }, lines  # fmt: skip
     reasons = {s.name: s.reason for s in res.stages}
     assert reasons["minimax"] == "minimax.steps 10 -> 15: continue from its checkpoint"
-    assert reasons["gen-dit"] == "changed: generate.cfg_scale 2.0 -> 3.0"
+    assert reasons["gen-dit"] == "changed: generate.cfg_scale 1.0 -> 3.0"
     assert pre_ckpt.stat().st_mtime_ns == pre_mtime
     # Continued, not restarted: the first run's log lines are kept and the new ones go on from step 10.
     assert [r["step"] for r in read_jsonl(run / "minimax" / "train_log.jsonl")] == [5, 10, 15]
