@@ -28,7 +28,9 @@ Flow of one rank (``generate``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
@@ -314,7 +316,7 @@ def generate(
     from ddkit import budget
     from ddkit.sampling import SamplingAborted, sample, to_uint8
 
-    precision = _sampling_precision(gcfg, model, device)
+    precision = _sampling_precision(gcfg, model, device, gen_dir)
     autocast = precision.dtype
     # D^3HR restarts a deterministic DDIM chain from its inverted-statistics latents (reference
     # ``group_sampling.py``); the other methods use the configured sampler.
@@ -551,15 +553,25 @@ def generate(
     return gen_dir
 
 
-def _sampling_precision(gcfg, model, device):
+def _sampling_precision(gcfg, model, device, gen_dir: Path):
     """``generate.precision`` resolved for this model (auto: :mod:`ddkit.hardware`, a timed no-grad forward
-    of the CFG-doubled batch)."""
+    of the CFG-doubled batch), once per generation: the first rank to decide publishes its choice in
+    ``gen_dir/precision.json`` and every rank and every requeued restart adopts it. A timed check is noisy
+    under load, and a set sampled partly in bf16 and partly in fp32 would differ from an uninterrupted run."""
     from ddkit import hardware as hw
+    from ddkit.io import publish_json_once
 
+    record = gen_dir / "precision.json"
+    previous = json.loads(record.read_text()) if record.is_file() else None
     inputs = hw.backbone_inputs(model, 2 * gcfg.batch_size, device)
     step = hw.model_step(model, inputs, backward=False)
-    # Per rank (no collective): ranks whose shard is done do not come here (see their collectives above).
-    return hw.choose_precision(gcfg.precision, device, role="generate", step=step, agree=False)
+    # No collective: ranks whose shard is done do not come here (see their collectives above).
+    choice = hw.choose_precision(gcfg.precision, device, role="generate", step=step, agree=False, previous=previous)
+    published = publish_json_once(record, choice.to_dict())
+    if published.get("requested") != choice.requested or published.get("device") != choice.device:
+        return choice  # a different request or device (heterogeneous ranks): decided here
+    known = {f.name for f in dataclasses.fields(hw.PrecisionChoice)} - {"warning"}
+    return hw.PrecisionChoice(**{k: v for k, v in published.items() if k in known})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -60,6 +60,30 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def publish_json_once(path: str | Path, obj: Any) -> Any:
+    """Write ``obj`` to ``path`` unless the file already exists; return what the file holds afterwards.
+
+    First writer wins, atomically: the complete JSON goes to a temporary file that is then hard-linked onto
+    ``path`` (``os.link`` fails if ``path`` exists), so concurrent writers (ranks of one job, a requeued job
+    racing its predecessor) all return the same, complete record. Raises ``OSError`` from the filesystem.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return json.loads(path.read_text())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.

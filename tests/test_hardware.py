@@ -123,6 +123,34 @@ def test_a_resumed_run_keeps_the_recorded_choice(monkeypatch):
     assert hw.choose_precision("fp32", "cpu", role="train", step=never, previous=other).precision == "fp32"
 
 
+def test_every_rank_and_restart_of_a_generation_samples_in_the_first_choice(monkeypatch, tmp_path):
+    """The timed check is noisy under load: a requeued rank that timed bf16 slower must still sample in the
+    precision the generation started with, or its shard differs from an uninterrupted run's."""
+    import threading
+
+    from ddkit.config import GenerateConfig
+    from ddkit.generate import _sampling_precision
+
+    monkeypatch.setattr(hw, "detect_capabilities", lambda device: CPU_AMX)
+    timings = iter([FakeTimer(fp32=1.0, bf16=0.5), FakeTimer(fp32=0.5, bf16=1.0)])
+    monkeypatch.setattr(hw, "step_timer", lambda step, device_type, **kw: next(timings))
+    model, gcfg = _tiny_backbone(), GenerateConfig(batch_size=2)
+    first = _sampling_precision(gcfg, model, "cpu", tmp_path)  # timed: bf16 2x faster
+    again = _sampling_precision(gcfg, model, "cpu", tmp_path)  # would time fp32 faster; adopts the record
+    assert first.precision == again.precision == "bf16" and first.ratio == again.ratio == 2.0
+    # Ranks deciding at once: one record wins and every rank returns it.
+    monkeypatch.setattr(hw, "step_timer", lambda step, device_type, **kw: FakeTimer(fp32=1.0, bf16=0.5))
+    got: list[str] = []
+    fresh = tmp_path / "race"
+    threads = [
+        threading.Thread(target=lambda: got.append(_sampling_precision(gcfg, model, "cpu", fresh).precision))
+        for _ in range(4)
+    ]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert got == ["bf16"] * 4 and [p.name for p in fresh.iterdir()] == ["precision.json"]
+
+
 def test_step_timer_interleaves_and_stays_inside_its_budget():
     now = [0.0]
     per_step = {"fp32": 0.1, "bf16": 0.05}
