@@ -178,3 +178,72 @@ def cleanup() -> None:
 
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What SLURM, submitit and the user's shell tell a cluster job (read here, so ddkit.cluster reads no environment)
+# ----------------------------------------------------------------------------------------------------------
+def slurm_job_id() -> str | None:
+    """This SLURM job's id (``SLURM_JOB_ID``, possibly empty), or None outside a job."""
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_job_ids() -> dict[str, str]:
+    """SLURM's ids for this attempt of a job, recorded with every job event.
+
+    Keys ``job_id`` (``SLURM_JOB_ID``), ``array_job_id``, ``array_task`` (``SLURM_ARRAY_TASK_ID``),
+    ``restart`` (``SLURM_RESTART_COUNT``, absent before the first requeue) and ``node`` (``SLURMD_NODENAME``);
+    a key whose variable is unset is left out (outside SLURM: an empty dict).
+    """
+    env = {
+        k: os.environ.get(v)
+        for k, v in (
+            ("job_id", "SLURM_JOB_ID"),
+            ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+            ("array_task", "SLURM_ARRAY_TASK_ID"),
+            ("restart", "SLURM_RESTART_COUNT"),
+            ("node", "SLURMD_NODENAME"),
+        )
+    }
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def submitit_on_slurm() -> bool:
+    """Whether this process runs a submitit job on SLURM (``SUBMITIT_EXECUTOR=slurm``); False in submitit's
+    local and debug executors (tests) and outside submitit."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def cuda_visible_devices() -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` as the launcher set it (the GPUs SLURM gave this task), or None."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face cache folder: ``$HF_HUB_CACHE``, else ``$HF_HOME``, else ``~/.cache/huggingface``."""
+    from pathlib import Path
+
+    return (
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or str(Path.home() / ".cache/huggingface")
+    )
+
+
+def jobs_index():
+    """The per-user index of ddkit submissions (``$DDKIT_JOBS_INDEX`` or ``~/.local/state/ddkit/jobs.jsonl``).
+
+    Returns:
+        A :class:`pathlib.Path` (``$XDG_STATE_HOME/ddkit/jobs.jsonl`` when ``XDG_STATE_HOME`` is set).
+    """
+    from pathlib import Path
+
+    env = os.environ.get("DDKIT_JOBS_INDEX")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
+    return Path(base) / "ddkit" / "jobs.jsonl"
+
+
+def drop_budget_start() -> None:
+    """Forget a ``DDKIT_T0`` inherited from the submitting shell: a cluster job's time budget starts with
+    its own process, never with the shell that submitted it (removes the variable from ``os.environ``)."""
+    os.environ.pop("DDKIT_T0", None)

@@ -418,8 +418,8 @@ def test_cleanup_removes_only_old_pickles_of_finished_jobs(tmp_path):
 def test_jobs_index_finds_logs_and_the_listing_keeps_ddkit_jobs(tmp_path, monkeypatch):
     monkeypatch.setenv("DDKIT_JOBS_INDEX", str(tmp_path / "jobs.jsonl"))
     folder = tmp_path / "run" / "slurm"
-    cluster._register("41", "ddkit-train-pretrain-x", folder, str(tmp_path / "run"), "train")
-    cluster._register("42", "ddkit-gen-dit-x", folder, str(tmp_path / "run"), "generate-array")
+    cluster.register_job("41", "ddkit-train-pretrain-x", folder, str(tmp_path / "run"), "train")
+    cluster.register_job("42", "ddkit-gen-dit-x", folder, str(tmp_path / "run"), "generate-array")
     assert cluster.log_paths("41") == (folder / "41_0_log.out", folder / "41_0_log.err")
     assert cluster.log_paths("42_3")[0] == folder / "42_3_0_log.out"
     folder.mkdir(parents=True)

@@ -106,7 +106,7 @@ def train(
             tasks_per_node=tasks,
             gpus_per_node=slurm.gpus_per_node,
         )
-        typer.echo(cluster.sbatch_script(folder, params, cluster._python_for(cfg, folder)))
+        typer.echo(cluster.sbatch_script(folder, params, cluster.job_python(cfg, folder)))
         return
     job = cluster.submit_train(cfg, stage, max_steps=max_steps)
     _print_jobs([job], cluster.job_folder(cfg))
