@@ -24,8 +24,9 @@ def container_binds(cfg: ExperimentConfig, folder: str | Path, extra: Sequence[s
     """Apptainer ``--bind`` entries a job needs: data, weights, run dir, job folder (+ ``extra``).
 
     Host paths are bound at the same path inside the container so configs and pickles stay valid. Apart
-    from the run dir and job folder (created at submission), only paths that exist are bound (an HF id such as ``facebook/DiT-XL-2-256`` is not a path; the Hugging Face
-    cache is bound instead). A path inside another bound path is left out.
+    from the run dir and job folder (created at submission), only paths that exist are bound (an HF id
+    such as ``facebook/DiT-XL-2-256`` is not a path; the Hugging Face cache, :func:`ddkit.dist.hf_cache_dir`,
+    is bound instead). A path inside another bound path is left out.
     """
     # The run dir and the job folder are created at submission, so they are bound even before they exist.
     paths: list[Path] = [Path(cfg.run_dir).expanduser().absolute(), Path(folder).expanduser().absolute()]

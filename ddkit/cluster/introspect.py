@@ -225,6 +225,9 @@ def preflight(
     )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# What one task of a job sees
+# ----------------------------------------------------------------------------------------------------------
 def task_info() -> dict[str, Any]:
     """What one task of a job sees: rank, world size, master address/port (:func:`ddkit.dist.dist_env`),
     its GPUs and host. Submitted as a job it checks how ``srun`` lays out the ranks (tests, debugging)."""

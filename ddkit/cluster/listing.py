@@ -19,6 +19,9 @@ from ddkit.cluster.introspect import require_slurm, run_slurm
 from ddkit.dist import jobs_index
 from ddkit.errors import ClusterError
 
+# ----------------------------------------------------------------------------------------------------------
+# The jobs index (written at submission)
+# ----------------------------------------------------------------------------------------------------------
 JOB_PREFIX = "ddkit-"  # every job name ddkit submits starts with this; `ddkit jobs` lists only those
 
 
