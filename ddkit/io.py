@@ -58,8 +58,9 @@ def make_readable(path: str | Path) -> Path:
 
     ``mkstemp`` / ``mkdtemp`` create 0600 / 0700, but outputs are shared (SLURM jobs, containers, other
     cluster users, the challenge organisers), so they get the modes the umask allows: files
-    ``0o666 & ~umask`` (keeping their execute bits, also masked), directories ``0o777 & ~umask``. A
-    directory is treated with everything below it; symbolic links are left alone.
+    ``0o666 & ~umask`` (``0o777 & ~umask`` when already executable, as a compiler or ``cp`` leaves an
+    executable), directories ``0o777 & ~umask``. A directory is treated with everything below it; symbolic
+    links are left alone.
     """
     path = Path(path)
     mask = umask()
@@ -71,7 +72,7 @@ def make_readable(path: str | Path) -> Path:
         if stat.S_ISDIR(st.st_mode):
             os.chmod(p, 0o777 & ~mask)
         else:
-            os.chmod(p, (0o666 | (st.st_mode & 0o111)) & ~mask)
+            os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
 
     fix(path)
     if path.is_dir() and not path.is_symlink():
