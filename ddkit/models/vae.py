@@ -1,7 +1,8 @@
 """SD-VAE helpers for latent DiT models (DiT, Peebles & Xie 2023; MinimaxDiffusion ``train_dit.py``).
 
 The reference encodes with ``stabilityai/sd-vae-ft-ema`` (``latent_dist.sample() * 0.18215``) and its
-sampler decodes with ``sd-vae-ft-mse``; both load here offline (``local_files_only=True``).
+sampler decodes with ``sd-vae-ft-mse``; both load here offline (``local_files_only=True``). The shard
+writer's cached posterior moments (``--encode-latents``) come from :func:`moments_encoder`.
 """
 
 from __future__ import annotations
