@@ -34,3 +34,8 @@ class PackageError(DdkitError):
 
 class ContainerError(DdkitError):
     """Apptainer is missing or a container definition is invalid."""
+
+
+class DistilledSetError(DataError, PackageError):
+    """A distilled set (``dataset.pt``, a scorer tensor) is missing, unreadable or breaks the generation
+    contract: a data error to ``ddkit evaluate``, a package error to ``ddkit package`` (:mod:`ddkit.distilled`)."""

@@ -3,6 +3,10 @@
 Every output ddkit writes goes through a temporary file (or directory) in the same folder followed by
 ``os.replace``, so a crash or a SLURM preemption never leaves half a file behind, and a rerun can trust
 whatever exists. Stage completion is marked by a ``DONE`` file written last.
+
+File modes, one policy for every output (:func:`make_readable`): files ``0o666 & ~umask``, directories
+``0o777 & ~umask``, as a plain ``open()`` / ``mkdir`` would give, instead of the private 0600 / 0700 of
+``mkstemp`` / ``mkdtemp``; the umask is read without changing it (:func:`umask`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +26,60 @@ from typing import Any
 DONE = "DONE"
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's umask, read without changing it.
+
+    Linux (>= 4.7) reports it as ``Umask:`` in ``/proc/self/status``; elsewhere it is read with
+    ``os.umask(0)`` / ``os.umask(old)``, which briefly changes a process-wide setting under other threads.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-# mkstemp creates 0600 files; outputs are shared (SLURM jobs, containers, organisers), so honour the umask.
-_FILE_MODE = 0o666 & ~_umask()
+def file_mode() -> int:
+    """The mode of an output file: ``0o666 & ~umask``, what a plain ``open()`` would create."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode of an output directory: ``0o777 & ~umask``, what a plain ``mkdir`` would create."""
+    return 0o777 & ~umask()
+
+
+def make_readable(path: str | Path) -> Path:
+    """Give ``path`` the file-mode policy of every ddkit output, and return it.
+
+    ``mkstemp`` / ``mkdtemp`` create 0600 / 0700, but outputs are shared (SLURM jobs, containers, other
+    cluster users, the challenge organisers), so they get the modes the umask allows: files
+    ``0o666 & ~umask`` (``0o777 & ~umask`` when already executable, as a compiler or ``cp`` leaves an
+    executable), directories ``0o777 & ~umask``. A directory is treated with everything below it; symbolic
+    links are left alone.
+    """
+    path = Path(path)
+    mask = umask()
+
+    def fix(p: Path) -> None:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.chmod(p, 0o777 & ~mask)
+        else:
+            os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+
+    fix(path)
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                fix(Path(root) / name)
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -37,7 +88,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, _FILE_MODE)
+        make_readable(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -71,7 +122,7 @@ def publish_json_once(path: str | Path, obj: Any) -> Any:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, _FILE_MODE)
+        make_readable(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
             f.flush()
@@ -94,7 +145,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _FILE_MODE)
+    make_readable(tmp)
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -119,7 +170,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; rename it onto ``path`` when the block succeeds.
 
-    On error the temporary directory is removed and ``path`` is left as it was.
+    Before the rename the directory and everything in it get the umask's modes (:func:`make_readable`),
+    not ``mkdtemp``'s 0700. On error the temporary directory is removed and ``path`` is left as it was.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -131,6 +183,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        make_readable(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

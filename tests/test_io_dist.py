@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,39 @@ def test_atomic_outputs_honour_the_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_umask_is_read_as_set():
+    from ddkit.io import dir_mode, file_mode, umask
+
+    old = os.umask(0o027)
+    try:
+        assert (umask(), file_mode(), dir_mode()) == (0o027, 0o640, 0o750)
+    finally:
+        os.umask(old)
+
+
+def test_atomic_dir_output_is_readable_as_the_umask_allows(tmp_path):
+    """mkdtemp / mkstemp make 0700 / 0600; a finished atomic_dir and what it holds follow the umask."""
+    import tempfile
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        with atomic_dir(out) as tmp:
+            fd, private = tempfile.mkstemp(dir=tmp)  # 0600, as a library writing through a temp file leaves it
+            os.close(fd)
+            sub = Path(tempfile.mkdtemp(dir=tmp))  # 0700
+            (sub / "f.txt").write_text("x")
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+        assert out.stat().st_mode & 0o777 == 0o755
+        assert (out / Path(private).name).stat().st_mode & 0o777 == 0o644
+        assert (out / sub.name).stat().st_mode & 0o777 == 0o755
+        assert (out / sub.name / "f.txt").stat().st_mode & 0o777 == 0o644
+        assert (out / "run.sh").stat().st_mode & 0o777 == 0o755  # execute bits kept, as the umask allows
+    finally:
+        os.umask(old)
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):

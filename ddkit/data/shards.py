@@ -19,10 +19,10 @@ complete set is recognised by its ``DONE`` marker and skipped on rerun.
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,34 +264,18 @@ def shard_dataset(cfg: Any, out: str | Path | None = None, *, progress: bool = F
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not a complete shard set; remove it or choose another --out")
     listing = list_dataset(cfg)
-    encoder = _latent_encoder(cfg.encode_latents) if cfg.encode_latents else None
+    encoder = None
+    if cfg.encode_latents:
+        from ddkit.models.vae import moments_encoder
+
+        encoder = moments_encoder(cfg.encode_latents)
     with atomic_dir(out, overwrite=out.exists()) as tmp:
         index = _write(listing, cfg, tmp, encoder, progress)
         atomic_write_json(tmp / INDEX, index)
         atomic_write_json(tmp / CLASSES, index["classes"])
         write_run_config(tmp, cfg)
         mark_done(tmp, {"samples": index["totals"]})
-        _share(tmp)
     return out
-
-
-def _share(folder: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600; a dataset is shared (cluster users), so apply the umask instead."""
-    umask = _umask()
-    for p in folder.iterdir():
-        os.chmod(p, 0o666 & ~umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
-def _umask() -> int:
-    # read, not os.umask(0)/os.umask(old): that briefly changes a process-wide setting under other threads
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 def _check_reusable(idx: dict[str, Any], cfg: Any, out: Path) -> None:
@@ -333,6 +317,40 @@ def _chunks(seq: list[int], n: int) -> Iterator[list[int]]:
         yield seq[i : i + n]
 
 
+@dataclass
+class _Tally:
+    """What writing the shards counts: images per split and class, samples per tar, train pixel moments."""
+
+    counts: dict[str, dict[str, int]]
+    channels: int
+    shard_counts: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, list[str]] = field(default_factory=dict)
+    latent_info: dict[str, Any] | None = None
+    n_pix: int = 0
+    pix_sum: np.ndarray | None = None
+    pix_sq: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.pix_sum = np.zeros(self.channels, np.float64)
+        self.pix_sq = np.zeros(self.channels, np.float64)
+
+    def add(self, tar: str, split: str, name: str, arr: np.ndarray) -> None:
+        """One sample of class ``name`` written to ``tar``; train images (uint8 [H, W, C]) feed the moments."""
+        self.shard_counts[tar] = self.shard_counts.get(tar, 0) + 1
+        self.counts[split][name] += 1
+        if split == "train":
+            flat = arr.reshape(-1, self.channels).astype(np.float64) / 255.0
+            self.pix_sum += flat.sum(0)
+            self.pix_sq += (flat * flat).sum(0)
+            self.n_pix += flat.shape[0]
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and (population) std of the train pixels, [0, 1] units, rounded to 6 places."""
+        m = self.pix_sum / max(self.n_pix, 1)
+        var = np.maximum(self.pix_sq / max(self.n_pix, 1) - m * m, 0.0)
+        return [round(float(v), 6) for v in m], [round(float(v), 6) for v in np.sqrt(var)]
+
+
 def _write(
     listing: Listing,
     cfg: Any,
@@ -340,90 +358,80 @@ def _write(
     encoder: Callable[[list[np.ndarray]], tuple[np.ndarray, dict[str, Any]]] | None,
     progress: bool,
 ) -> dict[str, Any]:
-    import webdataset as wds
+    """Write both splits' tars into ``tmp``; return the ``dataset.json`` record."""
+    from ddkit import progress as progress_bar
 
-    from ddkit import __version__
-
-    ch = listing.channels
-    counts = {s: {name: 0 for name in listing.classes} for s in SPLITS}
-    shard_counts: dict[str, int] = {}
-    shards: dict[str, list[str]] = {}
-    pix_sum = np.zeros(ch, np.float64)
-    pix_sq = np.zeros(ch, np.float64)
-    n_pix = 0
-    latent_info: dict[str, Any] | None = None
+    tally = _Tally({s: {name: 0 for name in listing.classes} for s in SPLITS}, listing.channels)
     total = sum(len(listing.splits[s]) for s in SPLITS)
-    pattern_dir = str(tmp).replace("%", "%%")  # ShardWriter formats the whole path with %
-    bar, task = _progress(progress, total, f"sharding {cfg.dataset}")
     # image decoding + resizing (PIL releases the GIL) overlaps with PNG encoding of the previous chunk
     workers = min(8, usable_cpus())
-    try:
+    with progress_bar.bar(f"sharding {cfg.dataset}", total, enabled=progress) as update:
         with ThreadPoolExecutor(workers) as pool:
             for split in SPLITS:
-                items = listing.splits[split]
-                order = (
-                    np.random.default_rng([cfg.split_seed, SPLITS.index(split)])
-                    .permutation(len(items))
-                    .tolist()
-                )
-                writer = wds.ShardWriter(
-                    f"{pattern_dir}/{split}-%06d.tar",
-                    maxcount=cfg.shard_size,
-                    maxsize=1e15,
-                    verbose=0,
-                    # fixed mtime and pre-encoded bytes: identical inputs give identical tars (same sha256)
-                    mtime=0,  # an int: a float mtime costs a PAX header per file
-                    encoder=False,
-                )
-                try:
-                    pos = 0
-                    for chunk in _chunks(order, 64):
-                        arrays = list(pool.map(lambda it: it.load(), [items[i] for i in chunk]))
-                        for i, a in zip(chunk, arrays, strict=True):
-                            if a.shape != (cfg.resolution, cfg.resolution, ch):
-                                raise DataError(
-                                    f"{items[i].source}: wrong resolution {a.shape}, expected {(cfg.resolution, cfg.resolution, ch)}"
-                                )
-                        moments = None
-                        if encoder is not None:
-                            moments, latent_info = encoder(arrays)
-                        for j, (i, arr) in enumerate(zip(chunk, arrays, strict=True)):
-                            it = items[i]
-                            sample = {
-                                "__key__": f"{split}-{pos:07d}",
-                                "png": _png(arr),
-                                "cls": str(it.label).encode("ascii"),
-                                "json": _meta(listing, it, split),
-                            }
-                            if moments is not None:
-                                sample[MOMENTS_KEY] = _npy(moments[j])
-                            writer.write(sample)
-                            name = Path(writer.fname).name
-                            shard_counts[name] = shard_counts.get(name, 0) + 1
-                            counts[split][listing.classes[it.label]] += 1
-                            if split == "train":
-                                flat = arr.reshape(-1, ch).astype(np.float64) / 255.0
-                                pix_sum += flat.sum(0)
-                                pix_sq += (flat * flat).sum(0)
-                                n_pix += flat.shape[0]
-                            pos += 1
-                        if bar is not None:
-                            bar.advance(task, len(chunk))
-                finally:
-                    writer.close()
-                shards[split] = sorted(p.name for p in tmp.glob(f"{split}-*.tar"))
-                for name in shards[split]:
-                    shard_counts.setdefault(name, 0)
+                _write_split(listing, cfg, tmp, split, encoder, pool, tally, update)
+    return _index_record(listing, cfg, tmp, tally)
+
+
+def _write_split(listing, cfg, tmp: Path, split: str, encoder, pool, tally: _Tally, update) -> None:
+    """One split's samples, in a seeded random order, into ``tmp/<split>-NNNNNN.tar``."""
+    import webdataset as wds
+
+    ch = listing.channels
+    items = listing.splits[split]
+    order = np.random.default_rng([cfg.split_seed, SPLITS.index(split)]).permutation(len(items)).tolist()
+    pattern_dir = str(tmp).replace("%", "%%")  # ShardWriter formats the whole path with %
+    writer = wds.ShardWriter(
+        f"{pattern_dir}/{split}-%06d.tar",
+        maxcount=cfg.shard_size,
+        maxsize=1e15,
+        verbose=0,
+        # fixed mtime and pre-encoded bytes: identical inputs give identical tars (same sha256)
+        mtime=0,  # an int: a float mtime costs a PAX header per file
+        encoder=False,
+    )
+    try:
+        pos = 0
+        for chunk in _chunks(order, 64):
+            arrays = list(pool.map(lambda it: it.load(), [items[i] for i in chunk]))
+            for i, a in zip(chunk, arrays, strict=True):
+                if a.shape != (cfg.resolution, cfg.resolution, ch):
+                    raise DataError(
+                        f"{items[i].source}: wrong resolution {a.shape}, expected {(cfg.resolution, cfg.resolution, ch)}"
+                    )
+            moments = None
+            if encoder is not None:
+                moments, tally.latent_info = encoder(arrays)
+            for j, (i, arr) in enumerate(zip(chunk, arrays, strict=True)):
+                it = items[i]
+                sample = {
+                    "__key__": f"{split}-{pos:07d}",
+                    "png": _png(arr),
+                    "cls": str(it.label).encode("ascii"),
+                    "json": _meta(listing, it, split),
+                }
+                if moments is not None:
+                    sample[MOMENTS_KEY] = _npy(moments[j])
+                writer.write(sample)
+                tally.add(Path(writer.fname).name, split, listing.classes[it.label], arr)
+                pos += 1
+            update(len(chunk))
     finally:
-        if bar is not None:
-            bar.stop()
+        writer.close()
+    tally.shards[split] = sorted(p.name for p in tmp.glob(f"{split}-*.tar"))
+    for name in tally.shards[split]:
+        tally.shard_counts.setdefault(name, 0)
+
+
+def _index_record(listing: Listing, cfg: Any, tmp: Path, tally: _Tally) -> dict[str, Any]:
+    """The ``dataset.json`` of a written set (keys: :func:`read_index`)."""
+    from ddkit import __version__
+
     if listing.mean is not None:
         mean, std, stats = list(listing.mean), list(listing.std or ()), "official"
     else:
-        m = pix_sum / max(n_pix, 1)
-        mean = [round(float(v), 6) for v in m]
-        std = [round(float(v), 6) for v in np.sqrt(np.maximum(pix_sq / max(n_pix, 1) - m * m, 0.0))]
+        mean, std = tally.mean_std()
         stats = "computed on train"
+    counts, shards = tally.counts, tally.shards
     all_shards = [n for s in SPLITS for n in shards[s]]
     return {
         "format_version": FORMAT_VERSION,
@@ -436,23 +444,23 @@ def _write(
         "imagenet_index": listing.imagenet_index,
         "num_classes": len(listing.classes),
         "resolution": cfg.resolution,
-        "channels": ch,
+        "channels": listing.channels,
         "mean": mean,
         "std": std,
         "stats": stats,
         "counts": counts,
         "totals": {s: sum(counts[s].values()) for s in SPLITS},
         "shards": shards,
-        "shard_counts": shard_counts,
+        "shard_counts": tally.shard_counts,
         "shard_size": cfg.shard_size,
         "sha256": {n: sha256_file(tmp / n) for n in all_shards},
-        "latents": latent_info is not None,
-        "latent": latent_info,
+        "latents": tally.latent_info is not None,
+        "latent": tally.latent_info,
         "sample_keys": {
             "image": "png",
             "label": "cls",
             "meta": "json",
-            "latent_moments": MOMENTS_KEY if latent_info else None,
+            "latent_moments": MOMENTS_KEY if tally.latent_info else None,
         },
         "config": {k: getattr(cfg, k) for k in _FINGERPRINT},
     }
@@ -471,57 +479,6 @@ def _meta(listing: Listing, it: Any, split: str) -> bytes:
             "class_name": listing.classes[it.label],
         }
     ).encode("utf-8")
-
-
-def _progress(enabled: bool, total: int, what: str):
-    if not enabled:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar.start()
-    return bar, bar.add_task(what, total=total)
-
-
-def _latent_encoder(vae_path: str) -> Callable[[list[np.ndarray]], tuple[np.ndarray, dict[str, Any]]]:
-    """Load a diffusers ``AutoencoderKL`` offline and return ``encode(list of uint8 [H,W,C]) ->
-    (float32 [B, 2*Cz, h, w] = posterior mean ++ log-variance, latent info)``.
-
-    Images are scaled to [-1, 1] (SD-VAE convention, DiT ``train.py``); grey images are repeated to the
-    VAE's input channels. Raises WeightsError naming the path when the weights cannot be loaded offline.
-    """
-    import torch
-
-    from ddkit.models.vae import encoder_digest, load_vae, vae_source
-
-    vae = load_vae(vae_path)
-    digest = encoder_digest(vae)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = vae.to(device).eval()
-    in_ch = int(vae.config.in_channels)
-    scale = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-
-    @torch.no_grad()
-    def encode(arrays: list[np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        if x.shape[1] != in_ch:
-            if x.shape[1] == 1:
-                x = x.repeat(1, in_ch, 1, 1)
-            else:
-                raise DataError(f"{vae_path}: VAE expects {in_ch} input channels, images have {x.shape[1]}")
-        dist = vae.encode(x.to(device)).latent_dist
-        moments = torch.cat([dist.mean, dist.logvar], dim=1).float().cpu().numpy()
-        info = {
-            "vae": vae_source(vae_path),
-            "encoder_sha256": digest,
-            "channels": int(dist.mean.shape[1]),
-            "size": int(dist.mean.shape[-1]),
-            "scale": scale,
-            "moments": "mean ++ logvar along channels (diffusers DiagonalGaussianDistribution)",
-        }
-        return moments, info
-
-    return encode
 
 
 def human_size(n: float) -> str:

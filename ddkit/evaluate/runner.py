@@ -54,87 +54,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_distilled(path: str | Path, index: dict[str, Any], name: str | None = None) -> TrainSet:
-    """Load a distilled set and check it against the real data's index.
-
-    Accepts ``dataset.pt`` (``{"images": uint8 [N,C,H,W], "labels": int64 [N], "classes": [...], "ipc": int}``,
-    float images are taken as [0, 1] units), a directory holding ``dataset.pt``, or a bare float tensor
-    ``[N, C, H, W]`` already normalised with the dataset's mean/std, class-major with ``N / K`` images per
-    class (the challenge's ``cifar100.pt`` format; labels are implied as in the scorer).
+    """A distilled set as a :class:`TrainSet`, checked against the real data's index: an adapter over
+    :func:`ddkit.distilled.load_distilled` (which lists the accepted forms and the checks).
 
     Returns:
-        :class:`TrainSet` with images float32 in [0, 1] units.
+        :class:`TrainSet` with images float32 ``[N, C, H, W]`` in [0, 1] units, class-major, named ``name``
+        or after the file (its directory for ``dataset.pt``).
 
     Raises:
-        DataError: missing file, unreadable file, wrong shape/channels/resolution, labels out of range,
-            class names that differ from the real set's — one line naming the file.
+        DataError: (a :class:`~ddkit.errors.DistilledSetError`) one line naming the file.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "dataset.pt"
-    if not p.is_file():
-        raise DataError(f"{p}: distilled set not found")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise DataError(f"{p}: not a readable torch file ({type(e).__name__})") from None
-    classes = list(index["classes"])
-    k = len(classes)
-    c, r = int(index["channels"]), int(index["resolution"])
-    mean = torch.tensor(index["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(index["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    if isinstance(obj, torch.Tensor):
-        images = obj
-        if images.ndim != 4:
-            raise DataError(f"{p}: expected images [N, C, H, W], got shape {list(images.shape)}")
-        if images.shape[0] % k:
-            raise DataError(
-                f"{p}: {images.shape[0]} images is not a multiple of the {k} classes (class-major layout)"
-            )
-        ipc = images.shape[0] // k
-        labels = torch.arange(k).repeat_interleave(ipc)
-        if not images.is_floating_point():
-            raise DataError(f"{p}: a bare tensor must hold normalised float images, got {images.dtype}")
-        _check_shape(p, images, c, r)
-        x01 = images.float() * std + mean
-    elif isinstance(obj, dict):
-        for key in ("images", "labels"):
-            if key not in obj:
-                raise DataError(f"{p}: missing key '{key}' (have: {', '.join(map(str, obj))})")
-        images, labels = obj["images"], obj["labels"]
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise DataError(f"{p}: 'images' must be a tensor [N, C, H, W]")
-        _check_shape(p, images, c, r)
-        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(f"{p}: 'labels' must be an int tensor [{images.shape[0]}]")
-        labels = labels.long()
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise DataError(f"{p}: labels must lie in [0, {k}), got {int(labels.min())}..{int(labels.max())}")
-        if "classes" in obj and list(obj["classes"]) != classes:
-            got = list(obj["classes"])
-            raise DataError(
-                f"{p}: classes {got[:3]}... ({len(got)}) differ from the real set's {classes[:3]}... ({k})"
-            )
-        x01 = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        counts = torch.bincount(labels, minlength=k)
-        ipc = int(obj.get("ipc") or int(counts.max()))
-    else:
-        raise DataError(f"{p}: expected a dataset.pt dict or an image tensor, got {type(obj).__name__}")
-    from ddkit.io import sha256_file
+    from ddkit.distilled import load_distilled as read_distilled
 
-    return TrainSet(
-        name or _default_name(p), "distilled", x01.contiguous(), labels, int(ipc), sha256_file(p), str(p)
-    )
-
-
-def _check_shape(p: Path, images: torch.Tensor, c: int, r: int) -> None:
-    if images.shape[1] != c:
-        raise DataError(f"{p}: images have {images.shape[1]} channels, the real set has {c}")
-    if tuple(images.shape[2:]) != (r, r):
-        raise DataError(f"{p}: images are {images.shape[2]}x{images.shape[3]} px, the real set is {r}x{r}")
-
-
-def _default_name(p: Path) -> str:
-    return p.parent.name if p.name == "dataset.pt" else p.stem
+    d = read_distilled(path, index=index)
+    p = d.file or d.gen_dir / "dataset.pt"
+    x01 = d.images.float() / 255.0 if d.images.dtype == torch.uint8 else d.images.float()
+    default = p.parent.name if p.name == "dataset.pt" else p.stem
+    return TrainSet(name or default, "distilled", x01.contiguous(), d.labels, int(d.ipc), d.sha256, str(p))
 
 
 def random_real_subset(images: torch.Tensor, labels: torch.Tensor, ipc: int, seed: int, num_classes: int):

@@ -1,7 +1,8 @@
 """SD-VAE helpers for latent DiT models (DiT, Peebles & Xie 2023; MinimaxDiffusion ``train_dit.py``).
 
 The reference encodes with ``stabilityai/sd-vae-ft-ema`` (``latent_dist.sample() * 0.18215``) and its
-sampler decodes with ``sd-vae-ft-mse``; both load here offline (``local_files_only=True``).
+sampler decodes with ``sd-vae-ft-mse``; both load here offline (``local_files_only=True``). The shard
+writer's cached posterior moments (``--encode-latents``) come from :func:`moments_encoder`.
 """
 
 from __future__ import annotations
@@ -86,6 +87,54 @@ def check_latent_vae(latent: dict | None, vae_name: str | None, where: str) -> N
         f"{'has another encoder' if recorded else '(no encoder digest recorded)'}; "
         "re-shard with that data.encode_latents or set model.vae to match"
     )
+
+
+def moments_encoder(name_or_path: str | Path, *, device: str | torch.device | None = None):
+    """The posterior-moments encoder ``ddkit data shard --encode-latents`` caches in a shard set.
+
+    Loads the VAE offline (:func:`load_vae`) onto ``device`` (default :func:`ddkit.dist.device_for`) and
+    returns ``encode(list of uint8 [H, W, C] arrays) -> (float32 [B, 2*Cz, h, w] numpy = posterior mean ++
+    log-variance along channels, latent info dict)``. Images are scaled to [-1, 1] (SD-VAE convention, DiT
+    ``train.py``); grey images are repeated to the VAE's input channels. The info records ``vae``
+    (:func:`vae_source`), ``encoder_sha256`` (:func:`encoder_digest`), latent ``channels`` and ``size``, and
+    ``scale`` (the VAE's ``scaling_factor``, else :data:`LATENT_SCALE`).
+
+    Raises:
+        WeightsError: the weights cannot be loaded offline (names the path).
+        DataError: (from ``encode``) colour images for a VAE with another number of input channels.
+    """
+    import numpy as np
+
+    from ddkit.dist import device_for
+
+    vae = load_vae(name_or_path)
+    digest = encoder_digest(vae)
+    dev = device_for() if device is None else torch.device(device)
+    vae = vae.to(dev).eval()
+    in_ch = int(vae.config.in_channels)
+    scale = float(getattr(vae.config, "scaling_factor", None) or LATENT_SCALE)
+
+    @torch.no_grad()
+    def encode_moments(arrays: list[np.ndarray]) -> tuple[np.ndarray, dict]:
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        if x.shape[1] != in_ch:
+            if x.shape[1] == 1:
+                x = x.repeat(1, in_ch, 1, 1)
+            else:
+                raise DataError(f"{name_or_path}: VAE expects {in_ch} input channels, images have {x.shape[1]}")
+        dist = vae.encode(x.to(dev)).latent_dist
+        moments = torch.cat([dist.mean, dist.logvar], dim=1).float().cpu().numpy()
+        info = {
+            "vae": vae_source(name_or_path),
+            "encoder_sha256": digest,
+            "channels": int(dist.mean.shape[1]),
+            "size": int(dist.mean.shape[-1]),
+            "scale": scale,
+            "moments": "mean ++ logvar along channels (diffusers DiagonalGaussianDistribution)",
+        }
+        return moments, info
+
+    return encode_moments
 
 
 @torch.no_grad()
