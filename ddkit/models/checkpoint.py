@@ -172,8 +172,12 @@ def initial_backbone(cfg: Any, stage: str) -> tuple[Any, Any]:
     return model, mcfg
 
 
-def resumed_backbones(state: dict[str, Any], source: str) -> tuple[Any, Any, Any]:
-    """(model, EMA, ModelConfig) of a checkpoint ``state`` (``source``: its path, for messages)."""
+def start_backbones(cfg: Any, stage: str, state: dict[str, Any] | None, source: str) -> tuple[Any, Any, Any]:
+    """(model, EMA, ModelConfig) a training stage starts with: a resumed checkpoint ``state``'s (``source``:
+    its path, for messages), else :func:`initial_backbone` and a copy of it as the EMA."""
+    if state is None:
+        model, mcfg = initial_backbone(cfg, stage)
+        return model, clone_backbone(model, mcfg), mcfg
     from ddkit.models import build_backbone, model_config_from_dict
 
     mcfg = model_config_from_dict(state["model_config"], source)
@@ -182,6 +186,15 @@ def resumed_backbones(state: dict[str, Any], source: str) -> tuple[Any, Any, Any
     ema = build_backbone(mcfg, init=False)
     ema.load_state_dict(state["ema"])
     return model, ema, mcfg
+
+
+def clone_backbone(model: Any, mcfg: Any) -> Any:
+    """A second Backbone with the same weights (the EMA; reference ``deepcopy`` + ``update_ema(decay=0)``)."""
+    from ddkit.models import build_backbone
+
+    ema = build_backbone(mcfg, init=False)
+    ema.load_state_dict(model.state_dict())
+    return ema
 
 
 def rank_entry(state: dict[str, Any], key: str, rank: int, world_size: int) -> Any:

@@ -65,7 +65,7 @@ class Trainer:
 
         from ddkit.data import read_index
         from ddkit.data.classmap import backbone_labels
-        from ddkit.models.checkpoint import resume_state
+        from ddkit.models.checkpoint import resume_state, start_backbones
         from ddkit.train.step import data_mode
 
         self._setup_dist()
@@ -73,7 +73,7 @@ class Trainer:
         index = read_index(self.cfg.data.shards)
         self.index = index
         self.num_subset_classes = len(index["classes"])
-        model, ema, mcfg = self._models(state)
+        model, ema, mcfg = start_backbones(self.cfg, self.stage, state, str(self.ckpt_path))
         self.data_mode = data_mode(mcfg, index, self.cfg.data.shards)
         # Class mapping: memories use the subset index, conditioning the backbone's index.
         cond = torch.tensor(backbone_labels(index, mcfg.num_classes, self.cfg.model.class_map), dtype=torch.long)
@@ -109,15 +109,6 @@ class Trainer:
             # As the reference: TF32 matmuls make A100/H100 training much faster at no visible cost.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-
-    def _models(self, state: dict[str, Any] | None):
-        """(model, EMA, ModelConfig): the checkpoint's when resuming, else the initial model and a copy."""
-        from ddkit.models.checkpoint import initial_backbone, resumed_backbones
-
-        if state is not None:
-            return resumed_backbones(state, str(self.ckpt_path))
-        model, mcfg = initial_backbone(self.cfg, self.stage)
-        return model, _clone_backbone(model, mcfg), mcfg
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Optimizer, step, data position and this rank's RNG states, memories and unlogged loss sums."""
@@ -197,6 +188,7 @@ class Trainer:
         import torch
 
         from ddkit.dist import DistEnv
+        from ddkit.models.checkpoint import clone_backbone
 
         tr = cls(cfg, stage, resume="never", progress=False)
         tr.env = DistEnv()
@@ -206,7 +198,7 @@ class Trainer:
         tr.data_mode = data_mode
         tr.vae = vae
         mcfg = model.config
-        tr._init_training(model, _clone_backbone(model, mcfg), mcfg, torch.arange(mcfg.num_classes))
+        tr._init_training(model, clone_backbone(model, mcfg), mcfg, torch.arange(mcfg.num_classes))
         tr._resolve_precision(None)
         tr._ready = True
         return tr
@@ -492,11 +484,3 @@ class Trainer:
 
             progress.console().print(f"[yellow]{msg}[/]")
 
-
-def _clone_backbone(model, mcfg: ModelConfig):
-    """A second Backbone with the same weights (the EMA; reference ``deepcopy`` + ``update_ema(decay=0)``)."""
-    from ddkit.models import build_backbone
-
-    ema = build_backbone(mcfg, init=False)
-    ema.load_state_dict(model.state_dict())
-    return ema
