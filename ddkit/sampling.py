@@ -113,7 +113,7 @@ def make_scheduler(
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    base = scheduler_config(num_train_timesteps, learn_sigma)
+    base = scheduler_config(num_train_timesteps)
     ts = [int(t) for t in timesteps]
     if sampler == "ddpm":
         sched = DDPMScheduler(**base, variance_type="learned_range" if learn_sigma else "fixed_large")

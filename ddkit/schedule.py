@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def scheduler_config(num_train_timesteps: int = 1000, learn_sigma: bool = False) -> dict[str, Any]:
-    """Keyword arguments for diffusers' DDPM/DDIM/DDIMInverse schedulers matching DiT's training schedule."""
+def scheduler_config(num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """Keyword arguments for diffusers' DDPM/DDIM/DDIMInverse schedulers matching DiT's training schedule
+    (the learned-σ variance type, where wanted, is the caller's: it does not change the betas)."""
     return {
         "num_train_timesteps": num_train_timesteps,
         "beta_start": 0.0001 * 1000 / num_train_timesteps,

@@ -16,6 +16,7 @@ from ddkit.methods.minimax import (
     MinimaxMemory,
     cosine_similarity_matrix,
     diffusion_losses,
+    minimax_objective,
     minimax_terms,
     predict_x0,
     timestep_weights,
@@ -255,3 +256,21 @@ def test_capped_weight_makes_eps_mse_the_v_mse_below_the_cap(tables):
     assert torch.allclose((w * mse)[:2], v_mse[:2], rtol=1e-4)  # 1/ᾱ = 1.0, 2.5: below the cap
     assert torch.equal(w[2:], torch.full((2,), 20.0))  # 1/ᾱ = 39, 660: capped
     assert torch.equal(timestep_weights(t, tables, cap=None), torch.ones(4))
+
+
+def test_objective_reads_the_memories_before_the_batch_then_pushes_it():
+    x, y = _mnist_batch(8)
+    x0_pred = (x + 0.1).requires_grad_(True)
+    loss = torch.tensor(0.5)
+    total, l_r, l_d = minimax_objective(loss, x, x0_pred, y, None, 0.1, 0.2)
+    assert total is loss and l_r.item() == l_d.item() == 0.0  # pretraining: the loss itself
+    mem = MinimaxMemory(4)
+    total, l_r, l_d = minimax_objective(loss, x, x0_pred, y, mem, 0.1, 0.2)
+    assert total.item() == pytest.approx(0.5) and l_r.item() == l_d.item() == 0.0  # first batch: empty
+    assert set(mem.real.items) == set(y.tolist())  # ...and the memories took it
+    ref_r, ref_d, used = minimax_terms(x0_pred, y, mem)
+    total, l_r, l_d = minimax_objective(loss, x, x0_pred, y, mem, 0.1, 0.2)
+    assert used > 0 and torch.equal(l_r, ref_r) and torch.equal(l_d, ref_d)
+    assert torch.equal(total, loss + 0.1 * ref_r + 0.2 * ref_d)
+    total.backward()
+    assert x0_pred.grad is not None and x0_pred.grad.abs().sum() > 0

@@ -214,6 +214,49 @@ def test_cli_pretrain_then_minimax_on_mnist_shards(tmp_path, mnist_shards):
     assert read_jsonl(run / "minimax" / "train_log.jsonl")[-1]["l_r"] > 0
 
 
+def test_an_older_checkpoint_without_the_later_keys_resumes(tmp_path, tiny_shards, pretrained):
+    """Checkpoints from before the log sums, precision and scaler were stored still resume."""
+    from ddkit.models import load_checkpoint, save_checkpoint
+    from ddkit.train import train
+
+    state = load_checkpoint(pretrained / "ckpt" / "last.pt")
+    assert state["step"] == 3
+    old = {k: v for k, v in state.items() if k not in ("log_acc", "precision", "scaler")}
+    run = tmp_path / "run"
+    save_checkpoint(old, run / "pretrain" / "ckpt" / "last.pt")
+    ckpt = train(_cfg(run, tiny_shards, "pretrain.steps=4", "pretrain.ema_warmup=true"), "pretrain", progress=False)
+    assert load_checkpoint(ckpt)["step"] == 4
+
+
+def test_step_parts_and_checkpoint_helpers():
+    from ddkit.models.checkpoint import rank_entry, resume_state, rng_state, seed_rank, set_rng_state
+    from ddkit.train import step as S
+
+    assert [S.warmup_lr(1e-3, 4, s) for s in (1, 2, 4, 9)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3])
+    assert S.warmup_lr(1e-3, 0, 1) == 1e-3
+    assert S.ema_decay(0.9999, False, 0) == 0.9999 and S.ema_decay(0.9999, True, 0) == pytest.approx(0.1)
+    rec = S.log_record([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], step=4, epoch=1, lr=0.5, steps=2, seconds=0.0)
+    assert list(rec) == ["step", "epoch", "loss", "mse", "vb", "l_r", "l_d", "total", "lr", "steps_per_s"]
+    assert rec["total"] == 6.0 and rec["steps_per_s"] is None
+    assert S.terms_text({"loss": 1.0, "vb": 0.0, "l_r": 0.0, "l_d": 0.0}) == "loss 1.0000"
+    ema, p = [torch.zeros(3)], [torch.ones(3)]
+    S.update_ema(ema, p, 0.75)
+    assert torch.allclose(ema[0], torch.full((3,), 0.25))
+    # RNG streams: a saved state replays the same draws; another world size gets none.
+    dev = torch.device("cpu")
+    g = seed_rank(5, dev)
+    s = rng_state(g, dev)
+    a = (torch.rand(3, generator=g), torch.rand(3))
+    set_rng_state(g, s, dev)
+    assert torch.equal(a[0], torch.rand(3, generator=g)) and torch.equal(a[1], torch.rand(3))
+    state = {"rng": [s, s]}
+    assert rank_entry(state, "rng", 1, 2) is s and rank_entry(state, "rng", 0, 3) is None
+    assert rank_entry(state, "log_acc", 0, 2) is None
+    assert resume_state("never", Path("missing.pt"), "pretrain") is None
+    with pytest.raises(WeightsError, match="not found"):
+        resume_state("missing-dir", Path("missing.pt"), "pretrain")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DDP: 2 CPU processes, gloo
 # ------------------------------------------------------------------------------------------------------------

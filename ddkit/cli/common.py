@@ -11,10 +11,12 @@ from typing import Any, Optional, TypeVar
 import typer
 from rich.console import Console
 
+from ddkit import progress
 from ddkit.errors import DdkitError
 
 console = Console()
-err_console = Console(stderr=True)
+#: The one stderr console (:func:`ddkit.progress.console`): CLI errors and the library's bars and notes.
+err_console = progress.console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 

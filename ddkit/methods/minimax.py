@@ -324,3 +324,33 @@ def minimax_terms(
         used += 1
     n = max(len(groups), 1)
     return l_r / n, l_d / n, used
+
+
+def minimax_objective(
+    loss: torch.Tensor,
+    x0: torch.Tensor,
+    x0_pred: torch.Tensor,
+    labels: torch.Tensor,
+    memory: MinimaxMemory | None,
+    lambda_r: float,
+    lambda_d: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training step's objective ``loss + λr·L_r + λd·L_d`` (:func:`minimax_terms` against the
+    memories before this batch), then the memories take the batch (:meth:`MinimaxMemory.update`: clean
+    x0, detached x̂0), as the reference's loop. Without a memory (pretraining: λr = λd = 0) the objective
+    is ``loss`` itself and nothing is updated.
+
+    Args:
+        loss: float32 scalar, the diffusion loss; x0, x0_pred: float [B, C, H, W] (x0_pred with gradient);
+        labels: int64 [B] subset class indices, CPU preferred; memory: this rank's memories or None.
+
+    Returns:
+        (total, L_r, L_d): float32 scalars; L_r and L_d are detached zeros without a memory.
+    """
+    zero = loss.detach().new_zeros(())
+    if memory is None:
+        return loss, zero, zero
+    l_r, l_d, _ = minimax_terms(x0_pred, labels, memory)
+    total = loss + lambda_r * l_r + lambda_d * l_d
+    memory.update(x0, x0_pred, labels)
+    return total, l_r, l_d

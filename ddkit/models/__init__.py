@@ -19,7 +19,6 @@ from ddkit.models.backbone import (
     build_backbone,
     check_model_config,
     config_from_diffusers,
-    count_parameters,
     init_dit_weights,
     tie_conditioning,
 )
@@ -43,7 +42,6 @@ __all__ = [
     "check_model_config",
     "checkpoint_path",
     "config_from_diffusers",
-    "count_parameters",
     "init_dit_weights",
     "load_backbone",
     "load_checkpoint",
@@ -94,46 +92,61 @@ def load_backbone(
         WeightsError: nothing loadable at ``path`` (names it); ConfigError: unknown architecture, or a
         diffusers DiT that differs from ``expect`` (lists what the folder holds).
     """
-    import torch
-
     from ddkit.assets import asset_path
-    from ddkit.errors import WeightsError
 
     path = asset_path(str(path))
     ckpt = resolve_checkpoint(path)
     if ckpt is not None:
-        from ddkit.models.dit_original import load_original, original_state
-
-        blob = read_torch_file(ckpt)  # read once: DiT-XL/2 checkpoints are gigabytes
-        orig = original_state(blob)
-        if orig is not None:
-            model, mcfg = load_original(
-                orig, source=str(ckpt), timestep_shift=timestep_shift, difffit_blocks=difffit_blocks
-            )
-            return model.to(device).eval(), mcfg
-        state = as_checkpoint(blob, ckpt)
-        mcfg = model_config_from_dict(state["model_config"], str(ckpt))
+        model, mcfg = _from_checkpoint_file(ckpt, use_ema, difffit_blocks, timestep_shift)
+    else:
+        model, mcfg = _from_diffusers(str(path), expect)
+        if difffit_blocks:
+            mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
         if timestep_shift is not None:
             mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
-        src_blocks = mcfg.difffit_blocks
-        if difffit_blocks is not None and difffit_blocks > src_blocks:
-            mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
-        weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-        if _embedder_copies_equal(weights):
-            model = build_backbone(mcfg, init=False)
-        else:  # fine-tuned from an untied source: tying would keep only one block's copy
-            from ddkit.models.backbone import make_dit
+        model = Backbone(model, mcfg)
+    return model.to(device).eval(), mcfg
 
-            model = Backbone(make_dit(mcfg, init=False), mcfg, tie_embedders=False)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        bad = [k for k in missing if not k.startswith("gammas.")] + list(unexpected)
-        if bad:
-            raise WeightsError(f"{ckpt}: weights do not match model {mcfg.arch} ({bad[0]} ...)")
-        return model.to(device).eval(), mcfg
 
+def _from_checkpoint_file(ckpt: Path, use_ema: bool, difffit_blocks: int | None, timestep_shift: int | None):
+    """(Backbone, ModelConfig) of a ``.pt`` file: an original-DiT checkpoint or a ddkit one (see
+    :func:`load_backbone` for the arguments)."""
+    from ddkit.errors import WeightsError
+    from ddkit.models.dit_original import load_original, original_state
+
+    blob = read_torch_file(ckpt)  # read once: DiT-XL/2 checkpoints are gigabytes
+    orig = original_state(blob)
+    if orig is not None:
+        return load_original(orig, source=str(ckpt), timestep_shift=timestep_shift, difffit_blocks=difffit_blocks)
+    state = as_checkpoint(blob, ckpt)
+    mcfg = model_config_from_dict(state["model_config"], str(ckpt))
+    if timestep_shift is not None:
+        mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
+    src_blocks = mcfg.difffit_blocks
+    if difffit_blocks is not None and difffit_blocks > src_blocks:
+        mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    if _embedder_copies_equal(weights):
+        model = build_backbone(mcfg, init=False)
+    else:  # fine-tuned from an untied source: tying would keep only one block's copy
+        from ddkit.models.backbone import make_dit
+
+        model = Backbone(make_dit(mcfg, init=False), mcfg, tie_embedders=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    bad = [k for k in missing if not k.startswith("gammas.")] + list(unexpected)
+    if bad:
+        raise WeightsError(f"{ckpt}: weights do not match model {mcfg.arch} ({bad[0]} ...)")
+    return model, mcfg
+
+
+def _from_diffusers(src: str, expect):
+    """(diffusers ``DiTTransformer2DModel``, ModelConfig) of a diffusers folder (or pipeline folder with
+    ``transformer/``) or a Hugging Face id in the local cache (see :func:`load_backbone`)."""
+    import torch
     from diffusers import DiTTransformer2DModel
 
-    src = str(path)
+    from ddkit.errors import WeightsError
+
     p = Path(src)
     if p.is_dir():
         if (p / "config.json").is_file():
@@ -167,12 +180,7 @@ def load_backbone(
     mcfg = config_from_diffusers(dict(dit.config), pretrained=src, base=expect)
     if expect is not None:
         check_model_config(mcfg, expect, src)
-    if difffit_blocks:
-        mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
-    if timestep_shift is not None:
-        mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
-    model = Backbone(dit, mcfg)
-    return model.to(device).eval(), mcfg
+    return dit, mcfg
 
 
 def _embedder_copies_equal(weights: dict) -> bool:

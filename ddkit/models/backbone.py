@@ -389,8 +389,3 @@ def check_model_config(loaded: ModelConfig, expected: ModelConfig, source: str) 
 
 def _yaml(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (unique) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -6,11 +6,19 @@ A checkpoint is a dict with keys ``model``, ``ema`` (Backbone state dicts: ``dit
 minimax memories or None), ``log_acc`` (per rank: loss sums not logged yet), ``data_pos``
 (``{"epoch", "batch"}``: the next batch to consume), ``config`` (resolved ExperimentConfig as dict),
 ``model_config`` (ModelConfig dict), ``trainable`` ("all" | "difffit"), ``trainable_names``, ``stage`` and
-``world_size`` (see :mod:`ddkit.train`).
+``world_size`` (see :mod:`ddkit.train`), ``precision`` (the run's
+:class:`ddkit.hardware.PrecisionChoice` as dict) and ``scaler`` (the ``GradScaler`` state). Older
+checkpoints may lack the later keys (``log_acc``, ``precision``, ``scaler``); readers treat them as absent.
+
+Besides the file itself this module holds the training state's two ends: :func:`training_state` (and the
+per-rank :func:`rank_state`) build the dict a stage saves, :func:`resume_state` and :func:`rank_entry` read
+it back, and :func:`seed_rank` / :func:`rng_state` / :func:`set_rng_state` are the one list of RNG streams
+a rank seeds, saves and restores.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +89,227 @@ def read_torch_file(path: str | Path) -> Any:
             f"{p}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a training stage starts from
+# ----------------------------------------------------------------------------------------------------------
+def resume_state(resume: str, ckpt_path: Path, stage: str) -> dict[str, Any] | None:
+    """The checkpoint a training stage resumes from, or None for a fresh start.
+
+    Args:
+        resume: ``"auto"`` (``ckpt_path`` when it exists), ``"never"``, or a path
+            (:func:`resolve_checkpoint`).
+        ckpt_path: the stage's own ``ckpt/last.pt``.
+        stage: ``"pretrain"`` or ``"minimax"``; a path must hold this stage's checkpoint (or an unnamed one).
+
+    Raises:
+        WeightsError: the path holds no checkpoint, an unreadable one, or another stage's.
+    """
+    if resume == "auto":
+        return load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if resume == "never":
+        return None
+    found = resolve_checkpoint(resume)
+    if found is None:
+        raise WeightsError(f"--resume {resume}: checkpoint not found")
+    state = load_checkpoint(found)
+    if state.get("stage") not in (None, stage):
+        raise WeightsError(f"--resume {resume}: a {state.get('stage')} checkpoint, not {stage}")
+    return state
+
+
+def initial_backbone(cfg: Any, stage: str) -> tuple[Any, Any]:
+    """(Backbone on the CPU, ModelConfig) a training stage starts from when it does not resume.
+
+    ``<stage>.init`` when set; else for ``minimax`` ``model.pretrained``, else ``RUN/pretrain``'s
+    checkpoint; for ``pretrain`` ``model.pretrained``, else DiT's random init seeded with ``cfg.seed``.
+    With ``trainable: difffit`` the model gets DiffFit gammas on ``difffit_blocks`` blocks. A loaded source
+    keeps its own ModelConfig except the VAE choice, taken from ``cfg.model`` when the source has none.
+
+    Args:
+        cfg: the ExperimentConfig; stage: ``"pretrain"`` or ``"minimax"``.
+
+    Raises:
+        WeightsError: a minimax stage with no initial weights, or :func:`ddkit.models.load_backbone`'s.
+        ConfigError: the source differs from ``cfg.model`` (:func:`ddkit.models.load_backbone`).
+    """
+    import dataclasses
+
+    from ddkit.models import build_backbone, load_backbone
+
+    tcfg = getattr(cfg, stage)
+    blocks = tcfg.difffit_blocks if tcfg.trainable == "difffit" else 0
+    init = tcfg.init
+    if init is None and stage == "minimax":
+        # model.pretrained first: the weights dit/d3hr sample (generate.checkpoint_for), and a stale
+        # RUN/pretrain of an earlier run without them must not be fine-tuned instead.
+        pre = Path(cfg.run_dir) / "pretrain"
+        if cfg.model.pretrained:
+            init = cfg.model.pretrained
+        elif resolve_checkpoint(pre) is not None:
+            init = str(pre)
+        else:
+            raise WeightsError(
+                f"minimax: no initial weights (no {pre}/ckpt/last.pt; set minimax.init or model.pretrained)"
+            )
+    if init is None and cfg.model.pretrained and stage == "pretrain":
+        init = cfg.model.pretrained
+    if init is None:
+        mcfg = dataclasses.replace(cfg.model, difffit_blocks=blocks)
+        return build_backbone(mcfg, seed=cfg.seed, class_embed_std=tcfg.class_embed_std), mcfg
+    model, mcfg = load_backbone(
+        init, use_ema=True, device="cpu", difffit_blocks=blocks or None,
+        timestep_shift=cfg.model.timestep_shift, expect=cfg.model,
+    )  # fmt: skip
+    # Data-side settings (VAE choice) come from this run's config when the source does not say.
+    mcfg = dataclasses.replace(
+        mcfg,
+        vae=mcfg.vae or cfg.model.vae,
+        vae_decoder=mcfg.vae_decoder or cfg.model.vae_decoder,
+    )
+    model.config = mcfg
+    return model, mcfg
+
+
+def start_backbones(cfg: Any, stage: str, state: dict[str, Any] | None, source: str) -> tuple[Any, Any, Any]:
+    """(model, EMA, ModelConfig) a training stage starts with: a resumed checkpoint ``state``'s (``source``:
+    its path, for messages), else :func:`initial_backbone` and a copy of it as the EMA."""
+    if state is None:
+        model, mcfg = initial_backbone(cfg, stage)
+        return model, clone_backbone(model, mcfg), mcfg
+    from ddkit.models import build_backbone, model_config_from_dict
+
+    mcfg = model_config_from_dict(state["model_config"], source)
+    model = build_backbone(mcfg, init=False)
+    model.load_state_dict(state["model"])
+    ema = build_backbone(mcfg, init=False)
+    ema.load_state_dict(state["ema"])
+    return model, ema, mcfg
+
+
+def clone_backbone(model: Any, mcfg: Any) -> Any:
+    """A second Backbone with the same weights (the EMA; reference ``deepcopy`` + ``update_ema(decay=0)``)."""
+    from ddkit.models import build_backbone
+
+    ema = build_backbone(mcfg, init=False)
+    ema.load_state_dict(model.state_dict())
+    return ema
+
+
+def rank_entry(state: dict[str, Any], key: str, rank: int, world_size: int) -> Any:
+    """This rank's entry of a per-rank list (``rng``, ``memories``, ``log_acc``), or None when the
+    checkpoint was written by another number of ranks (it cannot continue bit-exactly) or lacks ``key``."""
+    entries = state.get(key) or []
+    return entries[rank] if len(entries) == world_size else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing: the per-rank parts and the whole training state
+# ----------------------------------------------------------------------------------------------------------
+def rank_state(generator, device, memory, acc, acc_n: int) -> dict[str, Any]:
+    """What differs between ranks: RNG states (:func:`rng_state`), the minimax memories
+    (:class:`ddkit.methods.minimax.MinimaxMemory` or None) and the loss sums not logged yet (``acc``
+    float64 [6] on any device, over ``acc_n`` steps)."""
+    return {
+        "rng": rng_state(generator, device),
+        "memories": memory.state_dict() if memory is not None else None,
+        "log_acc": {"sums": acc.cpu(), "n": acc_n},
+    }
+
+
+def training_state(
+    *,
+    model: Any,
+    ema: Any,
+    optimizer: Any,
+    scaler: Any,
+    step: int,
+    data_pos: tuple[int, int],
+    ranks: list[dict[str, Any]],
+    config: Any,
+    model_config: Any,
+    trainable: str,
+    trainable_names: list[str],
+    stage: str,
+    world_size: int,
+    precision: Any,
+) -> dict[str, Any]:
+    """A checkpoint (the module docstring's keys) from the training objects.
+
+    Args:
+        model, ema: Backbones; optimizer: AdamW; scaler: ``torch.amp.GradScaler``; step: optimizer steps done.
+        data_pos: (epoch, batch-in-epoch) of the next batch.
+        ranks: one :func:`rank_state` per rank, in rank order.
+        config, model_config: ``ExperimentConfig`` and ``ModelConfig`` (stored as dicts).
+        trainable, trainable_names, stage, world_size: stored as given.
+        precision: :class:`ddkit.hardware.PrecisionChoice` (stored as dict).
+    """
+    from ddkit.config import to_dict
+
+    return {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rng": [r["rng"] for r in ranks],
+        "data_pos": {"epoch": data_pos[0], "batch": data_pos[1]},
+        "memories": [r["memories"] for r in ranks],
+        "log_acc": [r["log_acc"] for r in ranks],
+        "config": to_dict(config),
+        "model_config": to_dict(model_config),
+        "trainable": trainable,
+        "trainable_names": trainable_names,
+        "stage": stage,
+        "world_size": world_size,
+        "precision": precision.to_dict(),
+        "scaler": scaler.state_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG streams: the one list a rank seeds, saves and restores
+# ----------------------------------------------------------------------------------------------------------
+def seed_rank(seed: int, device) -> Any:
+    """Seed this rank's RNG streams with ``seed`` (the reference's per-rank ``seed * world + rank``):
+    torch's global (CPU and CUDA), numpy's (``seed % 2**32``) and Python's; return a new
+    ``torch.Generator`` on ``device`` seeded alike, which draws t, ε, flips, label dropout and VAE samples."""
+    import numpy as np
+    import torch
+
+    generator = torch.Generator(device).manual_seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return generator
+
+
+def rng_state(generator, device) -> dict[str, Any]:
+    """The RNG states :func:`set_rng_state` restores: ``generator`` (the rank's device generator),
+    ``torch`` (CPU global), ``numpy``, ``python``, and ``cuda`` (this device's) when ``device`` is CUDA."""
+    import numpy as np
+    import torch
+
+    s = {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(generator, s: dict[str, Any], device) -> None:
+    """Restore :func:`rng_state`'s ``s`` into ``generator`` and the global streams (``cuda`` only when
+    both the state and ``device`` have it)."""
+    import numpy as np
+    import torch
+
+    generator.set_state(s["generator"])
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
