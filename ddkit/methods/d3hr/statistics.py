@@ -1,5 +1,14 @@
 """D^3HR step 2: per-class diagonal Gaussians of DDIM-inverted training latents, cached on disk under a
-sha256 of everything they depend on (see :mod:`ddkit.methods.d3hr`)."""
+sha256 of everything they depend on (see :mod:`ddkit.methods.d3hr`).
+
+The cache file of :func:`class_statistics` is ``cache_dir/d3hr-stats-<key[:16]>.pt``, key = sha256 of
+:func:`statistics_inputs` (model weights digest, VAE digest, training-shard sha256s from ``read_index``,
+schedule, inversion settings, class mapping — not the group-sampling settings or ``timestep``, which only
+select among the stored timesteps). Per-class partial results go to ``cache_dir/d3hr-stats-<key[:16]>.parts/``
+so an interrupted run resumes (removed once a single process has written the full file). With
+``world_size > 1`` rank r fits classes k ≡ r (mod world_size), waits at ``ddkit.dist.barrier`` and then fills
+in anything still missing itself, so the result never depends on the other ranks having finished.
+"""
 
 from __future__ import annotations
 
@@ -186,13 +195,7 @@ def class_statistics(
     the first ones in the loader's deterministic order) with :func:`ddim_invert` under its class label and
     fits mean/unbiased variance per class and stored timestep.
 
-    The cache file is ``cache_dir/d3hr-stats-<key[:16]>.pt``, key = sha256 of :func:`statistics_inputs`
-    (model weights digest, VAE digest, training-shard sha256s from ``read_index``, schedule, inversion
-    settings, class mapping — not the group-sampling settings or ``timestep``, which only select among the
-    stored timesteps). Per-class partial results go to ``cache_dir/d3hr-stats-<key[:16]>.parts/`` so an
-    interrupted run resumes (removed once a single process has written the full file). With
-    ``world_size > 1`` rank r fits classes k ≡ r (mod world_size), waits at ``ddkit.dist.barrier`` and then
-    fills in anything still missing itself, so the result never depends on the other ranks having finished.
+    Cache, resume and ranks: see the module docstring.
 
     Args:
         model: Backbone (put in eval mode here).
@@ -221,11 +224,7 @@ def class_statistics(
     store = stored_timesteps(d, cfg.model.num_train_timesteps)
     index = read_index(cfg.data.shards)
     model = model.to(device).eval()
-    vae = None
-    if cfg.model.vae is not None:
-        from ddkit.models.vae import load_vae
-
-        vae = load_vae(cfg.model.vae, device=device).eval()
+    vae = _load_vae(cfg, device)
     inputs = statistics_inputs(model, cfg, index, vae)
     key = statistics_key(inputs)
     cache_dir = Path(cache_dir)
@@ -244,9 +243,7 @@ def class_statistics(
         "key": key,
         "inputs": inputs,
         "timesteps": store,
-        "mean": torch.stack([f["mean"] for f in fits], 1).contiguous(),  # [S, K, C, H, W]
-        "var": torch.stack([f["var"] for f in fits], 1).contiguous(),
-        "counts": torch.tensor([f["n"] for f in fits], dtype=torch.int64),
+        **fits,  # mean, var, counts
         "classes": list(index["classes"]),
         "seconds": time.perf_counter() - t0,
     }
@@ -257,12 +254,21 @@ def class_statistics(
     return _stats_from_blob(blob, d.timestep, path, computed=True)
 
 
+def _load_vae(cfg: ExperimentConfig, device):
+    """The latent model's VAE in eval mode on ``device``, or None for a pixel model."""
+    if cfg.model.vae is None:
+        return None
+    from ddkit.models.vae import load_vae
+
+    return load_vae(cfg.model.vae, device=device).eval()
+
+
 def _fit_classes(
     model, vae, cfg: ExperimentConfig, index, store, parts: Path, *, device, rank, world_size, progress
-) -> list[dict[str, Any]]:
+) -> dict[str, torch.Tensor]:
     """:func:`_class_fit` of every class, each saved to ``parts/class-KKKKK.pt`` (an existing part is kept:
     the resume): this rank's share k ≡ rank (mod world_size) first, then whatever another rank did not
-    finish. Returns the fits in class order (``n``, float32 ``mean``/``var`` [S, C, H, W])."""
+    finish. Returns float32 ``mean``/``var`` [S, K, C, H, W] and int64 ``counts`` [K]."""
     import torch
 
     from ddkit import dist
@@ -303,7 +309,12 @@ def _fit_classes(
         dist.barrier()
     for k in range(len(classes)):
         fit(k)
-    return [torch.load(parts / f"class-{k:05d}.pt", map_location="cpu") for k in range(len(classes))]
+    fits = [torch.load(parts / f"class-{k:05d}.pt", map_location="cpu") for k in range(len(classes))]
+    return {
+        "mean": torch.stack([f["mean"] for f in fits], 1).contiguous(),
+        "var": torch.stack([f["var"] for f in fits], 1).contiguous(),
+        "counts": torch.tensor([f["n"] for f in fits], dtype=torch.int64),
+    }
 
 
 def _stats_from_blob(blob: dict[str, Any], timestep: int, path: Path, computed: bool) -> D3HRStats:
