@@ -378,15 +378,16 @@ class _Chain:
     """The model timesteps of a running chain and the scheduler stepping them (:func:`make_scheduler`);
     :meth:`respace` finishes it in fewer steps."""
 
-    def __init__(self, model, sampler: Sampler, num_train_timesteps: int, timesteps: list[int], device) -> None:
-        self.sampler, self.T, self.learn_sigma, self.device = sampler, num_train_timesteps, model.learn_sigma, device
+    def __init__(self, model, sampler: Sampler, num_train_timesteps: int, timesteps: list[int], device):
+        self.sampler, self.T = sampler, num_train_timesteps
+        self.options = dict(
+            num_train_timesteps=num_train_timesteps, learn_sigma=model.learn_sigma, device=device
+        )
         self.set(timesteps)
 
     def set(self, timesteps: list[int]) -> None:
         self.timesteps = timesteps
-        self.sched, self.sched_ts = make_scheduler(
-            self.sampler, timesteps, num_train_timesteps=self.T, learn_sigma=self.learn_sigma, device=self.device
-        )
+        self.sched, self.sched_ts = make_scheduler(self.sampler, timesteps, **self.options)
 
     def respace(self, i: int, k: int) -> None:
         """Finish in ``k`` steps after step ``i``: x is now at noise level ``timesteps[i + 1]``; the rest of the

@@ -33,7 +33,10 @@ def decode_settings(gcfg, num_train_timesteps: int = 1000):
 
     n = len(decode_grid(gcfg.d3hr, num_train_timesteps))
     return dataclasses.replace(
-        gcfg, steps_min=min(gcfg.steps_min, n), steps_max=min(gcfg.steps_max, n), guided_channels=GUIDED_CHANNELS
+        gcfg,
+        steps_min=min(gcfg.steps_min, n),
+        steps_max=min(gcfg.steps_max, n),
+        guided_channels=GUIDED_CHANNELS,
     )
 
 

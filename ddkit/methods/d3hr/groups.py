@@ -229,7 +229,9 @@ def select_latents(
     return out, (time.perf_counter() - t0) / max(1, len(classes))
 
 
-def group_search_seconds(dim: int, ipc: int, cfg: D3HRConfig, *, num_groups: int | None = None, device=None) -> float:
+def group_search_seconds(
+    dim: int, ipc: int, cfg: D3HRConfig, *, num_groups: int | None = None, device=None
+) -> float:
     """Estimated seconds per class to score ``num_groups`` (default ``cfg.num_groups``) candidate groups of
     ``ipc`` latents with ``dim`` features: one chunk of :func:`select_group` is timed (after a warm-up)
     and scaled by the number of chunks. Use it to price m = :data:`REFERENCE_NUM_GROUPS` before a run."""

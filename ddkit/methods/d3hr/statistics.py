@@ -237,7 +237,7 @@ def class_statistics(
     t0 = time.perf_counter()
     parts = cache_dir / f"d3hr-stats-{key[:16]}.parts"
     fits = _fit_classes(
-        model, vae, cfg, index, store, parts, device=device, rank=rank, world_size=world_size, progress=progress
+        model, vae, cfg, index, parts, device=device, rank=rank, world_size=world_size, progress=progress
     )
     blob = {
         "key": key,
@@ -264,7 +264,7 @@ def _load_vae(cfg: ExperimentConfig, device):
 
 
 def _fit_classes(
-    model, vae, cfg: ExperimentConfig, index, store, parts: Path, *, device, rank, world_size, progress
+    model, vae, cfg: ExperimentConfig, index, parts: Path, *, device, rank, world_size, progress
 ) -> dict[str, torch.Tensor]:
     """:func:`_class_fit` of every class, each saved to ``parts/class-KKKKK.pt`` (an existing part is kept:
     the resume): this rank's share k ≡ rank (mod world_size) first, then whatever another rank did not
@@ -277,6 +277,7 @@ def _fit_classes(
     from ddkit.progress import bar
 
     d = cfg.generate.d3hr
+    store = stored_timesteps(d, cfg.model.num_train_timesteps)
     images, labels = load_tensors(cfg.data.shards, "train")
     classes = list(index["classes"])
     ylab = backbone_labels(index, model, cfg.model.class_map)
