@@ -23,6 +23,7 @@ being ``num_classes`` (the extra row of DiT's label table — never class 0), an
 ε = ε_u + s·(ε_c − ε_u) on the first ``guided_channels`` channels (None: all; 3: the original DiT, which
 guides channels 0..2 of the 4 latent channels and leaves channel 3 conditional). The learned variance is
 taken from the conditional half, as the DiT reference keeps the first half of its doubled batch.
+:func:`guided_forward` is ddkit's one CFG: the samplers here and D^3HR's inversion and decoding call it.
 
 Speed: one CFG forward of 2B per step, the scheduler stepped on B only, and the conditioning embedding
 computed once per forward instead of once per block (:class:`cached_conditioning`). A ``step_callback``
@@ -159,6 +160,49 @@ def guided_output(
     return torch.cat([guided, eps_c[:, g:], rest], dim=1)
 
 
+def guided_forward(
+    model,
+    x: torch.Tensor,
+    t: int,
+    labels: torch.Tensor,
+    *,
+    cfg_scale: float,
+    guided_channels: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One backbone evaluation under classifier-free guidance, the only CFG in ddkit (sampling, D^3HR's
+    inversion and decoding): ``[x; x]`` with labels ``[y; null]`` in ONE forward, combined by
+    :func:`guided_output`.
+
+    Args:
+        model: a ``ddkit.models.Backbone`` (``model(x, t, y)``; attribute ``num_classes``, the null class).
+        x: float [B, C, H, W] noisy input at timestep ``t``.
+        t: integer timestep, the same for the whole batch.
+        labels: int64 [B] backbone class indices.
+        cfg_scale: guidance scale s; exactly 1.0 runs one conditional forward of B instead (``sample`` maps
+            s <= 1 to 1.0; D^3HR's inversion guides with any s != 1, as the reference).
+        guided_channels: first channels guided (None: all C; 3: the original DiT), see :func:`guided_output`.
+        autocast_dtype: run the backbone under ``torch.autocast`` with this dtype (None: as it is).
+
+    Returns:
+        float32 [B, C or 2C, H, W]: guided ε, then the conditional half's learned variance v when present.
+    """
+    use_cfg = cfg_scale != 1.0
+    x_in = torch.cat([x, x]) if use_cfg else x
+    # Null class = num_classes: the extra CFG row of DiT's label table (LabelEmbedding), never class 0.
+    y_in = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if use_cfg else labels
+    tt = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)
+    if autocast_dtype is not None:
+        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+            out = model(x_in, tt, y_in)
+    else:
+        out = model(x_in, tt, y_in)
+    out = out.float()
+    if not use_cfg:
+        return out
+    return guided_output(out, in_channels=x.shape[1], cfg_scale=cfg_scale, guided_channels=guided_channels)
+
+
 class _MemoConditioning(torch.nn.Module):
     """Computes the timestep + class embedding once per forward instead of once per block.
 
@@ -240,6 +284,7 @@ def sample(
     timesteps: Sequence[int] | None = None,
     autocast_dtype: torch.dtype | None = None,
     step_callback: Callable[[int, int], bool | int | None] | None = None,
+    final_step: bool = True,
 ) -> torch.Tensor:
     """Sample a batch of class-conditional images (or latents) with a DiT backbone.
 
@@ -265,6 +310,8 @@ def sample(
         step_callback: called as ``step_callback(i, n)`` after step i (0-based) of n; returns None/True to
             go on, False to abort, or an int k (< n - i - 1) to finish the chain in k more steps, respaced
             from the current timestep (the budget's mid-batch step reduction).
+        final_step: False stops one step early, at the noise level of the last timestep (x at ᾱ of
+            ``timesteps[-1]``, e.g. ᾱ_0 = 0.9999, where D^3HR's inversion starts) instead of x_0 at ᾱ = 1.
 
     Returns:
         float32 [B, C, H, W]: x_0 in the backbone's space (pixels in [-1, 1], or scaled SD-VAE latents).
@@ -274,116 +321,102 @@ def sample(
         SamplingAborted: ``step_callback`` returned False.
     """
     device = next(iter(model.parameters())).device if hasattr(model, "parameters") else labels.device
+    labels, generators = _checked_labels(model, labels, generators, device)
+    x = _start_latents(model, latents, generators, device)
+    if timesteps is None:
+        timesteps = timestep_spacing(
+            sampler, steps, num_train_timesteps=num_train_timesteps, start_timestep=start_timestep
+        )
+    chain = _Chain(model, sampler, num_train_timesteps, [int(t) for t in timesteps], device)
+    with cached_conditioning(model):
+        return _loop(
+            model,
+            x,
+            labels,
+            chain,
+            cfg_scale=cfg_scale if cfg_scale > 1.0 else 1.0,
+            guided_channels=guided_channels,
+            generators=list(generators),
+            autocast_dtype=autocast_dtype,
+            step_callback=step_callback,
+            final_step=final_step,
+        )
+
+
+def _checked_labels(model, labels: torch.Tensor, generators, device) -> tuple[torch.Tensor, list]:
+    """``labels`` as int64 on ``device`` and one generator per image (default: seeded 0..B-1).
+
+    Raises:
+        ValueError: a label outside [0, num_classes), or not one generator per image.
+    """
     labels = labels.to(device=device, dtype=torch.long)
-    B = labels.shape[0]
-    C, S, K = model.in_channels, model.input_size, model.num_classes
+    B, K = labels.shape[0], model.num_classes
     if B and (labels.min() < 0 or labels.max() >= K):
         raise ValueError(f"labels: must be in [0, {K}), got range [{int(labels.min())}, {int(labels.max())}]")
     if generators is None:
         generators = [torch.Generator(device=device).manual_seed(i) for i in range(B)]
     if len(generators) != B:
         raise ValueError(f"generators: need one per image ({B}), got {len(generators)}")
-    if timesteps is None:
-        timesteps = timestep_spacing(
-            sampler, steps, num_train_timesteps=num_train_timesteps, start_timestep=start_timestep
-        )
-    sched, sched_ts = make_scheduler(
-        sampler,
-        timesteps,
-        num_train_timesteps=num_train_timesteps,
-        learn_sigma=model.learn_sigma,
-        device=device,
-    )
+    return labels, generators
+
+
+def _start_latents(model, latents: torch.Tensor | None, generators, device) -> torch.Tensor:
+    """x at the first timestep: a float32 copy of ``latents``, or N(0, I) per image from ``generators``.
+
+    Raises:
+        ValueError: ``latents`` not of shape [B, C, S, S] (the backbone's channels and side).
+    """
+    B, C, S = len(generators), model.in_channels, model.input_size
     if latents is None:
-        x = initial_noise(generators, (C, S, S), device)
-    else:
-        if tuple(latents.shape) != (B, C, S, S):
-            raise ValueError(f"latents: expected shape {(B, C, S, S)}, got {tuple(latents.shape)}")
-        x = latents.to(device=device, dtype=torch.float32).clone()
-    use_cfg = cfg_scale > 1.0
-    # Null class = num_classes: the extra CFG row of DiT's label table (LabelEmbedding), never class 0.
-    y_in = torch.cat([labels, torch.full_like(labels, K)]) if use_cfg else labels
-    gen_list = list(generators)
-    timesteps = [int(t) for t in timesteps]
-    with cached_conditioning(model):
-        return _loop(
-            model,
-            x,
-            y_in,
-            timesteps,
-            sched,
-            sched_ts,
-            sampler=sampler,
-            use_cfg=use_cfg,
-            cfg_scale=cfg_scale,
-            guided_channels=guided_channels,
-            gen_list=gen_list,
-            autocast_dtype=autocast_dtype,
-            step_callback=step_callback,
-            num_train_timesteps=num_train_timesteps,
-            device=device,
+        return initial_noise(generators, (C, S, S), device)
+    if tuple(latents.shape) != (B, C, S, S):
+        raise ValueError(f"latents: expected shape {(B, C, S, S)}, got {tuple(latents.shape)}")
+    return latents.to(device=device, dtype=torch.float32).clone()
+
+
+class _Chain:
+    """The model timesteps of a running chain and the scheduler stepping them (:func:`make_scheduler`);
+    :meth:`respace` finishes it in fewer steps."""
+
+    def __init__(self, model, sampler: Sampler, num_train_timesteps: int, timesteps: list[int], device):
+        self.sampler, self.T = sampler, num_train_timesteps
+        self.options = dict(
+            num_train_timesteps=num_train_timesteps, learn_sigma=model.learn_sigma, device=device
         )
+        self.set(timesteps)
+
+    def set(self, timesteps: list[int]) -> None:
+        self.timesteps = timesteps
+        self.sched, self.sched_ts = make_scheduler(self.sampler, timesteps, **self.options)
+
+    def respace(self, i: int, k: int) -> None:
+        """Finish in ``k`` steps after step ``i``: x is now at noise level ``timesteps[i + 1]``; the rest of the
+        chain is respaced from there (the D^3HR-style restart at an arbitrary timestep)."""
+        tail = timestep_spacing("ddpm", k, num_train_timesteps=self.T, start_timestep=self.timesteps[i + 1])
+        self.set(self.timesteps[: i + 1] + tail)
 
 
-def _loop(
-    model,
-    x,
-    y_in,
-    timesteps,
-    sched,
-    sched_ts,
-    *,
-    sampler,
-    use_cfg,
-    cfg_scale,
-    guided_channels,
-    gen_list,
-    autocast_dtype,
-    step_callback,
-    num_train_timesteps,
-    device,
-):
+def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, generators, autocast_dtype,
+          step_callback, final_step):  # fmt: skip
     """The denoising loop of :func:`sample` (see there)."""
     C = model.in_channels
     i = 0
-    while i < len(timesteps):
-        t_model, t_sched = timesteps[i], sched_ts[i]
-        x_in = torch.cat([x, x]) if use_cfg else x
-        t = torch.full((x_in.shape[0],), t_model, device=device, dtype=torch.long)
-        if autocast_dtype is not None:
-            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
-                out = model(x_in, t, y_in)
-        else:
-            out = model(x_in, t, y_in)
-        out = out.float()
-        if use_cfg:
-            out = guided_output(out, in_channels=C, cfg_scale=cfg_scale, guided_channels=guided_channels)
-        if sampler == "ddim":
+    while i < len(chain.timesteps) - (0 if final_step else 1):
+        out = guided_forward(
+            model, x, chain.timesteps[i], labels,
+            cfg_scale=cfg_scale, guided_channels=guided_channels, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+        if chain.sampler == "ddim":
             # DDIM uses ε only; the learned variance is meaningless at η = 0.
-            x = sched.step(out[:, :C], t_sched, x, eta=0.0).prev_sample
+            x = chain.sched.step(out[:, :C], chain.sched_ts[i], x, eta=0.0).prev_sample
         else:
-            x = sched.step(out, t_sched, x, generator=gen_list).prev_sample
-        verdict = step_callback(i, len(timesteps)) if step_callback is not None else None
+            x = chain.sched.step(out, chain.sched_ts[i], x, generator=generators).prev_sample
+        n = len(chain.timesteps)
+        verdict = step_callback(i, n) if step_callback is not None else None
         if verdict is False:
-            raise SamplingAborted(f"aborted after step {i + 1} of {len(timesteps)}")
-        rest = len(timesteps) - i - 1
-        if type(verdict) is int and 1 <= verdict < rest:
-            # Finish in fewer steps: x is now at noise level timesteps[i + 1]; respace the rest of the chain
-            # from there (the D^3HR-style restart at an arbitrary timestep) and rebuild the scheduler.
-            tail = timestep_spacing(
-                sampler if sampler == "ddpm" else "ddpm",
-                verdict,
-                num_train_timesteps=num_train_timesteps,
-                start_timestep=timesteps[i + 1],
-            )
-            timesteps = timesteps[: i + 1] + tail
-            sched, sched_ts = make_scheduler(
-                sampler,
-                timesteps,
-                num_train_timesteps=num_train_timesteps,
-                learn_sigma=model.learn_sigma,
-                device=device,
-            )
+            raise SamplingAborted(f"aborted after step {i + 1} of {n}")
+        if type(verdict) is int and 1 <= verdict < n - i - 1:
+            chain.respace(i, verdict)
         i += 1
     return x
 

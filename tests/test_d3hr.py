@@ -175,8 +175,8 @@ def test_initial_latents_best_of_m_and_deterministic(monkeypatch):
     stats = _toy_stats()
     cfg = D3HRConfig(num_groups=1000, chunk=300)
     scored = []
-    real, fast = d3hr.group_scores, d3hr._standard_scores
-    monkeypatch.setattr(d3hr, "_standard_scores", lambda z, *a: scored.append(z.shape[0]) or fast(z, *a))
+    real, fast = d3hr.group_scores, d3hr.groups._standard_scores
+    monkeypatch.setattr(d3hr.groups, "_standard_scores", lambda z, *a: scored.append(z.shape[0]) or fast(z, *a))
     lat, score = d3hr.initial_latents(stats, 1, 5, seed=7, cfg=cfg, return_score=True)
     assert sum(scored) == 1000  # m is a real count of groups (chunks 300+300+300+100)
     assert lat.shape == (5, 1, 8, 8) and lat.dtype == torch.float32
@@ -238,7 +238,7 @@ def test_class_statistics_fit_and_cache(model, mnist_shards, tmp_path, monkeypat
     torch.testing.assert_close(stats.var[3], lat.var(0), rtol=1e-3, atol=1e-5)
 
     # Second call: read from disk, no inversion at all; another stored timestep reuses the same file.
-    monkeypatch.setattr(d3hr, "ddim_invert", lambda *a, **k: pytest.fail("statistics recomputed"))
+    monkeypatch.setattr(d3hr.statistics, "ddim_invert", lambda *a, **k: pytest.fail("statistics recomputed"))
     again = d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path)
     assert not again.computed and again.key == stats.key
     torch.testing.assert_close(again.mean, stats.mean, rtol=0, atol=0)
@@ -278,7 +278,7 @@ def test_standardised_scores_equal_group_scores(ipc, kind):
     z = torch.randn(64, ipc, 50)
     cfg = D3HRConfig(skewness=kind)
     explicit = d3hr.group_scores(mu + sigma * z, mu, sigma, cfg)
-    torch.testing.assert_close(d3hr._standard_scores(z, sigma, cfg), explicit, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(d3hr.groups._standard_scores(z, sigma, cfg), explicit, rtol=1e-4, atol=1e-4)
 
 
 def test_class_statistics_resume_after_interrupt(model, mnist_shards, tmp_path, monkeypatch):
@@ -289,7 +289,7 @@ def test_class_statistics_resume_after_interrupt(model, mnist_shards, tmp_path, 
         model=ModelConfig(in_channels=1, input_size=32, num_classes=10),
         generate=GenerateConfig(method="d3hr", d3hr=d),
     )
-    fitted, real = [], d3hr._class_fit
+    fitted, real = [], d3hr.statistics._class_fit
 
     def flaky(model, vae, images, y, *a):
         if len(fitted) == 4:
@@ -297,11 +297,11 @@ def test_class_statistics_resume_after_interrupt(model, mnist_shards, tmp_path, 
         fitted.append(y)
         return real(model, vae, images, y, *a)
 
-    monkeypatch.setattr(d3hr, "_class_fit", flaky)
+    monkeypatch.setattr(d3hr.statistics, "_class_fit", flaky)
     with pytest.raises(KeyboardInterrupt):
         d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path)
     assert fitted == [0, 1, 2, 3] and len(list(tmp_path.glob("*.parts/class-*.pt"))) == 4
-    monkeypatch.setattr(d3hr, "_class_fit", lambda *a: fitted.append(a[3]) or real(*a))
+    monkeypatch.setattr(d3hr.statistics, "_class_fit", lambda *a: fitted.append(a[3]) or real(*a))
     stats = d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path)
     assert fitted == list(range(10)) and stats.computed and torch.isfinite(stats.var).all()
     assert not list(tmp_path.glob("*.parts"))  # parts removed once the full file exists

@@ -84,7 +84,7 @@ def test_inversion_input_resize_is_reference_transform():
     class Pixels:  # a pixel-space backbone's attributes (no VAE)
         input_size, in_channels = 32, 3
 
-    got = d3hr._prepare(x, Pixels(), None, None, "cpu")
+    got = d3hr.statistics._prepare(x, Pixels(), None, None, "cpu")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
     bicubic = torch.nn.functional.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bicubic")
     assert (bicubic - ref).abs().max() > 0.05  # the old path was a different resize

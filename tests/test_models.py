@@ -53,7 +53,17 @@ def test_tiny_backbone_shapes_and_null_class():
     assert m(x, t, null).shape == (4, 1, 32, 32)
     sig = build_backbone(dataclasses.replace(TINY, learn_sigma=True), seed=0)
     assert sig(x, t, y).shape == (4, 2, 32, 32)
-    assert sig.forward_with_cfg(x, t, y, 4.0).shape == (4, 2, 32, 32)
+    # Sampling's CFG on a learn_sigma backbone: one batched forward; ε guided, v from the conditional half.
+    from ddkit.sampling import guided_forward
+
+    _randomize(sig)
+    with torch.no_grad():
+        out = guided_forward(sig, x, 500, y, cfg_scale=4.0)
+        cond, uncond = sig(x, torch.full_like(t, 500), y), sig(x, torch.full_like(t, 500), null)
+    assert out.shape == (4, 2, 32, 32)
+    torch.testing.assert_close(out[:, :1], uncond[:, :1] + 4.0 * (cond[:, :1] - uncond[:, :1]))
+    torch.testing.assert_close(out[:, 1:], cond[:, 1:])
+    assert not torch.allclose(out[:, :1], cond[:, :1])  # guidance moved ε
 
 
 def test_conditioning_tied_and_no_internal_label_dropout():

@@ -184,19 +184,6 @@ class Backbone(nn.Module):
         """
         return self.dit(hidden_states=x, timestep=t, class_labels=y).sample
 
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
-    ) -> torch.Tensor:
-        """Classifier-free guidance on all output channels (Ho & Salimans 2022): one batched forward of the
-        conditional and unconditional inputs, ε = ε_u + s·(ε_c − ε_u); v (if any) is taken from the
-        conditional half. Shapes as :meth:`forward`."""
-        null = torch.full_like(y, self.num_classes)
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
-        c = self.in_channels
-        eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([eps, cond[:, c:]], dim=1)
-
     def trainable_parameters(self, mode: str) -> list[tuple[str, nn.Parameter]]:
         """Mark parameters trainable for ``mode`` ("all" or "difffit") and return the trainable ones.
 
