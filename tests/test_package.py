@@ -357,7 +357,8 @@ def test_webdataset_round_trip(small_run, tmp_path):
 def test_generator_bundle(cifar_run, tmp_path):
     ckpt = cifar_run / "minimax" / "ckpt" / "last.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {"w": torch.ones(3)}, "step": 7}, ckpt)
+    torch.save({"model": {"w": torch.zeros(3)}, "ema": {"w": torch.ones(3)}, "optimizer": {"m": torch.ones(99)},
+                "model_config": {}, "step": 7}, ckpt)
     with pytest.raises(PackageError, match="shard index .* not found"):
         package_run(cifar_run, fmt="eccv2024-generator", out=tmp_path / "gen")
     shards = tmp_path / "shards"
@@ -372,7 +373,14 @@ def test_generator_bundle(cifar_run, tmp_path):
         out = package_run(cifar_run, fmt="eccv2024-generator", out=tmp_path / "gen")
     finally:
         cfg_file.write_text(original)  # the module-scoped run is shared with other tests
-    assert torch.load(out / "weights" / "cifar100" / "last.pt")["step"] == 7
+    packed = torch.load(out / "weights" / "cifar100" / "last.pt")
+    # only what sampling reads: the EMA weights (as load_backbone's "model") and the model config
+    assert packed["step"] == 7 and packed["weights"] == "ema" and torch.equal(packed["model"]["w"], torch.ones(3))
+    assert "optimizer" not in packed and "ema" not in packed
+    assert (out / "weights" / "cifar100" / "scheduler" / "scheduler_config.json").is_file()
+    report = check_submission(out)  # `ddkit package --check BUNDLE`
+    assert report.kind == "eccv2024-generator" and report.first_failure().startswith("ddkit.sif: missing"), report.lines()
+    assert [v.name for v in report.verdicts if v.ok] == ["sha256", "generate", "configs/cifar100.yaml"]
     cfg = yaml.safe_load((out / "configs" / "cifar100.yaml").read_text())
     assert cfg["generate"]["checkpoint"] == "weights/cifar100/last.pt" and cfg["data"]["shards"] == "data/cifar100"
     assert json.loads((out / "data" / "cifar100" / "dataset.json").read_text())["classes"][0] == "apple"

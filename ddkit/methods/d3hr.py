@@ -550,6 +550,10 @@ def class_statistics(
         WeightsError: the VAE cannot be loaded (from ``ddkit.models.vae.load_vae``), or inversion gives
             non-finite latents.
     """
+    if cfg.generate.d3hr.statistics:  # precomputed (the generator bundle ships them): no inversion
+        from ddkit.methods.d3hr_precomputed import load_statistics
+
+        return load_statistics(model, cfg)
     import torch
 
     from ddkit import dist
