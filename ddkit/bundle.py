@@ -289,8 +289,9 @@ def check_bundle(path: str | Path, man: dict[str, Any], *, require_image: bool =
     """Validate a generator bundle (``ddkit package --check BUNDLE``): a :class:`ddkit.package.CheckReport`.
 
     Verdicts: ``sha256`` (every file the manifest lists is present and unchanged, and nothing else is
-    there), ``generate`` (the entry point exists, is executable and parses with ``sh -n``), ``ddkit.sif``
-    (the image; only with ``require_image``: ``package`` writes a bundle before the image is built), and
+    there but an image built later), ``generate`` (the entry point exists, is executable and parses with
+    ``sh -n``), ``ddkit.sif`` (the image; only with ``require_image``: ``package`` writes a bundle before
+    the image is built), and
     per dataset ``configs/<dataset>.yaml``: the config loads, ``generate.checkpoint`` is set, every path in
     :data:`BUNDLE_PATHS` it names lies inside the bundle and exists (no Hugging Face id, no absolute
     path), the shard index ``dataset.json`` is there, and a D^3HR config names its statistics file.
@@ -304,8 +305,9 @@ def check_bundle(path: str | Path, man: dict[str, Any], *, require_image: bool =
     bad = next((f"{r} listed in manifest.json is missing" for r in files if not (path / r).is_file()), None)
     bad = bad or next((f"{r} differs from manifest.json" for r, h in files.items() if sha256_file(path / r) != h),
                       None)
+    # ddkit.sif may be built into the bundle after packaging (manifest "image": null)
     extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()
-                   and str(p.relative_to(path)) not in files and p.name != MANIFEST)
+                   and str(p.relative_to(path)) not in files and str(p.relative_to(path)) not in (MANIFEST, "ddkit.sif"))
     bad = bad or (f"{extra[0]} is not listed in manifest.json" if extra else None)
     report.verdicts.append(Verdict("sha256", bool(files) and bad is None, bad or f"{len(files)} files match"))
     entry = path / "generate"
@@ -349,7 +351,8 @@ def _check_dataset(bundle: Path, name: str, entry: dict[str, Any]):
         if not target.exists():
             hint = " (a Hugging Face id: not self-contained)" if _HF_ID.match(v) else ""
             return Verdict(where, False, f"{key}={v} not found in the bundle{hint}")
-    if not (root / values["data.shards"] / "dataset.json").is_file() if values["data.shards"] else True:
+    shards = values["data.shards"]
+    if not shards or not (root / shards / "dataset.json").is_file():
         return Verdict(where, False, "data.shards: no shard index (dataset.json) in the bundle")
     if cfg.generate.method == "d3hr" and not values["generate.d3hr.statistics"]:
         return Verdict(where, False, "D^3HR without generate.d3hr.statistics: the bundle has no images to invert")

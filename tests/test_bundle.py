@@ -96,8 +96,9 @@ def hf_cache_with_tiny_pipeline(root: Path) -> Path:
 
 
 def cifar100_pickles(raw: Path) -> Path:
-    from ddkit.package import CIFAR100_CLASSES
     from test_package import class_major_labels, make_images
+
+    from ddkit.package import CIFAR100_CLASSES
 
     raw.mkdir()
     for split, ipc in (("train", 2), ("test", 1)):
@@ -120,11 +121,18 @@ def _cli(*args: str) -> str:
     return r.output
 
 
+def bwrap_works() -> bool:
+    """bubblewrap installed and allowed to make its namespaces here (not in every container)."""
+    if shutil.which("bwrap") is None:
+        return False
+    return subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "true"], capture_output=True).returncode == 0
+
+
 def run_bundle(bundle: Path, out: Path, home: Path, bindir: Path) -> subprocess.CompletedProcess:
     """Run ``bundle`` as the challenge does, in a clean environment (see the module docstring)."""
     home.mkdir(exist_ok=True)
     clean = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    if shutil.which("apptainer") is None and shutil.which("bwrap") is not None:
+    if shutil.which("apptainer") is None and bwrap_works():
         cmd = [str(bundle / "generate"), "--dataset", "cifar100", "--out", str(out), "--time-limit", "300"]
     else:  # no stand-in possible: the command the image would run, without the image
         clean["PYTHONPATH"] = str(ROOT)

@@ -381,6 +381,18 @@ def test_generator_bundle(cifar_run, tmp_path):
     report = check_submission(out)  # `ddkit package --check BUNDLE`
     assert report.kind == "eccv2024-generator" and report.first_failure().startswith("ddkit.sif: missing"), report.lines()
     assert [v.name for v in report.verdicts if v.ok] == ["sha256", "generate", "configs/cifar100.yaml"]
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    bcfg = yaml.safe_load((broken / "configs" / "cifar100.yaml").read_text())
+    bcfg["model"]["vae_decoder"] = "stabilityai/sd-vae-ft-mse"  # an HF id left in: not self-contained
+    (broken / "configs" / "cifar100.yaml").write_text(yaml.safe_dump(bcfg))
+    (broken / "generate").chmod(0o644)
+    verdicts = {v.name: v for v in check_submission(broken).verdicts}
+    assert not verdicts["sha256"].ok and "configs/cifar100.yaml differs" in verdicts["sha256"].message
+    assert not verdicts["generate"].ok and "not executable" in verdicts["generate"].message
+    msg = verdicts["configs/cifar100.yaml"].message
+    assert not verdicts["configs/cifar100.yaml"].ok and "model.vae_decoder=stabilityai/sd-vae-ft-mse" in msg
+    assert "Hugging Face id" in msg
     cfg = yaml.safe_load((out / "configs" / "cifar100.yaml").read_text())
     assert cfg["generate"]["checkpoint"] == "weights/cifar100/last.pt" and cfg["data"]["shards"] == "data/cifar100"
     assert json.loads((out / "data" / "cifar100" / "dataset.json").read_text())["classes"][0] == "apple"
