@@ -23,8 +23,9 @@ files (offline, from the local HF cache) and copies only what sampling reads, pe
   bundle holds no training images to invert.
 
 The bundle's config names them relative to the bundle (``generate.checkpoint``, ``model.vae_decoder``,
-``generate.d3hr.statistics``); ``model.pretrained`` and the encoder ``model.vae`` are cleared, since
-sampling from ``generate.checkpoint`` reads neither. :func:`check_bundle` is what ``ddkit package --check
+``generate.d3hr.statistics``, a ``generate.quality`` table); the inputs of earlier stages
+(:data:`UNREAD_KEYS`: ``model.pretrained``, the encoder ``model.vae``, ...) are cleared, since sampling
+from ``generate.checkpoint`` reads none of them. :func:`check_bundle` is what ``ddkit package --check
 BUNDLE`` runs on one.
 """
 
@@ -42,7 +43,10 @@ from ddkit.errors import ConfigError, DdkitError, PackageError
 
 #: Config keys that name weights or other files a bundle holds (dotted; relative to the bundle).
 BUNDLE_PATHS = ("generate.checkpoint", "model.pretrained", "model.vae", "model.vae_decoder", "data.shards",
-                "generate.d3hr.statistics")
+                "generate.d3hr.statistics", "generate.quality", "data.encode_latents", "pretrain.init",
+                "minimax.init")
+#: Inputs of earlier stages that generation never reads: cleared in a bundle (they name host paths or ids).
+UNREAD_KEYS = ("model.pretrained", "model.vae", "data.encode_latents", "pretrain.init", "minimax.init")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The weights file diffusers' from_pretrained reads (sharded or not); fp16/non-EMA variants are not copied.
 _WEIGHTS = re.compile(r"^diffusion_pytorch_model(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
@@ -270,9 +274,13 @@ def pack_weights(d, cfg_dict: dict[str, Any], tmp: Path, name: str) -> dict[str,
         copy_model_files(vae_folder(decoder, key, run_dir), wdir / "vae")
         set_key(cfg_dict, "model.vae_decoder", rel(wdir / "vae"))
         sources["vae_source"] = decoder
-    # Sampling from generate.checkpoint reads neither (and the encoder only made the run's latents).
-    set_key(cfg_dict, "model.pretrained", None)
-    set_key(cfg_dict, "model.vae", None)
+    # Sampling from generate.checkpoint reads none of these (the encoder only made the run's latents).
+    for k in UNREAD_KEYS:
+        set_key(cfg_dict, k, None)
+    if cfg.generate.quality != "dsr":  # a measured (steps, ipc) -> accuracy table the planner reads
+        table = local_source(cfg.generate.quality, "generate.quality", run_dir)
+        shutil.copy(table, wdir / f"quality{table.suffix}")
+        set_key(cfg_dict, "generate.quality", rel(wdir / f"quality{table.suffix}"))
     write_scheduler(cfg.model.pretrained, run_dir, cfg.model.num_train_timesteps, wdir / "scheduler")
     if cfg_dict["generate"].get("method") == "d3hr":
         stats = find_statistics(d, cfg, weights)
@@ -343,7 +351,7 @@ def _check_dataset(bundle: Path, name: str, entry: dict[str, Any]):
         return Verdict(where, False, "generate.checkpoint is not set: the bundle must name the weights it samples")
     root = bundle.resolve()
     for key, v in values.items():
-        if not v:
+        if not v or (key == "generate.quality" and v == "dsr"):
             continue
         target = (root / v).resolve()
         if Path(v).is_absolute() or not target.is_relative_to(root):

@@ -26,7 +26,7 @@ _T0 = time.monotonic()
 
 # Config paths that a bundle holds relative to itself.
 BUNDLE_KEYS = (("generate", "checkpoint"), ("model", "pretrained"), ("model", "vae"), ("model", "vae_decoder"),
-               ("data", "shards"))
+               ("data", "shards"), ("generate", "quality"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
