@@ -64,7 +64,7 @@ def sampled_weights(d) -> tuple[str, str]:
     gen = d.config.get("generate") or {}
     method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
     key = "generate.checkpoint" if gen.get("checkpoint") else (
-        "minimax run" if method == "minimax" else "model.pretrained")
+        "minimax checkpoint (RUN/minimax)" if method == "minimax" else "model.pretrained")
     recorded = d.manifest.get("checkpoint")
     if recorded and not str(recorded).startswith("<"):
         return key, str(recorded)
@@ -219,7 +219,9 @@ def find_statistics(d, cfg, weights: Path) -> Path:
         raise PackageError(f"{cache}: no D^3HR statistics (d3hr-stats-*.pt); the bundle ships the run's")
     model, _ = load_backbone(weights, use_ema=cfg.generate.use_ema, timestep_shift=cfg.model.timestep_shift,
                              expect=cfg.model)
-    want = {"model": d3hr.tensor_digest(model), "classes": list(read_index(cfg.data.shards)["classes"]),
+    shards = Path(cfg.data.shards)
+    shards = shards if shards.is_absolute() or shards.exists() else d.gen_dir.parent / shards
+    want = {"model": d3hr.tensor_digest(model), "classes": list(read_index(shards)["classes"]),
             "store": d3hr.stored_timesteps(cfg.generate.d3hr, cfg.model.num_train_timesteps)}
     for p in cands:
         inputs = torch.load(p, map_location="cpu", weights_only=False).get("inputs") or {}

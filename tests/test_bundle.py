@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -95,22 +94,6 @@ def hf_cache_with_tiny_pipeline(root: Path) -> Path:
     return root
 
 
-def cifar100_pickles(raw: Path) -> Path:
-    from test_package import class_major_labels, make_images
-
-    from ddkit.package import CIFAR100_CLASSES
-
-    raw.mkdir()
-    for split, ipc in (("train", 2), ("test", 1)):
-        imgs = make_images(100, ipc)
-        with open(raw / split, "wb") as f:
-            pickle.dump({b"data": imgs.reshape(len(imgs), -1).numpy(), b"fine_labels": class_major_labels(100, ipc)
-                         .tolist(), b"filenames": [b"x.png"] * len(imgs)}, f)
-    with open(raw / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
-    return raw
-
-
 def _cli(*args: str) -> str:
     from typer.testing import CliRunner
 
@@ -145,13 +128,14 @@ def run_bundle(bundle: Path, out: Path, home: Path, bindir: Path) -> subprocess.
 @pytest.mark.timeout(600)
 def test_bundles_run_alone_for_dit_minimax_and_d3hr(tmp_path, monkeypatch):
     import huggingface_hub.constants
+    from test_package import cifar100_pickles
 
     from ddkit.errors import PackageError
     from ddkit.package import ECCV2024, check_submission, load_distilled, package_run, scorer_tensor
 
     hub = hf_cache_with_tiny_pipeline(tmp_path / "hf" / "hub")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at each call
-    raw = cifar100_pickles(tmp_path / "raw")
+    raw = cifar100_pickles(tmp_path / "raw", 2, 1)
     run, shards = tmp_path / "run", tmp_path / "shards"
     sets = [a for kv in [f"run_dir={run}", f"data.root={raw}", f"data.shards={shards}", *SETS] for a in ("--set", kv)]
     _cli("data", "shard", "cifar100", *sets)

@@ -78,6 +78,21 @@ def class_major_labels(num_classes: int, ipc: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(ipc)
 
 
+def cifar100_pickles(raw: Path, train_ipc: int, test_ipc: int) -> Path:
+    """``raw/{train,test,meta}`` in the CIFAR-100 python-pickle layout, from :func:`make_images`."""
+    import pickle
+
+    raw.mkdir()
+    for split, ipc in (("train", train_ipc), ("test", test_ipc)):
+        imgs = make_images(100, ipc)
+        with open(raw / split, "wb") as f:
+            pickle.dump({b"data": imgs.reshape(len(imgs), -1).numpy(), b"fine_labels": class_major_labels(100, ipc)
+                         .tolist(), b"filenames": [b"x.png"] * len(imgs)}, f)
+    with open(raw / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
+    return raw
+
+
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar") / "run"
@@ -458,20 +473,10 @@ def test_challenge_entry_point_writes_a_scorer_file(cifar_run, tmp_path, monkeyp
 def test_generative_track_end_to_end(tmp_path):
     """Real CIFAR-100 pickles (foolbox images) -> shards -> tiny DiT -> generation at IPC 10 -> eccv2024 zip;
     then the generator bundle -> `python -m ddkit.challenge` -> a checked cifar100.pt. About 2 min on CPU."""
-    import pickle
-
     import ddkit.challenge as challenge
     from ddkit.cli import app
 
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for split, ipc in (("train", 6), ("test", 2)):
-        imgs = make_images(100, ipc)
-        with open(raw / split, "wb") as f:
-            pickle.dump({b"data": imgs.reshape(len(imgs), -1).numpy(), b"fine_labels": class_major_labels(100, ipc)
-                         .tolist(), b"filenames": [b"x.png"] * len(imgs)}, f)
-    with open(raw / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
+    raw = cifar100_pickles(tmp_path / "raw", 6, 2)
     run = tmp_path / "run"
     sets = []
     for kv in (f"run_dir={run}", "data.dataset=cifar100", f"data.root={raw}", "data.channels=3",
