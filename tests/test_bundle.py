@@ -205,7 +205,10 @@ def test_precomputed_statistics_must_match_the_settings(tmp_path):
     """generate.d3hr.statistics: a file for other timesteps or classes is refused with one line."""
     from ddkit.config import load_config
     from ddkit.errors import ConfigError, DataError
-    from ddkit.methods.d3hr_precomputed import load_statistics
+    from ddkit.methods.d3hr import class_statistics
+
+    def load_statistics(model, cfg):
+        return class_statistics(model, cfg, device="cpu", cache_dir=tmp_path / "never")
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -219,9 +222,11 @@ def test_precomputed_statistics_must_match_the_settings(tmp_path):
     torch.save(blob, stats)
     base = [f"data.shards={shards}", f"generate.d3hr.statistics={stats}", "generate.d3hr.inversion_steps=5",
             "generate.d3hr.store_from=400", "generate.d3hr.store_to=800", "generate.d3hr.timestep=600"]
-    model = type("M", (), {"in_channels": 4, "input_size": 4, "num_classes": 2, "learn_sigma": True})()
+    model = torch.nn.Linear(1, 1)  # stands in for the Backbone: only its attributes are read
+    model.in_channels, model.input_size, model.num_classes, model.learn_sigma = 4, 4, 2, True
     got = load_statistics(model, load_config(None, base))
-    assert got.timestep == 600 and got.timesteps == [400, 600, 800] and not got.computed
+    assert got.timestep == 600 and got.timesteps == [400, 600, 800] and not got.computed and got.path == stats
+    assert not (tmp_path / "never").exists()  # nothing inverted, nothing cached
     with pytest.raises(ConfigError, match=r"stores timesteps \[400, 600, 800\], the settings ask for \[400, 600\]"):
         load_statistics(model, load_config(None, [*base, "generate.d3hr.store_to=600"]))
     torch.save({**blob, "classes": ["a", "c"]}, stats)

@@ -551,9 +551,10 @@ def class_statistics(
             non-finite latents.
     """
     if cfg.generate.d3hr.statistics:  # precomputed (the generator bundle ships them): no inversion
-        from ddkit.methods.d3hr_precomputed import load_statistics
+        from ddkit.methods.d3hr_precomputed import checked_statistics as checked
 
-        return load_statistics(model, cfg)
+        d = cfg.generate.d3hr
+        return _stats_from_blob(checked(model, cfg), d.timestep, Path(d.statistics), computed=False)
     import torch
 
     from ddkit import dist

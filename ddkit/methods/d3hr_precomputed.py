@@ -12,14 +12,18 @@ packaging matched it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ddkit.config import ExperimentConfig
 from ddkit.errors import ConfigError, DataError
 
 
-def load_statistics(model, cfg: ExperimentConfig):
-    """:class:`ddkit.methods.d3hr.D3HRStats` at ``cfg.generate.d3hr.timestep`` from the file
-    ``cfg.generate.d3hr.statistics`` (tensors on CPU; ``computed`` False).
+def checked_statistics(model, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The statistics blob in the file ``cfg.generate.d3hr.statistics``, checked against this run.
+
+    The blob is what :func:`ddkit.methods.d3hr.class_statistics` caches: ``mean``/``var`` float32
+    [S, K, C, H, W] over the S stored timesteps and K classes, ``timesteps``, ``classes``, ``counts``,
+    ``key``, ``inputs``; ``class_statistics`` turns it into its :class:`~ddkit.methods.d3hr.D3HRStats`.
 
     Args:
         model: the Backbone generation samples with (``in_channels``, ``input_size``, ``num_classes``,
@@ -66,4 +70,4 @@ def load_statistics(model, cfg: ExperimentConfig):
     if inputs.get("labels", labels) != labels:
         raise DataError(f"{path}: classes conditioned on other backbone labels than model.class_map="
                         f"{cfg.model.class_map!r} gives")
-    return d3hr._stats_from_blob(blob, d.timestep, path, computed=False)
+    return blob
