@@ -27,7 +27,8 @@ quick: install
 test: install sysdeps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-# The shadow container build needs debootstrap + bubblewrap; the SLURM fixture installs its own packages.
+# The shadow container build (tools/shadow_build.py) needs debootstrap + bubblewrap, the generator bundle test's
+# apptainer stand-in bubblewrap; the SLURM fixture installs its own packages.
 sysdeps:
 	@command -v debootstrap >/dev/null && command -v bwrap >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && apt-get update -qq && \

@@ -26,7 +26,7 @@ _T0 = time.monotonic()
 
 # Config paths that a bundle holds relative to itself.
 BUNDLE_KEYS = (("generate", "checkpoint"), ("model", "pretrained"), ("model", "vae"), ("model", "vae_decoder"),
-               ("data", "shards"))
+               ("data", "shards"), ("generate", "quality"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +57,7 @@ def write_reserve(spec, out: Path) -> float:
 def challenge_config(args: argparse.Namespace, work: Path, reserve: float = 0.0):
     """The experiment config for one challenge run.
 
-    Weight and shard-index paths in the bundle config are relative to the bundle; the run dir is ``work``; the time limit
+    Weight, statistics and shard-index paths in the bundle config are relative to the bundle; the run dir is ``work``; the time limit
     is ``--time-limit`` minus ``reserve`` (seconds, :func:`write_reserve`); IPC is pinned to the scorer's 10.
 
     Raises:
@@ -69,11 +69,14 @@ def challenge_config(args: argparse.Namespace, work: Path, reserve: float = 0.0)
     path = args.config or args.bundle / "configs" / f"{args.dataset}.yaml"
     cfg = load_config(path, tuple(args.sets))
     sections = {"generate": cfg.generate, "model": cfg.model, "data": cfg.data}
-    changes: dict[str, dict[str, str]] = {"generate": {}, "model": {}, "data": {}}
+    changes: dict[str, dict] = {"generate": {}, "model": {}, "data": {}}
     for sec, key in BUNDLE_KEYS:
         val = getattr(sections[sec], key)
         if val and not Path(val).is_absolute() and (args.bundle / val).exists():
             changes[sec][key] = str((args.bundle / val).resolve())
+    stats = cfg.generate.d3hr.statistics  # D^3HR's precomputed statistics (generate.d3hr.statistics)
+    if stats and not Path(stats).is_absolute() and (args.bundle / stats).exists():
+        changes["generate"]["d3hr"] = replace(cfg.generate.d3hr, statistics=str((args.bundle / stats).resolve()))
     gen = replace(cfg.generate, **changes["generate"], time_limit=max(1.0, args.time_limit - reserve),
                   ipc_min=IPC, ipc_max=IPC)
     return replace(cfg, run_dir=str(work), generate=gen, model=replace(cfg.model, **changes["model"]),

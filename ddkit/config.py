@@ -148,6 +148,7 @@ class D3HRConfig:
     chunk: int = 1024  # groups scored per vectorised chunk (capped further by memory, see module)
     batch_size: int = 64  # real images inverted per forward (before CFG doubling)
     max_images_per_class: Optional[int] = None  # cap on inverted real images per class (None: all)
+    statistics: Optional[str] = None  # precomputed statistics file; the generator bundle ships one
 
     def __post_init__(self) -> None:
         _positive(self, "inversion_steps", "num_groups", "chunk", "batch_size", "max_images_per_class")

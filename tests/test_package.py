@@ -78,6 +78,21 @@ def class_major_labels(num_classes: int, ipc: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(ipc)
 
 
+def cifar100_pickles(raw: Path, train_ipc: int, test_ipc: int) -> Path:
+    """``raw/{train,test,meta}`` in the CIFAR-100 python-pickle layout, from :func:`make_images`."""
+    import pickle
+
+    raw.mkdir()
+    for split, ipc in (("train", train_ipc), ("test", test_ipc)):
+        imgs = make_images(100, ipc)
+        with open(raw / split, "wb") as f:
+            pickle.dump({b"data": imgs.reshape(len(imgs), -1).numpy(), b"fine_labels": class_major_labels(100, ipc)
+                         .tolist(), b"filenames": [b"x.png"] * len(imgs)}, f)
+    with open(raw / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
+    return raw
+
+
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar") / "run"
@@ -357,7 +372,8 @@ def test_webdataset_round_trip(small_run, tmp_path):
 def test_generator_bundle(cifar_run, tmp_path):
     ckpt = cifar_run / "minimax" / "ckpt" / "last.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {"w": torch.ones(3)}, "step": 7}, ckpt)
+    torch.save({"model": {"w": torch.zeros(3)}, "ema": {"w": torch.ones(3)}, "optimizer": {"m": torch.ones(99)},
+                "model_config": {}, "step": 7}, ckpt)
     with pytest.raises(PackageError, match="shard index .* not found"):
         package_run(cifar_run, fmt="eccv2024-generator", out=tmp_path / "gen")
     shards = tmp_path / "shards"
@@ -372,7 +388,26 @@ def test_generator_bundle(cifar_run, tmp_path):
         out = package_run(cifar_run, fmt="eccv2024-generator", out=tmp_path / "gen")
     finally:
         cfg_file.write_text(original)  # the module-scoped run is shared with other tests
-    assert torch.load(out / "weights" / "cifar100" / "last.pt")["step"] == 7
+    packed = torch.load(out / "weights" / "cifar100" / "last.pt")
+    # only what sampling reads: the EMA weights (as load_backbone's "model") and the model config
+    assert packed["step"] == 7 and packed["weights"] == "ema" and torch.equal(packed["model"]["w"], torch.ones(3))
+    assert "optimizer" not in packed and "ema" not in packed
+    assert (out / "weights" / "cifar100" / "scheduler" / "scheduler_config.json").is_file()
+    report = check_submission(out)  # `ddkit package --check BUNDLE`
+    assert report.kind == "eccv2024-generator" and report.first_failure().startswith("ddkit.sif: missing"), report.lines()
+    assert [v.name for v in report.verdicts if v.ok] == ["sha256", "generate", "configs/cifar100.yaml"]
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    bcfg = yaml.safe_load((broken / "configs" / "cifar100.yaml").read_text())
+    bcfg["model"]["vae_decoder"] = "stabilityai/sd-vae-ft-mse"  # an HF id left in: not self-contained
+    (broken / "configs" / "cifar100.yaml").write_text(yaml.safe_dump(bcfg))
+    (broken / "generate").chmod(0o644)
+    verdicts = {v.name: v for v in check_submission(broken).verdicts}
+    assert not verdicts["sha256"].ok and "configs/cifar100.yaml differs" in verdicts["sha256"].message
+    assert not verdicts["generate"].ok and "not executable" in verdicts["generate"].message
+    msg = verdicts["configs/cifar100.yaml"].message
+    assert not verdicts["configs/cifar100.yaml"].ok and "model.vae_decoder=stabilityai/sd-vae-ft-mse" in msg
+    assert "Hugging Face id" in msg
     cfg = yaml.safe_load((out / "configs" / "cifar100.yaml").read_text())
     assert cfg["generate"]["checkpoint"] == "weights/cifar100/last.pt" and cfg["data"]["shards"] == "data/cifar100"
     assert json.loads((out / "data" / "cifar100" / "dataset.json").read_text())["classes"][0] == "apple"
@@ -438,20 +473,10 @@ def test_challenge_entry_point_writes_a_scorer_file(cifar_run, tmp_path, monkeyp
 def test_generative_track_end_to_end(tmp_path):
     """Real CIFAR-100 pickles (foolbox images) -> shards -> tiny DiT -> generation at IPC 10 -> eccv2024 zip;
     then the generator bundle -> `python -m ddkit.challenge` -> a checked cifar100.pt. About 2 min on CPU."""
-    import pickle
-
     import ddkit.challenge as challenge
     from ddkit.cli import app
 
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for split, ipc in (("train", 6), ("test", 2)):
-        imgs = make_images(100, ipc)
-        with open(raw / split, "wb") as f:
-            pickle.dump({b"data": imgs.reshape(len(imgs), -1).numpy(), b"fine_labels": class_major_labels(100, ipc)
-                         .tolist(), b"filenames": [b"x.png"] * len(imgs)}, f)
-    with open(raw / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
+    raw = cifar100_pickles(tmp_path / "raw", 6, 2)
     run = tmp_path / "run"
     sets = []
     for kv in (f"run_dir={run}", "data.dataset=cifar100", f"data.root={raw}", "data.channels=3",

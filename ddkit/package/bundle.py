@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ddkit.distilled import Distilled, load_distilled
+from ddkit.distilled import load_distilled
 from ddkit.errors import PackageError
 from ddkit.io import atomic_dir, sha256_file
 from ddkit.package.eccv2024 import challenge_dataset
@@ -54,17 +54,20 @@ def package_generator(
     Layout: ``generate`` (sh entry point, see :data:`GENERATE_SH`), ``configs/<dataset>.yaml`` (the run's
     resolved config with every weight path rewritten relative to the bundle), ``data/<dataset>/``
     (the shard index ``dataset.json`` + ``classes.json``: class names and ImageNet mapping, no images),
-    ``weights/<dataset>/...``
-    (the generation checkpoint, and local pretrained/VAE directories), ``ddkit.sif`` (copied from
-    ``image`` when given, otherwise built later with ``ddkit container build --out BUNDLE/ddkit.sif``),
-    ``manifest.json``. Weights named by HF id stay HF ids: they must be in the image's baked HF cache or
-    in ``HF_HOME`` bound at run time (``containers/ddkit.def``, %help).
+    ``weights/<dataset>/...`` (only what sampling reads, Hugging Face ids resolved to local files:
+    the sampled backbone, the decoding VAE, the scheduler config and D^3HR's statistics; see
+    :mod:`ddkit.package.contents`), ``ddkit.sif`` (copied from ``image`` when given, otherwise built later with
+    ``ddkit container build --out BUNDLE/ddkit.sif``), ``manifest.json``. The bundle is checked
+    (:func:`ddkit.package.contents.check_bundle`, the image aside) before it is renamed into place.
 
     Raises:
-        PackageError: a run that is not a challenge dataset, or a checkpoint or shard index that cannot be
-            found.
+        PackageError: a run that is not a challenge dataset; weights, statistics or a shard index that
+            cannot be found (an HF id missing from the local cache names the key and the id); a bundle
+            that fails its check.
     """
     import yaml
+
+    from ddkit.package.contents import check_bundle, pack_weights
 
     sets = [load_distilled(r, method) for r in runs]
     out = Path(out) if out else sets[0].gen_dir.parent / "generator"
@@ -73,20 +76,9 @@ def package_generator(
         for d in sets:
             spec = challenge_dataset(d, dataset)
             cfg = json.loads(json.dumps(d.config))  # deep copy
-            wdir = tmp / "weights" / spec.name
-            wdir.mkdir(parents=True)
-            ckpt = _find_checkpoint(d)
             run_method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
             cfg.setdefault("generate", {})["method"] = run_method  # the bundle samples the way the run did
-            if ckpt is not None:
-                shutil.copy2(ckpt, wdir / "last.pt")
-                cfg.setdefault("generate", {})["checkpoint"] = f"weights/{spec.name}/last.pt"
-            model = cfg.setdefault("model", {})
-            for key in ("pretrained", "vae", "vae_decoder"):
-                src = model.get(key)
-                if src and Path(src).is_dir():
-                    shutil.copytree(src, wdir / key)
-                    model[key] = f"weights/{spec.name}/{key}"
+            sources = pack_weights(d, cfg, tmp, spec.name)
             # Generation takes the class list and the backbone class mapping from the shard index.
             index = _find_index(d)
             if index is None:
@@ -101,8 +93,7 @@ def package_generator(
             cfg.setdefault("package", {})["dataset"] = spec.name
             (tmp / "configs").mkdir(exist_ok=True)
             (tmp / "configs" / f"{spec.name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            entries[spec.name] = {"checkpoint_source": str(ckpt) if ckpt else None, "method": d.manifest.get("method"),
-                                  "generation": d.manifest}
+            entries[spec.name] = {**sources, "method": d.manifest.get("method"), "generation": d.manifest}
         (tmp / "generate").write_text(GENERATE_SH)
         (tmp / "generate").chmod(0o755)
         if image is not None:
@@ -114,23 +105,7 @@ def package_generator(
         man["image"] = "ddkit.sif" if image is not None else None
         man["entry_point"] = "./generate --dataset {cifar100,tinyimagenet} --out DIR --time-limit 600"
         (tmp / MANIFEST).write_text(json.dumps(man, indent=2, sort_keys=True, default=str) + "\n")
+        report = check_bundle(tmp, man, require_image=False)
+        if not report.ok:
+            raise PackageError(f"{out}: the written generator bundle fails its check: {report.first_failure()}")
     return out
-
-
-def _find_checkpoint(d: Distilled) -> Path | None:
-    """The generation checkpoint file; None when the method samples the pretrained model (an HF id/dir)."""
-    cands = [d.manifest.get("checkpoint"), (d.config.get("generate") or {}).get("checkpoint")]
-    method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
-    stage = "pretrain" if method == "dit" else "minimax"
-    cands += [d.gen_dir.parent / stage / "ckpt" / "last.pt"]
-    for c in cands:
-        if c and Path(c).is_file():
-            return Path(c)
-        if c and (Path(c) / "ckpt" / "last.pt").is_file():
-            return Path(c) / "ckpt" / "last.pt"
-    if method != "minimax" and (d.config.get("model") or {}).get("pretrained"):
-        return None  # dit / d3hr sample model.pretrained, handled with the other model weights
-    raise PackageError(f"{d.gen_dir}: generation checkpoint not found (tried {', '.join(str(c) for c in cands if c)})")
-
-
-__all__ = ["GENERATE_SH", "package_generator"]

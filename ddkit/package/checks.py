@@ -80,6 +80,10 @@ def check_submission(path: str | Path, *, allow_partial: bool = False, tolerance
         man = _read_optional_json(path / MANIFEST)
         if man.get("format") in ("folder", "webdataset"):
             return _check_folder(path, man) if man["format"] == "folder" else _check_wds(path, man)
+        if man.get("format") == "eccv2024-generator":
+            from ddkit.package.contents import check_bundle
+
+            return check_bundle(path, man)
         blobs = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.suffix in (".pt", ".json")}
         nested = [str(p.relative_to(path)) for p in path.rglob("*.pt") if p.parent != path]
     else:

@@ -215,6 +215,11 @@ def class_statistics(
         WeightsError: the VAE cannot be loaded (from ``ddkit.models.vae.load_vae``), or inversion gives
             non-finite latents.
     """
+    if cfg.generate.d3hr.statistics:  # precomputed (the generator bundle ships them): no inversion
+        from ddkit.methods.d3hr.precomputed import checked_statistics as checked
+
+        d = cfg.generate.d3hr
+        return _stats_from_blob(checked(model, cfg), d.timestep, Path(d.statistics), computed=False)
     import torch
 
     from ddkit.data import read_index
