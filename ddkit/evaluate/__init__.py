@@ -6,7 +6,13 @@
   ResNetAP-10, ResNet-18 (timm).
 - :mod:`ddkit.evaluate.protocols`: the ``eccv2024``, ``idc`` and ``rded`` presets (:data:`PROTOCOLS`).
 - :mod:`ddkit.evaluate.augment`: DSA, IDC transforms, CutMix.
-- :mod:`ddkit.evaluate.trainer`: ``train_student`` / ``train_teacher`` / ``test_accuracy``.
+- :mod:`ddkit.evaluate.trainer`: ``train_student`` (one loop per protocol over shared epoch / step / test
+  parts) / ``train_teacher`` / ``test_accuracy``.
+- :mod:`ddkit.evaluate.runner`: :func:`evaluate` itself (set-up, loading the distilled sets, the baselines).
+- :mod:`ddkit.evaluate.runs`: each set's repeats, cached in ``runs.jsonl``; the ``random_real`` draw.
+- :mod:`ddkit.evaluate.teacher`: the rded teacher, trained once per real set and cached.
+- :mod:`ddkit.evaluate.results`: per-set summaries, DD-Ranking, the scorer's printout, ``results.json`` and
+  the tables.
 """
 
 from ddkit.evaluate.protocols import PROTOCOLS, get_protocol

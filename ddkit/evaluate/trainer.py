@@ -195,6 +195,8 @@ def train_student(
     train_x = train_x.to(device)
     train_y = train_y.to(device)
     test_y = test_y.to(device)
+    model = build(network, c, num_classes, res).to(device)
+    model.train()
 
     def test() -> float:
         return test_accuracy(
@@ -206,123 +208,156 @@ def train_student(
             transform=lambda t: norm(as01(t)),
         )
 
-    model = build(network, c, num_classes, res).to(device)
-    model.train()
-    n = train_x.shape[0]
-    seen = 0
-    history: list[tuple[int, float]] = []
-
-    step = _stepper(device, precision)
-
+    run = _Student(model, train_x, train_y, test, norm, _stepper(device, precision), device, precision,
+                   batch_size, res, t0, on_epoch)  # fmt: skip
     if isinstance(protocol, ECCV2024Protocol):
-        # The scorer receives normalised data and augments it there (evaluate.py + DiffAugment).
-        lr = protocol.lr
-
-        def sgd(lr_: float) -> torch.optim.Optimizer:
-            return torch.optim.SGD(
-                model.parameters(), lr=lr_, momentum=protocol.momentum, weight_decay=protocol.weight_decay
-            )
-
-        opt = sgd(lr)
-        total = epochs + 1 if protocol.extra_epoch else epochs
-        decay_at = protocol.decay_epoch(epochs)
-        for ep in range(total):
-            for idx in _batches(n, batch_size):
-                xb = augment.dsa(norm(as01(train_x[idx.to(device)])), protocol.dsa_strategy, protocol.dsa)
-                with _autocast(device, precision):
-                    loss = F.cross_entropy(model(xb), train_y[idx.to(device)])
-                step(opt, loss)
-                seen += len(idx)
-            if ep == decay_at:
-                lr *= protocol.lr_decay
-                opt = sgd(lr)  # the scorer builds a new optimizer: momentum buffers are dropped
-            if on_epoch:
-                on_epoch(ep + 1)
-        acc = test()
-        history.append((total, acc))
-        return RunResult(acc, acc, history, time.perf_counter() - t0, seen, total)
-
+        return _fit_eccv2024(protocol, run, epochs)
     if isinstance(protocol, IDCProtocol):
-        opt = torch.optim.SGD(
-            model.parameters(), lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay
-        )
-        sched = torch.optim.lr_scheduler.MultiStepLR(
-            opt, milestones=protocol.milestone_epochs(epochs), gamma=protocol.gamma
-        )
-        every = protocol.eval_every(epochs)
-        best = 0.0
-        acc = 0.0
-        for epoch in range(1, epochs + 1):
-            for idx in _batches(n, batch_size):
-                idx = idx.to(device)
-                xb = augment.idc_train_transform(
-                    as01(train_x[idx]), res, protocol.rrc_scale, protocol.jitter, protocol.lighting
-                )
-                xb, yb = norm(xb), train_y[idx]
-                with _autocast(device, precision):
-                    if float(torch.rand(1).item()) < protocol.mix_p:
-                        mixed, perm, ratio = augment.cutmix(xb, protocol.cutmix_beta)
-                        out = model(mixed)
-                        loss = F.cross_entropy(out, yb) * ratio + F.cross_entropy(out, yb[perm]) * (
-                            1.0 - ratio
-                        )
-                    else:
-                        loss = F.cross_entropy(model(xb), yb)
-                step(opt, loss)
-                seen += len(idx)
-            if epoch % every == 0 or epoch == epochs:
-                acc = test()
-                history.append((epoch, acc))
-                best = max(best, acc)
-            sched.step()
-            if on_epoch:
-                on_epoch(epoch)
-        return RunResult(acc, best, history, time.perf_counter() - t0, seen, epochs)
-
+        return _fit_idc(protocol, run, epochs)
     if isinstance(protocol, RDEDProtocol):
-        if teacher is None:
-            raise ValueError("the rded protocol needs a teacher trained on the real training set")
-        teacher = teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        opt = torch.optim.AdamW(
-            _param_groups(model, protocol.weight_decay), lr=protocol.lr, betas=protocol.betas
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: protocol.lr_factor(e, epochs))
-        t = protocol.temperature
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        best = 0.0
-        acc = 0.0
-        for ep in range(epochs):
-            for idx in _batches(n, batch_size):
-                idx = idx.to(device)
-                xb = augment.random_flip(
-                    augment.random_resized_crop(as01(train_x[idx]), res, protocol.rrc_scale)
-                )
-                xb = norm(xb)
-                if has_bn:
-                    # The references run the student on the un-mixed batch under no_grad (for a train-accuracy
-                    # meter); in train mode that still moves BatchNorm running statistics, so we keep it.
-                    with torch.no_grad(), _autocast(device, precision):
-                        model(xb)
-                mixed, _, _ = augment.cutmix(xb, protocol.cutmix_beta)
-                with torch.no_grad(), _autocast(device, precision):
-                    soft = F.softmax(teacher(mixed).float() / t, dim=1)
-                with _autocast(device, precision):
-                    logp = F.log_softmax(model(mixed).float() / t, dim=1)
-                loss = F.kl_div(logp, soft, reduction="batchmean")
-                step(opt, loss)
-                seen += len(idx)
-            if ep >= epochs - protocol.eval_last:
-                acc = test()
-                history.append((ep + 1, acc))
-                best = max(best, acc)
-            sched.step()
-            if on_epoch:
-                on_epoch(ep + 1)
-        return RunResult(acc, best, history, time.perf_counter() - t0, seen, epochs)
-
+        return _fit_rded(protocol, run, epochs, teacher)
     raise TypeError(f"unknown protocol object {type(protocol).__name__}")
+
+
+@dataclass
+class _Student:
+    """One student run in progress: the model, its training data on ``device`` and the per-run machinery
+    the protocols' loops share (the epoch pass, the optimizer step, the test, the progress callback)."""
+
+    model: nn.Module
+    train_x: torch.Tensor  # [N, C, H, W] uint8 or float32 in [0, 1] units, on device
+    train_y: torch.Tensor  # int64 [N], on device
+    test: Callable[[], float]  # accuracy in percent on the real test split
+    norm: Callable[[torch.Tensor], torch.Tensor]  # [0, 1] units -> normalised
+    step: Callable[[torch.optim.Optimizer, torch.Tensor], None]  # see _stepper
+    device: torch.device
+    precision: str
+    batch_size: int
+    res: int  # image side in pixels
+    t0: float  # time.perf_counter() at the run's start
+    on_epoch: Callable[[int], None] | None = None
+    seen: int = 0  # images forwarded + backpropagated
+
+    def epoch(self, opt: torch.optim.Optimizer, batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One pass over the training set in a fresh random order (the global torch RNG): per batch of
+        indices ``idx`` (int64, on device), ``batch_loss(idx)`` and one optimizer step."""
+        for idx in _batches(self.train_x.shape[0], self.batch_size):
+            loss = batch_loss(idx.to(self.device))
+            self.step(opt, loss)
+            self.seen += len(idx)
+
+    def finished(self, epochs_done: int) -> None:
+        if self.on_epoch:
+            self.on_epoch(epochs_done)
+
+    def result(self, final: float, best: float, history: list[tuple[int, float]], epochs: int) -> RunResult:
+        return RunResult(final, best, history, time.perf_counter() - self.t0, self.seen, epochs)
+
+
+def _fit_eccv2024(protocol: ECCV2024Protocol, run: _Student, epochs: int) -> RunResult:
+    """The challenge scorer's loop: DSA on normalised images, SGD rebuilt at the decay epoch, one test at
+    the end (``epochs + 1`` epochs with ``extra_epoch``)."""
+    # The scorer receives normalised data and augments it there (evaluate.py + DiffAugment).
+    lr = protocol.lr
+
+    def sgd(lr_: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            run.model.parameters(), lr=lr_, momentum=protocol.momentum, weight_decay=protocol.weight_decay
+        )
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb = augment.dsa(run.norm(as01(run.train_x[idx])), protocol.dsa_strategy, protocol.dsa)
+        with _autocast(run.device, run.precision):
+            return F.cross_entropy(run.model(xb), run.train_y[idx])
+
+    opt = sgd(lr)
+    total = epochs + 1 if protocol.extra_epoch else epochs
+    decay_at = protocol.decay_epoch(epochs)
+    for ep in range(total):
+        run.epoch(opt, batch_loss)
+        if ep == decay_at:
+            lr *= protocol.lr_decay
+            opt = sgd(lr)  # the scorer builds a new optimizer: momentum buffers are dropped
+        run.finished(ep + 1)
+    acc = run.test()
+    return run.result(acc, acc, [(total, acc)], total)
+
+
+def _fit_idc(protocol: IDCProtocol, run: _Student, epochs: int) -> RunResult:
+    """IDC's loop: its train transform, CutMix with probability ``mix_p``, SGD with multi-step decay."""
+    opt = torch.optim.SGD(
+        run.model.parameters(), lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=protocol.milestone_epochs(epochs), gamma=protocol.gamma
+    )
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb = augment.idc_train_transform(
+            as01(run.train_x[idx]), run.res, protocol.rrc_scale, protocol.jitter, protocol.lighting
+        )
+        xb, yb = run.norm(xb), run.train_y[idx]
+        with _autocast(run.device, run.precision):
+            if float(torch.rand(1).item()) < protocol.mix_p:
+                mixed, perm, ratio = augment.cutmix(xb, protocol.cutmix_beta)
+                out = run.model(mixed)
+                return F.cross_entropy(out, yb) * ratio + F.cross_entropy(out, yb[perm]) * (1.0 - ratio)
+            return F.cross_entropy(run.model(xb), yb)
+
+    every = protocol.eval_every(epochs)
+    return _fit_scheduled(run, opt, sched, batch_loss, epochs, lambda e: e % every == 0 or e == epochs)
+
+
+def _fit_rded(protocol: RDEDProtocol, run: _Student, epochs: int, teacher: nn.Module | None) -> RunResult:
+    """RDED's loop: RRC + flip, CutMix, KL to the teacher's temperature-softened labels, AdamW + cosine."""
+    if teacher is None:
+        raise ValueError("the rded protocol needs a teacher trained on the real training set")
+    teacher = teacher.to(run.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(
+        _param_groups(run.model, protocol.weight_decay), lr=protocol.lr, betas=protocol.betas
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: protocol.lr_factor(e, epochs))
+    t = protocol.temperature
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules())
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb = augment.random_flip(
+            augment.random_resized_crop(as01(run.train_x[idx]), run.res, protocol.rrc_scale)
+        )
+        xb = run.norm(xb)
+        if has_bn:
+            # The references run the student on the un-mixed batch under no_grad (for a train-accuracy
+            # meter); in train mode that still moves BatchNorm running statistics, so we keep it.
+            with torch.no_grad(), _autocast(run.device, run.precision):
+                run.model(xb)
+        mixed, _, _ = augment.cutmix(xb, protocol.cutmix_beta)
+        with torch.no_grad(), _autocast(run.device, run.precision):
+            soft = F.softmax(teacher(mixed).float() / t, dim=1)
+        with _autocast(run.device, run.precision):
+            logp = F.log_softmax(run.model(mixed).float() / t, dim=1)
+        return F.kl_div(logp, soft, reduction="batchmean")
+
+    return _fit_scheduled(run, opt, sched, batch_loss, epochs, lambda e: e > epochs - protocol.eval_last)
+
+
+def _fit_scheduled(run: _Student, opt: torch.optim.Optimizer, sched, batch_loss, epochs: int,
+                   test_at: Callable[[int], bool]) -> RunResult:  # fmt: skip
+    """Epochs ``1..epochs``: a pass, a test after each epoch ``e`` where ``test_at(e)``, then the scheduler's
+    epoch step (IDC, RDED). ``best`` is the maximum over the tests, ``final`` the last test's accuracy."""
+    history: list[tuple[int, float]] = []
+    best = 0.0
+    acc = 0.0
+    for epoch in range(1, epochs + 1):
+        run.epoch(opt, batch_loss)
+        if test_at(epoch):
+            acc = run.test()
+            history.append((epoch, acc))
+            best = max(best, acc)
+        sched.step()
+        run.finished(epoch)
+    return run.result(acc, best, history, epochs)
 
 
 def train_teacher(
