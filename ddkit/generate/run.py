@@ -192,7 +192,7 @@ def generate(
 
 def calibrate(
     sampler: Sampler, gen_dir: Path, job: Rank, *, select_ratios, merge_when_done: bool, clock, phases: dict
-):
+) -> tuple[Any, float]:
     """Time the real sampler at the real batch size (:func:`ddkit.budget.calibrate`) and what follows the
     last batch on this filesystem (:func:`ddkit.writecost.finish_seconds`: shard save, merge, plots, timed
     with the real writers). Under a process group every rank adopts the slowest rank's cost and the largest
@@ -229,7 +229,9 @@ def calibrate(
     return cost, reserve
 
 
-def plan(sampler: Sampler, cost, reserve: float, gen_dir: Path, job: Rank, *, deadline: float, select_ratios, clock):
+def plan(
+    sampler: Sampler, cost, reserve: float, gen_dir: Path, job: Rank, *, deadline: float, select_ratios, clock
+) -> tuple[Any, float]:
     """Plan steps, IPC and ratio for the time left (:func:`ddkit.budget.plan`: the DSR rule or a quality
     table, inside :func:`ddkit.generate.layout.plan_bounds`) and lay out this rank's batches (global batch
     ``b`` -> rank ``b % world``; none for a rank whose shard is done).
