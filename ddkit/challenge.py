@@ -84,12 +84,11 @@ def challenge_config(args: argparse.Namespace, work: Path, reserve: float = 0.0)
 
 
 def budget_start() -> float:
-    """``time.monotonic()`` at which the budget started: the process start when ddkit.generate can tell
-    (``process_start_monotonic``: interpreter start-up counts), else this module's import time."""
-    import ddkit.generate as g
+    """``time.monotonic()`` at which the budget started (:func:`ddkit.dist.budget_start`): ``DDKIT_T0`` if
+    set, else the process start (interpreter start-up counts), at the latest this module's import time."""
+    from ddkit import dist
 
-    start = getattr(g, "process_start_monotonic", None)
-    return min(_T0, start()) if start is not None else _T0
+    return dist.budget_start(min(_T0, dist.process_start_monotonic()))
 
 
 def run(args: argparse.Namespace, t0: float | None = None) -> Path:

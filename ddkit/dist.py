@@ -247,3 +247,58 @@ def drop_budget_start() -> None:
     """Forget a ``DDKIT_T0`` inherited from the submitting shell: a cluster job's time budget starts with
     its own process, never with the shell that submitted it (removes the variable from ``os.environ``)."""
     os.environ.pop("DDKIT_T0", None)
+
+
+# Budget start: the moment a time limit counts from (generation, the challenge entry point)
+# ----------------------------------------------------------------------------------------------------------
+def process_start_monotonic() -> float:
+    """``time.monotonic()`` value at which this process started (interpreter start-up and imports count).
+
+    Linux: from ``/proc/self/stat`` (start time in clock ticks since boot) and ``/proc/uptime``; elsewhere
+    the current time.
+    """
+    import time
+
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5); two fields precede the split point
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+        if 0 <= age < 86400:
+            return time.monotonic() - age
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.monotonic()
+
+
+def budget_start(start: float | None = None, clock=None, environ: dict[str, str] | None = None) -> float:
+    """The budget's start in seconds on ``clock`` (default ``time.monotonic``).
+
+    ``DDKIT_T0`` (Unix epoch seconds, e.g. ``export DDKIT_T0=$(date +%s)`` in an sbatch script before
+    ``srun`` or array tasks) wins, so every rank of a job shares one deadline; else ``start`` (the caller's
+    own start: the CLI and the challenge entry point pass the process start, ``min(entry,
+    process_start_monotonic())``); else now.
+
+    Args:
+        start: a start on ``clock``, or None.
+        clock: monotonic seconds (injected for tests).
+        environ: the environment (default ``os.environ``).
+
+    Raises:
+        ConfigError: ``DDKIT_T0`` is not a number.
+    """
+    import time
+
+    clock = time.monotonic if clock is None else clock
+    env = (os.environ if environ is None else environ).get("DDKIT_T0")
+    if env:
+        from ddkit.errors import ConfigError
+
+        try:
+            epoch = float(env)
+        except ValueError:
+            raise ConfigError(f"DDKIT_T0: expected Unix epoch seconds, got {env!r}") from None
+        return clock() - (time.time() - epoch)
+    return clock() if start is None else start

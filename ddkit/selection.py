@@ -24,7 +24,7 @@ import torch
 
 from ddkit.config import ExperimentConfig
 from ddkit.errors import ConfigError
-from ddkit.io import atomic_file, atomic_torch_save, atomic_write_json, is_done, mark_done, read_json
+from ddkit.io import atomic_torch_save, atomic_write_json, is_done, mark_done, read_json
 
 SUFFIX = "+select"
 
@@ -141,7 +141,8 @@ def select_pool(cfg: ExperimentConfig, method: str, out_dir: str | Path | None =
     Raises:
         DataError: the pool's shards are not all done (from :func:`ddkit.generate.merge`).
     """
-    from ddkit.generate import merge, write_grid
+    from ddkit.figures import write_grid, write_selection_grid
+    from ddkit.generate import merge
     from ddkit.methods.select import encode, select_per_class
 
     scfg = cfg.generate.select
@@ -203,30 +204,3 @@ def _manifest(pool: dict[str, Any], method, sel, data, ipc, encoder_path, encode
             "per_class_kept": [int(kept[labels == c].sum()) for c in range(int(labels.max()) + 1)],
         },
     }
-
-
-def write_selection_grid(path: Path, images: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                         ipc: int, max_rejected: int = 10, max_classes: int = 20) -> Path:
-    """PNG: one row per class, its ``ipc`` chosen images, a blank, then up to ``max_rejected`` rejected ones.
-
-    Args:
-        images: uint8 [N, C, H, W] the pool; labels: int64 [N]; keep: int64 chosen indices.
-    """
-    from torchvision.utils import make_grid, save_image
-
-    kept = torch.zeros(labels.shape[0], dtype=torch.bool)
-    kept[keep] = True
-    k = min(int(labels.max()) + 1 if labels.numel() else 0, max_classes)
-    cols = ipc + 1 + max_rejected
-    blank = torch.zeros_like(images[0]) if images.numel() else torch.zeros(1, 8, 8, dtype=torch.uint8)
-    tiles = []
-    for c in range(k):
-        chosen = [images[i] for i in keep.tolist() if int(labels[i]) == c][:ipc]
-        rejected = images[(labels == c) & ~kept][:max_rejected]
-        row = chosen + [blank] * (ipc - len(chosen)) + [blank] + list(rejected)
-        row += [blank] * (cols - len(row))
-        tiles += row
-    grid = make_grid(torch.stack(tiles).float() / 255.0, nrow=cols, padding=2, pad_value=0.5)
-    with atomic_file(path) as tmp:
-        save_image(grid, tmp, format="png")
-    return path

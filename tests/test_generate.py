@@ -92,7 +92,8 @@ def test_two_shards_give_the_same_images_as_one_process(tmp_path):
     assert (d / "shard-0" / "images.pt").stat().st_mtime_ns == mtime
     man = json.loads((d / "manifest.json").read_text())
     assert man["world_size"] == 2 and man["seeds"]["per_image"][:2] == [[0, 0], [0, 1]]
-    assert image_seed(0, 0, 0) != image_seed(0, 0, 1) != image_seed(1, 0, 0)
+    seeds = [image_seed(0, 0, 0), image_seed(0, 0, 1), image_seed(1, 0, 0), image_seed(0, 1, 0)]
+    assert len(set(seeds)) == len(seeds)  # every pair differs (base seed, class and index each count)
 
 
 def test_too_short_budget_is_refused_before_sampling(tmp_path):
@@ -271,3 +272,17 @@ def test_two_ranks_d3hr_rerun_with_one_shard_done_finishes_without_hang(tmp_path
     assert torch.equal(got["labels"], ref["labels"]) and torch.equal(got["images"], ref["images"])
     shard0 = tmp_path / "int" / "gen-d3hr" / "shard-0" / "images.pt"
     assert str(shard0.stat().st_mtime_ns) == (tmp_path / "mtime").read_text()  # kept, not regenerated
+
+
+def test_budget_start_prefers_ddkit_t0_then_the_given_start_then_now():
+    from ddkit.dist import budget_start
+    from ddkit.errors import ConfigError
+
+    clock = lambda: 1000.0  # noqa: E731
+    assert budget_start(5.0, clock, environ={}) == 5.0
+    assert budget_start(None, clock, environ={}) == 1000.0
+    # DDKIT_T0 ten seconds ago (epoch) -> ten seconds before now on the injected clock, whatever the start
+    t = budget_start(5.0, clock, environ={"DDKIT_T0": str(time.time() - 10)})
+    assert 989.0 < t <= 990.5
+    with pytest.raises(ConfigError, match="DDKIT_T0"):
+        budget_start(5.0, clock, environ={"DDKIT_T0": "soon"})

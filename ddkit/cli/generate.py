@@ -10,12 +10,33 @@ import typer
 
 from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, load
 
-# Taken at import (CLI start-up); the library prefers the process start time from /proc when it can.
-_CLI_ENTRY = time.monotonic()
+
+def _find_config(run: Optional[Path], config: Optional[Path]) -> Optional[Path]:
+    """``--config``, else the run's ``config.yaml`` or a training stage's."""
+    if config is None and run is not None:
+        for cand in (run / "config.yaml", run / "minimax" / "config.yaml", run / "pretrain" / "config.yaml"):
+            if cand.is_file():
+                return cand
+    return config
+
+
+def _report(gen_dir: Path) -> None:
+    if (gen_dir / "manifest.json").is_file():
+        from ddkit.io import read_json
+
+        man = read_json(gen_dir / "manifest.json")
+        console.print(
+            f"[green]generated[/] {gen_dir / 'dataset.pt'}: IPC {man['ipc']} x {man['num_classes']} classes, "
+            f"{man['steps']['min']}-{man['steps']['max']} steps, {man['elapsed_seconds']:.1f} s "
+            f"({100 * man['budget_share_used']:.0f}% of {man['time_limit']:.0f} s)"
+        )
+    else:
+        console.print(f"[green]shard done[/] in {gen_dir}; merge with `ddkit generate --merge` when all are")
 
 
 @handle_errors
 def generate(
+    ctx: typer.Context,
     run: Optional[Path] = typer.Argument(
         None, help="Run directory (uses RUN/config.yaml, or a stage's config.yaml, and sets run_dir=RUN)."
     ),
@@ -48,17 +69,11 @@ def generate(
     import os
     import sys
 
-    from ddkit.generate import process_start_monotonic
-
-    # As the process's own command (`ddkit generate ...`) the budget starts when the process started, so
-    # interpreter start-up and imports count; called in-process (tests, another command) it starts now.
-    own_process = Path(sys.argv[0]).name in ("ddkit", "ddkit.exe") and "generate" in sys.argv[1:3]
-    t0 = min(_CLI_ENTRY, process_start_monotonic()) if own_process else time.monotonic()
-    if config is None and run is not None:
-        for cand in (run / "config.yaml", run / "minimax" / "config.yaml", run / "pretrain" / "config.yaml"):
-            if cand.is_file():
-                config = cand
-                break
+    # As the process's own command (ddkit.cli.main passes its start) the budget starts when the process
+    # started, so interpreter start-up and imports count; called in-process (tests, another command) now.
+    process_start = (ctx.obj or {}).get("process_start")
+    t0 = time.monotonic() if process_start is None else process_start
+    config = _find_config(run, config)
     sets = list(sets or [])
     if run is not None and not any(s.startswith("run_dir=") for s in sets):
         sets.insert(0, f"run_dir={run}")
@@ -74,28 +89,10 @@ def generate(
         console.print(f"[green]merged[/] {path}")
         return
     run_fn = selection.generate_selected if selected else lib.generate
-    gen_dir = run_fn(
-        cfg,
-        method=m,
-        time_limit=time_limit,
-        out_dir=gen_dir,
-        rank=rank,
-        world_size=world_size,
-        progress=not no_progress,
-        t0=t0,
-    )
-    if (gen_dir / "manifest.json").is_file():
-        from ddkit.io import read_json
-
-        man = read_json(gen_dir / "manifest.json")
-        console.print(
-            f"[green]generated[/] {gen_dir / 'dataset.pt'}: IPC {man['ipc']} x {man['num_classes']} classes, "
-            f"{man['steps']['min']}-{man['steps']['max']} steps, {man['elapsed_seconds']:.1f} s "
-            f"({100 * man['budget_share_used']:.0f}% of {man['time_limit']:.0f} s)"
-        )
-    else:
-        console.print(f"[green]shard done[/] in {gen_dir}; merge with `ddkit generate --merge` when all are")
-    if own_process:
+    gen_dir = run_fn(cfg, method=m, time_limit=time_limit, out_dir=gen_dir, rank=rank, world_size=world_size,
+                     progress=not no_progress, t0=t0)  # fmt: skip
+    _report(gen_dir)
+    if process_start is not None:
         # The budget covers the process's whole life; torch's interpreter teardown (about 1 s idle, several
         # under load) would run after the deadline the planner kept, so the process ends here.
         sys.stdout.flush()

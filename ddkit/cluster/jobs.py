@@ -195,7 +195,8 @@ class GenerateJob(Checkpointable):
         return Path(self.cfg.run_dir) / f"gen-{self.method}"
 
     def __call__(self) -> str:
-        from ddkit.generate import generate, process_start_monotonic
+        from ddkit.dist import process_start_monotonic
+        from ddkit.generate import generate
 
         # The budget clock starts with this process (interpreter start-up and imports count), never with
         # an earlier attempt of the same job, nor with a DDKIT_T0 exported from the submitting shell.

@@ -1,0 +1,320 @@
+"""One rank's budgeted generation: :func:`generate` = join the job, :func:`load_sampler`, :func:`calibrate`,
+:func:`plan`, :func:`run_budget`, :func:`save_shard`, merge (see :mod:`ddkit.generate` for the flow).
+
+Under a process group every rank meets the same collectives in the same order, whether or not its own shard
+is already done: the start/done vote (MIN), D^3HR's statistics barrier, the cost vote (MAX), and the two
+barriers round the merge (one when every shard was already done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ddkit.config import ExperimentConfig, replace
+from ddkit.generate.layout import all_shards_done, gen_dir_for, plan_bounds
+from ddkit.generate.sampler import Sampler, load_sampler
+from ddkit.generate.shards import merge, save_shard
+from ddkit.io import is_done, write_run_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Rank:
+    """This process's place in the generation.
+
+    Attributes:
+        rank, world: shard index and number of shards; group: a process group (torchrun, srun) is running.
+        env: the launcher's :class:`ddkit.dist.DistEnv`.
+        mine_done, all_done: this rank's shard / every shard is already done (a requeued job).
+        t0: the budget start on the generation's clock (under a group: the earliest of all ranks).
+    """
+
+    rank: int
+    world: int
+    group: bool
+    env: Any
+    mine_done: bool
+    all_done: bool
+    t0: float
+
+
+def _settings(cfg: ExperimentConfig, method: str | None, time_limit: float | None) -> ExperimentConfig:
+    """``cfg`` with ``generate.method`` and ``generate.time_limit`` resolved.
+
+    Raises:
+        ConfigError: invalid method or a time limit <= 0.
+    """
+    from ddkit.errors import ConfigError
+
+    gcfg = cfg.generate
+    method = method or gcfg.method
+    if method not in ("minimax", "dit", "d3hr"):
+        raise ConfigError(f"generate.method: must be minimax, dit or d3hr, got {method!r}")
+    limit = float(time_limit if time_limit is not None else gcfg.time_limit)
+    if limit <= 0:
+        raise ConfigError(f"generate.time_limit: must be > 0, got {limit}")
+    return replace(cfg, generate=replace(gcfg, method=method, time_limit=limit))
+
+
+def _join(cfg: ExperimentConfig, gen_dir: Path, rank: int | None, world_size: int | None, t0: float, clock) -> Rank:
+    """Find this rank (from ``ddkit.dist.dist_env()`` unless given), start the process group, write
+    ``config.yaml``, and decide with the peers whether every shard is done.
+
+    Raises:
+        ConfigError: ``rank`` outside ``[0, world_size)``.
+    """
+    from ddkit import dist
+    from ddkit.errors import ConfigError
+
+    env = dist.dist_env()
+    explicit = rank is not None or world_size is not None
+    rank = env.rank if rank is None else rank
+    world = env.world_size if world_size is None else world_size
+    if not 0 <= rank < world:
+        raise ConfigError(f"--rank: {rank} outside [0, {world})")
+    group = False
+    if world > 1 and not explicit and env.launcher != "none":
+        dist.init_distributed(env)
+        group = True
+    shard_dir = gen_dir / f"shard-{rank}"
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0 or not (gen_dir / "config.yaml").exists():
+        write_run_config(gen_dir, cfg)
+    mine_done = is_done(shard_dir)
+    import torch
+
+    if group:
+        # ONE collective decides for every rank: MIN of (budget start, shard done) -> the job's earliest
+        # start (one deadline) and whether every shard is done. A rank whose shard is done but whose
+        # peers are not keeps going with no batches of its own, so it meets every later collective
+        # (D^3HR statistics, cost, barriers) exactly as the others do.
+        vote = torch.tensor([time.time() - (clock() - t0), float(mine_done)], dtype=torch.float64)
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MIN)
+        t0 = clock() - (time.time() - float(vote[0]))
+        all_done = bool(vote[1])
+    else:
+        all_done = mine_done
+    return Rank(rank, world, group, env, mine_done, all_done, t0)
+
+
+def _merge_when_complete(gen_dir: Path, job: Rank, merge_when_done: bool, **merge_kw) -> None:
+    """Under a process group rank 0 merges and every rank meets one barrier after it; otherwise whichever
+    process sees every shard done merges."""
+    from ddkit import dist
+
+    if job.group:
+        if job.rank == 0 and merge_when_done:
+            merge(gen_dir, **merge_kw)
+        dist.barrier()
+    elif merge_when_done and all_shards_done(gen_dir, job.world):
+        merge(gen_dir, **merge_kw)
+
+
+def generate(
+    cfg: ExperimentConfig,
+    *,
+    method: str | None = None,
+    time_limit: float | None = None,
+    out_dir: str | Path | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    t0: float | None = None,
+    model: Any = None,
+    device: Any = None,
+    clock: Callable[[], float] = time.monotonic,
+    merge_when_done: bool = True,
+    select_ratios: tuple[float, ...] = (1.0,),
+) -> Path:
+    """Generate this rank's share of the distilled set inside the time budget.
+
+    Args:
+        cfg: the experiment; reads ``generate``, ``model``, ``data`` (class names, resolution).
+        method: ``minimax`` | ``dit`` | ``d3hr`` (default ``cfg.generate.method``).
+        time_limit: seconds for the whole job, model loading included (default ``generate.time_limit``).
+        out_dir: generation dir (default ``RUN/gen-<method>``).
+        rank, world_size: shard of this process (default from ``ddkit.dist.dist_env()``; pass them for
+            SLURM array tasks).
+        progress: progress bar (images, steps, time left).
+        t0: budget start on ``clock`` (the CLI passes the process start); ``DDKIT_T0`` overrides
+            (:func:`ddkit.dist.budget_start`).
+        model: an already-built backbone (skips loading; tests, benchmarks).
+        device: torch device (default: this rank's GPU or the CPU).
+        clock: monotonic seconds (injected for tests).
+        merge_when_done: merge when every shard is done (off for benchmarks that only sample).
+        select_ratios: over-generation ratios the planner may choose from (the pool of a ``+select``
+            method, :mod:`ddkit.selection`); the plan in the manifest records the ratio and kept IPC.
+
+    Returns:
+        The generation directory (``RUN/gen-<method>``), holding ``shard-<rank>/`` and, once merged,
+        ``dataset.pt``, ``manifest.json``, ``grid.png``, ``budget.png`` and ``DONE``.
+
+    Raises:
+        BudgetError: the budget cannot fit ``steps_min`` × ``ipc_min`` (before any sampling).
+        WeightsError: the checkpoint is missing.
+        ConfigError: invalid method or ``DDKIT_T0``.
+    """
+    from ddkit import dist
+
+    t0 = dist.budget_start(t0, clock)
+    cfg = _settings(cfg, method, time_limit)
+    gen_dir = Path(out_dir) if out_dir is not None else gen_dir_for(cfg, cfg.generate.method)
+    if is_done(gen_dir):
+        return gen_dir
+    job = _join(cfg, gen_dir, rank, world_size, t0, clock)
+    if job.all_done:
+        _merge_when_complete(gen_dir, job, merge_when_done)
+        return gen_dir
+
+    deadline = job.t0 + cfg.generate.time_limit
+    phases: dict[str, float] = {}
+    sampler = load_sampler(cfg, gen_dir, job, model=model, device=device, progress=progress, clock=clock,
+                           phases=phases)  # fmt: skip
+    cost, reserve = calibrate(sampler, gen_dir, job, select_ratios=select_ratios, merge_when_done=merge_when_done,
+                              clock=clock, phases=phases)  # fmt: skip
+    runner, plan_at = plan(sampler, cost, reserve, gen_dir, job, deadline=deadline, select_ratios=select_ratios,
+                           clock=clock)  # fmt: skip
+    sampler.choose_latents(runner.batches, runner.plan.ipc, phases=phases, clock=clock, progress=progress)
+    mark = clock()
+    samples = run_budget(sampler, runner, progress=progress, rank=job.rank)
+    phases["sample"] = clock() - mark
+    save_shard(gen_dir / f"shard-{job.rank}", sampler, runner, samples, job, plan_at=plan_at, phases=phases,
+               clock=clock)  # fmt: skip
+    if job.group:
+        dist.barrier()
+    _merge_when_complete(gen_dir, job, merge_when_done, t0=job.t0, clock=clock)
+    return gen_dir
+
+
+def calibrate(
+    sampler: Sampler, gen_dir: Path, job: Rank, *, select_ratios, merge_when_done: bool, clock, phases: dict
+) -> tuple[Any, float]:
+    """Time the real sampler at the real batch size (:func:`ddkit.budget.calibrate`) and what follows the
+    last batch on this filesystem (:func:`ddkit.writecost.finish_seconds`: shard save, merge, plots, timed
+    with the real writers). Under a process group every rank adopts the slowest rank's cost and the largest
+    reserve (one MAX), so they agree on one plan; a rank whose shard is done brings zeros to that vote.
+
+    Returns:
+        (:class:`ddkit.budget.CostModel` at batch size ``B`` = min(batch_size, ⌈K·ipc_max / world⌉),
+        reserve seconds).
+    """
+    import torch
+
+    from ddkit import budget, writecost
+
+    gcfg, K = sampler.settings, len(sampler.classes)
+    mark = clock()
+    B = max(1, min(gcfg.batch_size, math.ceil(K * gcfg.ipc_max / job.world)))
+    if job.mine_done:  # nothing left to sample here: the peers' cost decides (MAX below)
+        cost, reserve = budget.CostModel(0.0, 0.0, B), 0.0
+    else:
+        run_steps, fixed = sampler.calibration(B)
+        cost = budget.calibrate(run_steps, clock=clock, batch_size=B, fixed=fixed)
+        out_px = math.prod(sampler.image_shape)
+        ipc_w = math.ceil(gcfg.ipc_max * max(select_ratios))  # a selection pool writes all its candidates
+        reserve = writecost.finish_seconds(
+            gen_dir, shard_bytes=K * ipc_w * out_px // job.world, merged_bytes=K * ipc_w * out_px,
+            merges=merge_when_done and (job.rank == 0 or not job.group), grid=(K, min(gcfg.ipc_max, 10), out_px),
+            clock=clock,
+        )  # fmt: skip
+    if job.group:  # one plan for all ranks: the slowest rank's cost and the largest reserve
+        c = torch.tensor([cost.step_seconds, cost.batch_seconds, reserve], dtype=torch.float64)
+        torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX)
+        cost, reserve = budget.CostModel(float(c[0]), float(c[1]), B), float(c[2])
+    phases["calibrate"] = clock() - mark
+    return cost, reserve
+
+
+def plan(
+    sampler: Sampler, cost, reserve: float, gen_dir: Path, job: Rank, *, deadline: float, select_ratios, clock
+) -> tuple[Any, float]:
+    """Plan steps, IPC and ratio for the time left (:func:`ddkit.budget.plan`: the DSR rule or a quality
+    table, inside :func:`ddkit.generate.layout.plan_bounds`) and lay out this rank's batches (global batch
+    ``b`` -> rank ``b % world``; none for a rank whose shard is done).
+
+    Returns:
+        (:class:`ddkit.budget.Runner` over this rank's batches, the clock time of the plan).
+
+    Raises:
+        BudgetError: even ``steps_min`` × ``ipc_min`` does not fit (before any sampling).
+    """
+    from ddkit import budget
+
+    gcfg, K, B = sampler.settings, len(sampler.classes), cost.batch_size
+    quality: Any = gcfg.quality
+    if quality != "dsr":
+        quality = budget.load_quality_table(quality)
+    bounds, select_ratios = plan_bounds(gcfg, gen_dir, select_ratios)
+    margin = gcfg.safety_margin * gcfg.time_limit
+    plan_at = clock()
+    available = deadline - margin - reserve - plan_at
+    the_plan = budget.plan(
+        available, cost, bounds, num_classes=K, batch_size=B, world_size=job.world, quality=quality,
+        ratios=select_ratios,
+    )
+    # Extension batches (for a machine faster than calibrated) reach at most ipc_max, or 4x the plan, so
+    # the layout stays small for 1000-class runs.
+    ipc_cap = min(gcfg.ipc_max, max(4 * the_plan.ipc, the_plan.ipc + 8))
+    if sampler.stats is not None or the_plan.ratio > 1:
+        # A selection pool is sized by its plan; D^3HR latents are one group of the planned IPC per class.
+        ipc_cap = the_plan.ipc
+    my_batches, extra = budget.split_plan(K, the_plan.ipc, ipc_cap, B, job.rank, job.world)
+    if job.mine_done:  # its shard is on disk: take part in the collectives only
+        my_batches, extra = [], []
+    runner = budget.Runner(
+        plan=the_plan, cost=cost, batches=my_batches, extra=extra, deadline=deadline, clock=clock,
+        steps_min=gcfg.steps_min, t0=job.t0, margin_seconds=margin, reserve_seconds=reserve,
+    )  # fmt: skip
+    return runner, plan_at
+
+
+def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int) -> dict[str, list]:
+    """Sample the runner's batches until it stops (done, or out of time: :class:`ddkit.budget.Runner`
+    re-plans steps before each batch and may shorten or abandon one mid-chain).
+
+    Returns:
+        ``{"images": [uint8 [b, C, H, W], ...], "labels": [class, ...], "index": [image index, ...],
+        "steps": [steps, ...]}``, one entry per image finished (lists, in sampling order).
+    """
+    import torch
+
+    from ddkit.progress import bar
+    from ddkit.sampling import SamplingAborted
+
+    device, clock, deadline = sampler.device, runner.clock, runner.deadline
+    out: dict[str, list] = {"images": [], "labels": [], "index": [], "steps": []}
+    total = sum(len(b.items) for b in runner.batches)
+
+    def check(i: int, n: int) -> bool | int:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return runner.step_ok(i, n)
+
+    fields = "images · {task.fields[steps]} steps · {task.fields[left]:.0f} s left"
+    left = deadline - clock() if progress else 0.0  # the clock is read only for a drawn bar
+    with bar(f"[bold]generate[/] rank {rank}", total, enabled=progress, fields=fields, transient=False,
+             steps=0, left=left) as update:  # fmt: skip
+        while (nxt := runner.next()) is not None:
+            batch, steps = nxt
+            if progress:
+                grown = max(total, sum(len(b.items) for b in runner.batches))  # extension batches
+                update(0, total=grown, steps=steps, left=max(0.0, deadline - clock()))
+            try:
+                images = sampler.run_items(batch.items, steps, check)
+            except SamplingAborted:
+                runner.abort()
+                break
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ev = runner.done()
+            out["images"].append(images)
+            out["labels"].extend(c for c, _ in batch.items)
+            out["index"].extend(i for _, i in batch.items)
+            out["steps"].extend([ev.steps] * len(batch.items))
+            if progress:
+                update(len(batch.items), left=max(0.0, deadline - clock()))
+    return out
