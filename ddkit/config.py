@@ -12,6 +12,7 @@ checkpoint (:func:`ddkit.io.write_run_config`), so a run can always be reproduce
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -23,7 +24,8 @@ from ddkit.errors import ConfigError
 __all__ = [
     "D3HRConfig", "DataConfig", "EvaluateConfig", "ExperimentConfig", "GenerateConfig", "ModelConfig",
     "PackageConfig", "Precision", "SelectConfig", "SlurmConfig", "TrainConfig",
-    "absolute_paths", "apply_override", "dump_yaml", "from_dict", "load_config", "replace", "to_dict",
+    "TRAIN_STAGES", "absolute_paths", "apply_override", "check_stages", "dump_yaml", "from_dict", "load_config",
+    "replace", "to_dict",
 ]  # fmt: skip
 
 # Autocast precision of a stage; "auto" is resolved per machine by ddkit.hardware.resolve_precision.
@@ -303,6 +305,27 @@ class ExperimentConfig:
     package: PackageConfig = field(default_factory=PackageConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     methods: tuple[str, ...] = ("minimax", "dit", "d3hr")  # generation methods ``ddkit run`` compares
+
+
+#: The training stages: :class:`ExperimentConfig`'s :class:`TrainConfig` sections (``ddkit train --stage``).
+TRAIN_STAGES = ("pretrain", "minimax")
+
+
+def check_stages(names: Iterable[str], known: Sequence[str] = TRAIN_STAGES, option: str = "--stage") -> tuple[str, ...]:
+    """The one check of stage names (``ddkit train``/``submit train`` ``--stage``, ``ddkit run``'s ``--stage``
+    and ``--force`` against :data:`ddkit.pipeline.STAGES` and the run's gen-METHOD nodes).
+
+    Returns:
+        ``names`` as a tuple.
+
+    Raises:
+        ConfigError: one line naming ``option``, the first unknown name and the known ones.
+    """
+    names = tuple(names)
+    for s in names:
+        if s not in known:
+            raise ConfigError(f"{option} {s}: unknown stage (known: {', '.join(known)})")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------
