@@ -311,7 +311,9 @@ class ExperimentConfig:
 TRAIN_STAGES = ("pretrain", "minimax")
 
 
-def check_stages(names: Iterable[str], known: Sequence[str] = TRAIN_STAGES, option: str = "--stage") -> tuple[str, ...]:
+def check_stages(
+    names: Iterable[str], known: Sequence[str] = TRAIN_STAGES, option: str = "--stage"
+) -> tuple[str, ...]:
     """The one check of stage names (``ddkit train``/``submit train`` ``--stage``, ``ddkit run``'s ``--stage``
     and ``--force`` against :data:`ddkit.pipeline.STAGES` and the run's gen-METHOD nodes).
 
