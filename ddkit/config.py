@@ -4,23 +4,29 @@ One YAML file (``configs/*.yaml``) describes an experiment; each command reads t
 (``ddkit train --stage minimax`` reads ``data``, ``model`` and ``minimax``). Loading goes through
 ``yaml.safe_load``, then ``--set a.b=value`` overrides (the value is parsed as YAML, so ``--set
 generate.cfg_scale=2`` gives a float field the number 2.0), then a type check of every key against the
-dataclass annotations below. Unknown keys and wrong types raise :class:`ConfigError` with one line that
-names the file and the dotted key. The resolved config is written into every run directory and every
+dataclass annotations below (that machinery, generic over any dataclass tree, is :mod:`ddkit.config_load`).
+Unknown keys and wrong types raise :class:`ConfigError` with one line that names the file and the dotted key. The resolved config is written into every run directory and every
 checkpoint (:func:`ddkit.io.write_run_config`), so a run can always be reproduced from its own folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-import yaml
-
+# The generic machinery (YAML, --set, type checks, plain dicts); re-exported: ``from ddkit.config import to_dict``.
+from ddkit.config_load import apply_override, dump_yaml, from_dict, read_yaml_mapping, replace, to_dict
 from ddkit.errors import ConfigError
+
+__all__ = [
+    "D3HRConfig", "DataConfig", "EvaluateConfig", "ExperimentConfig", "GenerateConfig", "ModelConfig",
+    "PackageConfig", "Precision", "SelectConfig", "SlurmConfig", "TrainConfig",
+    "TRAIN_STAGES", "absolute_paths", "apply_override", "check_stages", "dump_yaml", "from_dict", "load_config",
+    "replace", "to_dict",
+]  # fmt: skip
 
 # Autocast precision of a stage; "auto" is resolved per machine by ddkit.hardware.resolve_precision.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -302,8 +308,31 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("minimax", "dit", "d3hr")  # generation methods ``ddkit run`` compares
 
 
+#: The training stages: :class:`ExperimentConfig`'s :class:`TrainConfig` sections (``ddkit train --stage``).
+TRAIN_STAGES = ("pretrain", "minimax")
+
+
+def check_stages(
+    names: Iterable[str], known: Sequence[str] = TRAIN_STAGES, option: str = "--stage"
+) -> tuple[str, ...]:
+    """The one check of stage names (``ddkit train``/``submit train`` ``--stage``, ``ddkit run``'s ``--stage``
+    and ``--force`` against :data:`ddkit.pipeline.STAGES` and the run's gen-METHOD nodes).
+
+    Returns:
+        ``names`` as a tuple.
+
+    Raises:
+        ConfigError: one line naming ``option``, the first unknown name and the known ones.
+    """
+    names = tuple(names)
+    for s in names:
+        if s not in known:
+            raise ConfigError(f"{option} {s}: unknown stage (known: {', '.join(known)})")
+    return names
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Loading, overrides, validation
+# Loading (the generic machinery: ddkit.config_load), paths
 # ----------------------------------------------------------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load an :class:`ExperimentConfig` from YAML plus ``key=value`` overrides.
@@ -320,106 +349,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             one line naming the file and the dotted key.
     """
     source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
-        raw = loaded
+    raw: dict[str, Any] = read_yaml_mapping(path, source) if path is not None else {}
     for ov in overrides:
         raw = apply_override(raw, ov, source)
     return from_dict(ExperimentConfig, raw, source)
-
-
-def apply_override(raw: dict[str, Any], override: str, source: str = "--set") -> dict[str, Any]:
-    """Return a copy of ``raw`` with ``"a.b.c=value"`` applied (value parsed as YAML).
-
-    Raises:
-        ConfigError: the override has no ``=`` or an empty key.
-    """
-    if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected KEY=VALUE")
-    key, _, value = override.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {override!r}: empty key")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() != "" else None
-    except yaml.YAMLError:
-        parsed = value
-    out = _deepcopy_dict(raw)
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[part] = nxt
-        node = nxt
-    node[parts[-1]] = parsed
-    return out
-
-
-def from_dict(cls: type, data: Any, source: str = "<dict>", prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and type.
-
-    Raises:
-        ConfigError: naming ``source`` and the dotted key.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})"
-            )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            value = data[f.name]
-            # A partial nested section overrides the parent's default for that section (e.g. the minimax
-            # stage's lambda_r), not the section class's own defaults.
-            if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
-                if f.default_factory is not dataclasses.MISSING:
-                    value = _deep_merge(to_dict(f.default_factory()), value)
-            kwargs[f.name] = _coerce(hints[f.name], value, source, prefix + f.name)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {prefix}{e}" if prefix else f"{source}: {e}") from None
-
-
-def to_dict(cfg: Any) -> Any:
-    """Plain-Python (YAML/JSON-safe) view of a config: tuples become lists."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
-
-
-def dump_yaml(cfg: Any) -> str:
-    """The resolved config as YAML text (what goes into run directories)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that re-runs validation (frozen configs are changed only by copy)."""
-    return dataclasses.replace(cfg, **changes)
 
 
 #: Path keys made absolute by :func:`absolute_paths`: always (outputs, dataset locations) ...
@@ -467,59 +400,6 @@ def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Exp
 
 
 # ----------------------------------------------------------------------------------------------------------
-def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, source, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: {key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
-        item_tp = args[0] if args else Any
-        items = [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(vt, v, source, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, source, key + ".")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{source}: {key}: unsupported type {tp}")
-
-
 def _positive(obj: Any, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
@@ -531,14 +411,3 @@ def _in_range(obj: Any, name: str, lo: float, hi: float) -> None:
     v = getattr(obj, name)
     if not lo <= v <= hi:
         raise ConfigError(f"{name}: must be in [{lo}, {hi}], got {v}")
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _deepcopy_dict(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddkit.config import ExperimentConfig, load_config, to_dict
+from ddkit.config import TRAIN_STAGES, ExperimentConfig, check_stages, load_config, to_dict
 from ddkit.fingerprint import (
     Decision,
     decide,
@@ -120,12 +120,23 @@ def quick_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> Ex
     return load_config(path, (*QUICK, *overrides))
 
 
+def check_selection(cfg: ExperimentConfig, stages: tuple[str, ...], force: tuple[str, ...]) -> None:
+    """Check ``--stage`` names against :data:`STAGES` and ``--force`` names against them plus the gen-METHOD
+    nodes of ``cfg.methods`` (:func:`ddkit.config.check_stages`).
+
+    Raises:
+        ConfigError: an unknown name (one line naming the option and the known names).
+    """
+    check_stages(stages, STAGES)
+    check_stages(force, (*STAGES, *(f"gen-{m}" for m in cfg.methods)), "--force")
+
+
 def graph(cfg: ExperimentConfig) -> list[Node]:
     """The stages of ``cfg`` in run order, each with the inputs it reads (module docstring)."""
     pre = "model.pretrained given" if cfg.model.pretrained else None
     from_pre = () if cfg.model.pretrained else ("pretrain",)  # the weights dit, d3hr and minimax start from
     nodes = [Node("shard", "shard", ("data",))]
-    for st in ("pretrain", "minimax"):
+    for st in TRAIN_STAGES:
         up = from_pre if st == "minimax" and cfg.minimax.init is None else ()
         nodes.append(
             Node(
@@ -250,7 +261,7 @@ def _output(cfg: ExperimentConfig, node: Node) -> Path:
     from ddkit.models.checkpoint import checkpoint_path
 
     d = stage_dir(cfg, node)
-    if node.group in ("pretrain", "minimax"):
+    if node.group in TRAIN_STAGES:
         return checkpoint_path(d)
     if node.group == "generate":
         return d / "dataset.pt"
@@ -294,11 +305,13 @@ def run_pipeline(
         report path.
 
     Raises:
+        ConfigError: an unknown ``stages`` or ``force`` name (:func:`check_selection`).
         DdkitError: from any stage (bad data, missing weights, budget too short, ...); completed stages stay.
     """
     from ddkit.eta import RunClock
     from ddkit.hardware import configure_threads
 
+    check_selection(cfg, stages, force)
     log(f"threads: {configure_threads()} (usable CPUs or OMP_NUM_THREADS)")
     run_dir = Path(cfg.run_dir)
     result = PipelineResult(run_dir=run_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddkit.config import ExperimentConfig
+from ddkit.config import TRAIN_STAGES, ExperimentConfig
 from ddkit.io import atomic_write_text, read_json
 
 # Display order and labels: distilled sets first, then the two baselines.
@@ -65,7 +65,27 @@ def write_report(cfg: ExperimentConfig) -> Path:
         lines += ["## Results (test accuracy, %)", "", "| set | IPC | accuracy | runs |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in results_table(results)]
         lines.append("")
-    lines += [
+    gen_lines, pictures = _generation_lines(run, cfg)
+    lines += gen_lines
+    if (run / "bench" / "ipc_curve.png").exists():
+        lines += ["## Accuracy against IPC (`bench/distill.py`)", "", "![accuracy vs IPC](bench/ipc_curve.png)", ""]
+    if pictures:
+        lines += ["## Samples and budget", "", *pictures, ""]
+    lines += _precision_lines(run, cfg)
+    timings_path = run / "pipeline.json"
+    if timings_path.exists():
+        t = read_json(timings_path)
+        lines += ["## Stage wall times (s, last run of each)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+        lines.append("")
+    lines += ["Reproduce: `ddkit run configs/" + f"{cfg.name}.yaml`", ""]
+    return atomic_write_text(run / "report.md", "\n".join(lines))
+
+
+def _generation_lines(run: Path, cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """The "Generation" table (one row per method's ``manifest.json``) with the selection notes, and the
+    links to each method's pictures (shown in their own section)."""
+    lines = [
         "## Generation",
         "",
         "Each method calibrates and plans against its own budget, so steps can differ between methods on a "
@@ -112,19 +132,7 @@ def write_report(cfg: ExperimentConfig) -> Path:
     if selection_notes:
         lines += ["Selection (`selection.png`: per class the kept images, a gap, then rejected ones):", "",
                   *selection_notes, ""]
-    if (run / "bench" / "ipc_curve.png").exists():
-        lines += ["## Accuracy against IPC (`bench/distill.py`)", "", "![accuracy vs IPC](bench/ipc_curve.png)", ""]
-    if pictures:
-        lines += ["## Samples and budget", "", *pictures, ""]
-    lines += _precision_lines(run, cfg)
-    timings_path = run / "pipeline.json"
-    if timings_path.exists():
-        t = read_json(timings_path)
-        lines += ["## Stage wall times (s, last run of each)", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
-        lines.append("")
-    lines += ["Reproduce: `ddkit run configs/" + f"{cfg.name}.yaml`", ""]
-    return atomic_write_text(run / "report.md", "\n".join(lines))
+    return lines, pictures
 
 
 def _precision_lines(run: Path, cfg: ExperimentConfig) -> list[str]:
@@ -133,7 +141,7 @@ def _precision_lines(run: Path, cfg: ExperimentConfig) -> list[str]:
     from ddkit.io import DONE
 
     rows = []
-    sources = [(s, run / s / DONE, ("precision",), ("hardware",)) for s in ("pretrain", "minimax")]
+    sources = [(s, run / s / DONE, ("precision",), ("hardware",)) for s in TRAIN_STAGES]
     sources += [(f"generate {m}", run / f"gen-{m}" / "manifest.json", ("precision",), ("hardware",)) for m in cfg.methods]
     sources.append(("evaluate", run / "eval" / "results.json", ("meta", "precision"), ("meta", "hardware")))
     for stage, path, pkey, hkey in sources:

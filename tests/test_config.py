@@ -129,3 +129,23 @@ def test_partial_section_keeps_the_experiments_section_defaults():
     assert cfg.minimax.steps == 10
     assert (cfg.minimax.lambda_r, cfg.minimax.lambda_d, cfg.minimax.trainable) == (0.002, 0.008, "difffit")
     assert cfg.pretrain.lambda_r == 0.0
+
+
+def test_stage_names_are_checked_in_one_place():
+    """``ddkit train``/``submit train`` and ``ddkit run``'s --stage/--force share ddkit.config.check_stages."""
+    from ddkit.cli import app
+    from ddkit.config import TRAIN_STAGES, check_stages
+    from ddkit.pipeline import STAGES, check_selection
+
+    assert check_stages(["minimax"]) == ("minimax",)
+    with pytest.raises(ConfigError, match=r"^--stage train: unknown stage \(known: pretrain, minimax\)$"):
+        check_stages(("train",))
+    assert set(TRAIN_STAGES) < set(STAGES)
+    cfg = load_config(None, ["methods=[dit]"])
+    check_selection(cfg, STAGES, ("gen-dit", "generate"))
+    with pytest.raises(ConfigError, match="--stage gen-dit: unknown stage"):
+        check_selection(cfg, ("gen-dit",), ())
+    with pytest.raises(ConfigError, match=r"--force gen-minimax: unknown stage \(known: .*gen-dit\)"):
+        check_selection(cfg, STAGES, ("gen-minimax",))
+    res = CliRunner().invoke(app, ["train", "--stage", "train"])
+    assert res.exit_code != 0 and "--stage train: unknown stage" in res.output

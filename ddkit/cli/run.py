@@ -40,20 +40,12 @@ def run(
     from rich.table import Table
 
     from ddkit.config import absolute_paths, load_config
-    from ddkit.errors import ConfigError
     from ddkit.pipeline import QUICK, STAGES, run_pipeline
     from ddkit.report import results_table
 
     overrides = (*QUICK, *(sets or ())) if quick else tuple(sets or ())
     cfg = absolute_paths(load_config(config, overrides))
     stages = tuple(stage) if stage else STAGES
-    for s in stages:
-        if s not in STAGES:
-            raise ConfigError(f"--stage {s}: unknown stage (known: {', '.join(STAGES)})")
-    gens = tuple(f"gen-{m}" for m in cfg.methods)
-    for s in force or ():
-        if s not in STAGES and s not in gens:
-            raise ConfigError(f"--force {s}: unknown stage (known: {', '.join((*STAGES, *gens))})")
     res = run_pipeline(
         cfg, stages=stages, force=tuple(force or ()), dry_run=dry_run, progress=not no_progress,
         log=lambda s: console.print(s, markup=False, highlight=False),

@@ -72,13 +72,12 @@ def train(
     On preemption or near the time limit the job checkpoints and requeues itself; the restart resumes.
     """
     from ddkit import cluster
-    from ddkit.config import replace
+    from ddkit.config import check_stages, replace
     from ddkit.errors import ConfigError
 
     if config_arg is not None and config is not None and config_arg != config:
         raise ConfigError(f"CONFIG {config_arg} and --config {config}: give one")
-    if stage not in ("pretrain", "minimax"):
-        raise ConfigError(f"--stage: must be 'pretrain' or 'minimax', got {stage!r}")
+    check_stages((stage,))
     cfg = load(config_arg or config, sets)
     slurm = _slurm_overrides(
         cfg,

@@ -28,10 +28,9 @@ def train(
 
     Runs as one process, under `torchrun --nproc-per-node N` or under SLURM `srun` (DDP, rank 0 writes).
     """
-    from ddkit.errors import ConfigError
+    from ddkit.config import check_stages
 
-    if stage not in ("pretrain", "minimax"):
-        raise ConfigError(f"--stage: must be 'pretrain' or 'minimax', got {stage!r}")
+    check_stages((stage,))
     cfg = load(config, sets)
     from ddkit import train as lib
 

@@ -5,7 +5,8 @@ Each reader turns one on-disk layout into a :class:`Listing`: the class order (w
 DiT-XL/2 backbone is conditioned on it), and for ``train`` and ``test`` a list of :class:`Item` whose
 ``load()`` returns the image as ``uint8 [H, W, C]`` already at the configured resolution. Nothing is decoded
 while listing, so a listing of ImageNet subsets is fast and a bad image is reported by the writer, which
-names the file.
+names the file. The ImageNet class index lives in :mod:`ddkit.data.imagenet`, the decoding of one image in
+:mod:`ddkit.data.images`.
 
 Layouts (``--root``):
 
@@ -28,13 +29,30 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ddkit.data.imagenet import (
+    IMAGEIDC_WNIDS,
+    IMAGENETTE_WNIDS,
+    IMAGEWOOF_WNIDS,
+    imagenet_index_of,
+    imagenet_lemma,
+    imagenet_wnids,
+)
+from ddkit.data.images import fit_image, open_image
 from ddkit.errors import DataError
+
+# Re-exported: the subsets' wnid lists and the ImageNet index (ddkit.data.imagenet), the image decoding
+# (ddkit.data.images), so ``from ddkit.data.registry import imagenet_wnids`` keeps working.
+__all__ = [
+    "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "IMAGEIDC_WNIDS", "IMAGENETTE_WNIDS", "IMAGENET_MEAN",
+    "IMAGENET_STD", "IMAGEWOOF_WNIDS", "IMAGE_EXTENSIONS", "DatasetReader", "Item", "Listing", "fit_image",
+    "get_reader", "imagenet_index_of", "imagenet_lemma", "imagenet_wnids", "list_cifar100", "list_dataset",
+    "list_imagefolder", "list_mnist5k", "list_tinyimagenet", "mnist5k_path", "open_image",
+]  # fmt: skip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -45,25 +63,6 @@ CIFAR100_MEAN = (0.5071, 0.4866, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# ImageNet subsets. Order = subset class index.
-# Imagenette / ImageWoof: fast.ai's class lists, in the order used by the Minimax Diffusion reference
-# (vimar-gu/MinimaxDiffusion misc/class_nette.txt, misc/class_woof.txt).
-IMAGENETTE_WNIDS = (
-    "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
-    "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
-)  # fmt: skip
-IMAGEWOOF_WNIDS = (
-    "n02096294", "n02093754", "n02111889", "n02088364", "n02086240",
-    "n02089973", "n02087394", "n02115641", "n02099601", "n02105641",
-)  # fmt: skip
-# ImageIDC = IDC's ImageNet-10 (Kim et al., ICML 2022; snu-mllab/Efficient-Dataset-Condensation data.py,
-# ``find_subclasses(nclass=10, seed=0)`` takes the first 10 lines of its class100.txt, which is the
-# ImageNet-100 list of CMC, HobbitLong/CMC imagenet100.txt). Minimax Diffusion evaluates on this subset.
-IMAGEIDC_WNIDS = (
-    "n02869837", "n01749939", "n02488291", "n02107142", "n13037406",
-    "n02091831", "n04517823", "n04589890", "n03062245", "n01773797",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,79 +103,8 @@ class DatasetReader:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ImageNet class index (timm ships the sorted 1000 wnids, its ImageNetInfo maps index <-> wnid <-> lemma)
+# Item helpers
 # ----------------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def imagenet_wnids() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k wnids in class-index order (sorted; index = DiT/torchvision class index).
-
-    Source: ``timm.data.ImageNetInfo`` (timm/data/_info/imagenet_synsets.txt).
-    """
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
-
-
-def imagenet_index_of(wnids: list[str] | tuple[str, ...]) -> list[int] | None:
-    """ImageNet-1k indices of ``wnids``, or None when any of them is not an ImageNet-1k class."""
-    pos = {w: i for i, w in enumerate(imagenet_wnids())}
-    if not wnids or any(w not in pos for w in wnids):
-        return None
-    return [pos[w] for w in wnids]
-
-
-def imagenet_lemma(wnid: str) -> str | None:
-    """First lemma of an ImageNet-1k wnid (``n01440764`` -> ``tench``), None when unknown."""
-    from timm.data import ImageNetInfo
-
-    try:
-        desc = ImageNetInfo().label_name_to_description(wnid)
-    except (KeyError, ValueError):
-        return None
-    return desc.split(",")[0].strip() if desc else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Image helpers
-# ----------------------------------------------------------------------------------------------------------
-def fit_image(img: Any, resolution: int, channels: int) -> np.ndarray:
-    """Resize the shorter side to ``resolution`` and center-crop (bicubic), as IDC's
-    ``transforms.Resize(size), transforms.CenterCrop(size)`` (snu-mllab/Efficient-Dataset-Condensation
-    data.py). Returns uint8 [resolution, resolution, channels]."""
-    from PIL import Image, ImageOps
-
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (resolution, resolution):
-        img = ImageOps.fit(
-            img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5)
-        )
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def open_image(path: Path, expect_size: int | None = None) -> Any:
-    """Open and fully decode an image file (PIL).
-
-    Raises:
-        DataError: unreadable/truncated file, or (``expect_size``) not ``expect_size``x``expect_size``.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: unreadable image ({msg})") from None
-    if expect_size is not None and img.size != (expect_size, expect_size):
-        raise DataError(
-            f"{path}: wrong resolution {img.size[0]}x{img.size[1]}, expected {expect_size}x{expect_size}"
-        )
-    return img
-
-
 def _file_item(path: Path, label: int, resolution: int, channels: int, expect: int | None = None) -> Item:
     def load() -> np.ndarray:
         return fit_image(open_image(path, expect), resolution, channels)

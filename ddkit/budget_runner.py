@@ -1,0 +1,188 @@
+"""Executing a generation plan against the deadline: :class:`Runner` hands out a rank's batches and
+re-plans their step counts before and during every batch (the planning itself is :mod:`ddkit.budget`).
+
+Pure, like the planner: the clock is injected (``clock()`` returns seconds), so the tests drive it with a
+fake clock and a fake machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only annotations: ddkit.budget re-exports this module's names
+    from ddkit.budget import Batch, Clock, CostModel, Plan
+
+
+@dataclass
+class Event:
+    """One finished batch, for the manifest and the budget plot (times relative to ``t0``)."""
+
+    batch: int
+    steps: int
+    images: int
+    start: float
+    end: float
+    predicted: float
+
+
+@dataclass
+class Runner:
+    """Hands out this rank's batches with their step counts, re-planning against the deadline.
+
+    Before every batch (``next()``):
+    1. the speed estimate is the ratio of observed to predicted time of the latest batches (the worst of the
+       last two, so a machine that slows down is believed at once and a single fast batch is not);
+    2. steps for the remaining batches = the most, up to the plan's, that let them all finish by the soft
+       deadline (``deadline − margin − reserve``); never below ``steps_min``;
+    3. if even ``steps_min`` does not fit, batches are dropped from the tail (highest image indices first);
+    4. the next batch starts only if its predicted time × ``start_headroom`` ends before the hard deadline
+       (``deadline − reserve``); otherwise the run stops;
+    5. inside a batch, :meth:`step_ok` after every step shortens the rest of its chain (or, if not even one
+       step fits, abandons it and stops) when the speed observed in it says it would end after the hard
+       deadline;
+    6. when the planned batches are done early (the machine got faster), batches from ``extra`` (the
+       continuation of the same index-major layout, up to ``ipc_max``) run at the planned steps while each
+       still ends before the soft deadline.
+
+    Attributes:
+        plan, cost, batches: the plan, the calibrated cost model and this rank's batches (in order).
+        deadline: absolute clock time of the end of the budget (seconds).
+        margin_seconds: the safety margin kept free when planning.
+        reserve_seconds: time needed after the last batch (save, merge, plots).
+    """
+
+    plan: Plan
+    cost: CostModel
+    batches: list[Batch]
+    deadline: float
+    clock: Clock
+    steps_min: int
+    t0: float = 0.0
+    margin_seconds: float = 0.0
+    reserve_seconds: float = 0.0
+    start_headroom: float = 1.0
+    extra: list[Batch] = field(default_factory=list)  # batches beyond the plan, run only when ahead
+    events: list[Event] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    _pos: int = 0
+    _ratios: list[float] = field(default_factory=list)
+    _current: tuple[Batch, int, float, float] | None = None
+    _last_step: float | None = None
+    _steps_done: int = 0
+    shortened: int = 0  # batches whose chain was respaced to fewer steps mid-way
+
+    @property
+    def speed_factor(self) -> float:
+        """Observed ÷ predicted time (1 = as calibrated, 3 = three times slower)."""
+        return max(self._ratios[-2:]) if self._ratios else 1.0
+
+    def remaining(self) -> list[Batch]:
+        return self.batches[self._pos :]
+
+    def _steps_for(self, n_batches: int, seconds: float, cost: CostModel) -> int | None:
+        if n_batches == 0:
+            return self.plan.steps
+        per_batch = seconds / n_batches
+        s = (
+            math.floor((per_batch - cost.batch_seconds) / cost.step_seconds)
+            if cost.step_seconds > 0
+            else self.plan.steps
+        )
+        s = min(self.plan.steps, s)
+        return s if s >= self.steps_min else None
+
+    def next(self) -> tuple[Batch, int] | None:
+        """The next batch and its step count, or None when the run must stop (done or out of time)."""
+        now = self.clock()
+        cost = self.cost.scaled(self.speed_factor)
+        if self._pos >= len(self.batches):
+            # Ahead of schedule: DSR spends spare time on more images at the planned steps, one batch at a
+            # time, while it still ends before the soft deadline.
+            soft_end = self.deadline - self.margin_seconds - self.reserve_seconds
+            if not self.extra or now + cost.batch_cost(self.plan.steps) > soft_end:
+                return None
+            self.batches.append(self.extra.pop(0))
+        soft = self.deadline - self.margin_seconds - self.reserve_seconds - now
+        rem = self.batches[self._pos :]
+        steps = self._steps_for(len(rem), soft, cost)
+        while steps is None and len(rem) > 1:
+            # Even steps_min cannot finish everything: drop the tail (highest indices) until it can.
+            self.dropped.append(rem[-1].index)
+            rem = rem[:-1]
+            steps = self._steps_for(len(rem), soft, cost)
+        self.batches = self.batches[: self._pos] + rem
+        steps = self.steps_min if steps is None else steps
+        predicted = cost.batch_cost(steps)
+        if now + predicted * self.start_headroom > self.deadline - self.reserve_seconds:
+            self.dropped.extend(b.index for b in self.batches[self._pos :])
+            self.batches = self.batches[: self._pos]
+            return None
+        batch = self.batches[self._pos]
+        self._current = (batch, steps, now, predicted / max(self.speed_factor, 1e-12))
+        self._last_step = None
+        self._steps_done = 0
+        return batch, steps
+
+    def step_ok(self, step: int, steps: int) -> bool | int:
+        """Mid-batch check after ``step`` (0-based) of ``steps`` (the sampler's ``step_callback``).
+
+        At the speed of the latest step (the first step of a batch, which may pay for new kernels, counts
+        at most twice the expected time), the rest of the batch, including its per-batch work scaled by
+        the same slowdown, must end before the hard deadline (``deadline − reserve``). Returns True when it
+        does; otherwise the number k >= 1 of remaining steps that still fits (the sampler respaces the rest
+        of the chain from the current timestep: fewer steps, same images), or False when not even one step
+        fits (the batch is abandoned, :meth:`abort`).
+        """
+        assert self._current is not None, "step_ok() without next()"
+        _, _, start, _ = self._current
+        now = self.clock()
+        last = now - (self._last_step if self._last_step is not None else start)
+        self._last_step = now
+        self._steps_done += 1
+        expected = self.cost.step_seconds * self.speed_factor  # per step, from calibration + past batches
+        # The latest step is the best estimate of the machine now; only the batch's first step may be a
+        # one-off (new shapes' kernels), so it is trusted up to twice the expected time.
+        per_step = max(min(last, 2 * expected) if step == 0 else last, 1e-9)
+        slowdown = max(1.0, per_step / expected) if expected > 0 else 1.0
+        remaining = steps - step - 1
+        left = (
+            self.deadline
+            - self.reserve_seconds
+            - now
+            - self.cost.scaled(self.speed_factor * slowdown).batch_seconds
+        )
+        if per_step * remaining <= left:
+            return True
+        k = math.floor(left / per_step)
+        if k < 1:
+            return False
+        self.shortened += 1
+        return k
+
+    def abort(self) -> None:
+        """The current batch was abandoned (see :meth:`step_ok`): drop it and every later one."""
+        assert self._current is not None, "abort() without next()"
+        self.dropped.extend(b.index for b in self.batches[self._pos :])
+        self.batches = self.batches[: self._pos]
+        self._current = None
+
+    def done(self, images: int | None = None) -> Event:
+        """Record that the batch from the last :meth:`next` finished now."""
+        assert self._current is not None, "done() without next()"
+        batch, steps, start, predicted_base = self._current
+        end = self.clock()
+        self._ratios.append(max((end - start) / predicted_base, 1e-6) if predicted_base > 0 else 1.0)
+        ev = Event(
+            batch=batch.index,
+            steps=self._steps_done or steps,
+            images=len(batch.items) if images is None else images,
+            start=start - self.t0,
+            end=end - self.t0,
+            predicted=predicted_base,
+        )
+        self.events.append(ev)
+        self._pos += 1
+        self._current = None
+        return ev
