@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddkit.config import ExperimentConfig
+from ddkit.config import TRAIN_STAGES, ExperimentConfig
 from ddkit.io import read_done, read_jsonl
 
 
@@ -38,7 +38,7 @@ class RunClock:
     def finished(self, name: str, seconds: float) -> None:
         """Stage ``name`` ended after ``seconds``: drop it and learn its training rate."""
         self.todo = [(n, a) for n, a in self.todo if n != name]
-        if name in ("pretrain", "minimax"):
+        if name in TRAIN_STAGES:
             rate = _logged_rate(Path(self.cfg.run_dir) / name)
             if rate:
                 self.rates[name] = rate
@@ -46,7 +46,7 @@ class RunClock:
     def estimate(self, name: str, action: str) -> float | None:
         """Seconds stage ``name`` will take under ``action``, or None when nothing measured says."""
         cfg = self.cfg
-        if name in ("pretrain", "minimax"):
+        if name in TRAIN_STAGES:
             tcfg = getattr(cfg, name)
             rate = self.rates.get(name) or _logged_rate(Path(cfg.run_dir) / name) or self._scaled_rate(name)
             return max(tcfg.steps - _steps_done(Path(cfg.run_dir) / name, action), 0) / rate if rate else None

@@ -97,7 +97,11 @@ def submit_train(
 
     Raises:
         ClusterError: preflight failed or sbatch refused the job (one line).
+        ConfigError: ``stage`` is not a training stage.
     """
+    from ddkit.config import check_stages
+
+    check_stages((stage,))  # here, not on the compute node after a SLURM job was spent
     cfg = _resolve(cfg, slurm)
     s = cfg.slurm
     tasks = max(1, s.gpus_per_node)

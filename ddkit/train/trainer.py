@@ -35,8 +35,9 @@ class Trainer:
         max_steps: int | None = None,
         progress: bool = True,
     ) -> None:
-        if stage not in ("pretrain", "minimax"):
-            raise ConfigError(f"--stage: must be 'pretrain' or 'minimax', got {stage!r}")
+        from ddkit.config import check_stages
+
+        check_stages((stage,))
         self.cfg = cfg
         self.stage = stage
         self.tcfg: TrainConfig = getattr(cfg, stage)
