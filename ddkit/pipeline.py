@@ -17,7 +17,8 @@ and its fingerprint is the sha256 of its ``dataset.json``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,21 +43,12 @@ STAGES = ("shard", "pretrain", "minimax", "generate", "evaluate", "package", "re
 # every method, only shorter: fewer minimax steps, half the generation budget, 1 evaluation repeat. The
 # pretrain keys matter only with model.pretrained=null (the demo starts from the shipped DiT).
 QUICK = (
-    "pretrain.steps=1000",
-    "pretrain.batch_size=64",
-    "pretrain.ckpt_every=125",
-    "minimax.steps=60",
-    "minimax.batch_size=64",
-    "minimax.warmup_steps=20",
-    "minimax.ckpt_every=30",
-    "generate.time_limit=30",
-    "generate.steps_max=25",
-    "generate.d3hr.max_images_per_class=20",
-    "generate.d3hr.num_groups=256",
-    "evaluate.epochs=100",
-    "evaluate.full_epochs=3",
-    "evaluate.repeats=1",
-)
+    "pretrain.steps=1000", "pretrain.batch_size=64", "pretrain.ckpt_every=125",
+    "minimax.steps=60", "minimax.batch_size=64", "minimax.warmup_steps=20", "minimax.ckpt_every=30",
+    "generate.time_limit=30", "generate.steps_max=25",
+    "generate.d3hr.max_images_per_class=20", "generate.d3hr.num_groups=256",
+    "evaluate.epochs=100", "evaluate.full_epochs=3", "evaluate.repeats=1",
+)  # fmt: skip
 
 # Keys that change when logs and checkpoints are written, not the weights: not part of a training fingerprint.
 _CADENCE = ("log_every", "ckpt_every")
@@ -363,6 +355,31 @@ def run_pipeline(
     return result
 
 
+@contextmanager
+def outside_run(cfg: ExperimentConfig, name: str) -> Iterator[None]:
+    """Around a stage run by its own command (``ddkit train``, ``submit train``; rank 0 records): the records
+    ``ddkit run`` leaves (``fingerprint.json`` first, the fingerprint in the new ``DONE``; upstream ones read
+    from disk), so a later ``ddkit run`` with the same config skips or resumes the stage, never retrains it."""
+    from ddkit.dist import dist_env
+
+    fps: dict[str, str] = {}
+    nodes = graph(cfg)
+    node = next((n for n in nodes if n.name == name and not n.off and dist_env().is_main), None)
+    for n in nodes[: nodes.index(node) if node else 0]:
+        _remember(cfg, n, fps)
+    if node is None:
+        yield
+        return
+    inputs, sdir = node_inputs(node, to_dict(cfg), fps, _version()), stage_dir(cfg, node)
+    was_done = read_done(sdir) is not None
+    sdir.mkdir(parents=True, exist_ok=True)
+    write_start(sdir, inputs)
+    yield
+    rec = read_done(sdir)
+    if rec is not None and not was_done:  # preempted (no DONE) or done before: left as it was
+        mark_done(sdir, rec, fingerprint=fingerprint(inputs), inputs=inputs)
+
+
 def _remember(cfg: ExperimentConfig, node: Node, fps: dict[str, str]) -> None:
     """A skipped stage's fingerprint, as recorded on disk, for the stages downstream of it."""
     if node.name == "shard":
@@ -433,32 +450,15 @@ def _generate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     method = node.name.removeprefix("gen-")
     base, selected = split_method(method)
     if base == "d3hr":
-        _d3hr_statistics(cfg, progress)
+        from ddkit.methods.d3hr import precompute_statistics
+
+        precompute_statistics(cfg, progress)
     if selected:
         return generate_selected(cfg, method, progress=progress)
     gen_dir = generate(cfg, method=method, progress=progress)
     if not is_done(gen_dir):
         merge(gen_dir)
     return gen_dir
-
-
-def _d3hr_statistics(cfg: ExperimentConfig, progress: bool) -> None:
-    """D^3HR's per-class statistics (DDIM inversion of the real train split) are data made once per model
-    and dataset and cached in ``RUN/d3hr-cache`` (:func:`ddkit.methods.d3hr.class_statistics`): ``ddkit
-    run`` makes them before the method's generation budget starts, as training comes before it. ``ddkit
-    generate --method d3hr`` on its own, like the challenge's bundle, spends its budget on them when no cache
-    exists."""
-    from ddkit import dist
-    from ddkit.generate import checkpoint_for
-    from ddkit.methods import d3hr
-    from ddkit.models import load_backbone
-
-    device = dist.device_for(dist.dist_env())
-    model, _ = load_backbone(
-        checkpoint_for(cfg, "d3hr"), use_ema=cfg.generate.use_ema, device=device,
-        timestep_shift=cfg.model.timestep_shift, expect=cfg.model,
-    )  # fmt: skip
-    d3hr.class_statistics(model, cfg, device=device, cache_dir=Path(cfg.run_dir) / "d3hr-cache", progress=progress)
 
 
 def _evaluate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:

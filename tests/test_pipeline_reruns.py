@@ -183,3 +183,22 @@ def test_kill_9_during_training_resumes_on_rerun(first_run, mnist_shards, tmp_pa
     assert load_checkpoint(ckpt)["step"] == 30 and read_done(run / "minimax")["step"] == 30
     logged = [r["step"] for r in read_jsonl(run / "minimax" / "train_log.jsonl")]
     assert logged == list(range(5, 31, 5))  # no step logged twice, none missing
+
+
+def test_a_stage_trained_by_its_own_command_is_skipped_by_ddkit_run(mnist_shards, tmp_path):
+    """``ddkit train`` (and ``ddkit submit train``, the same wrapper) records the fingerprint ``ddkit run``
+    would: the same config skips the stage, a changed one reruns it."""
+    from typer.testing import CliRunner
+
+    from ddkit.cli import app
+
+    run = tmp_path / "run"
+    sets = [f"run_dir={run}", f"data.shards={mnist_shards}", *TINY]
+    args = ["train", "-c", str(ROOT / "configs" / "mnist.yaml"), "--stage", "pretrain", "--no-progress"]
+    result = CliRunner().invoke(app, args + [a for kv in sets for a in ("--set", kv)])
+    assert result.exit_code == 0, result.output
+    assert "fingerprint" in read_done(run / "pretrain")
+    res, lines = _run(run, mnist_shards, stages=("shard", "pretrain"), dry_run=True)
+    assert _acts(res)["pretrain"] == "skip" and "[pretrain] would skip: unchanged" in " ".join(lines), lines
+    res, lines = _run(run, mnist_shards, "pretrain.lr=0.0002", stages=("shard", "pretrain"), dry_run=True)
+    assert _acts(res)["pretrain"] == "run", lines

@@ -227,7 +227,7 @@ def test_wrong_partition_fails_before_submission(slurm_cluster, config_file, tmp
     assert res.returncode == 2 and re.search(r"partition 'gpu' nodes have at most [24] GPU\(s\)", res.stderr)
 
 
-def test_submit_train_cli_returns_result(reference):
+def test_submit_train_cli_returns_result(reference, config_file):
     res, ckpt, seconds = reference
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.split("submitted ")[1].split()[0]
@@ -240,6 +240,10 @@ def test_submit_train_cli_returns_result(reference):
     assert listing.returncode == 0 and job_id in listing.stdout and "ddkit-train-pretr" in listing.stdout
     logs = ddkit("jobs", "logs", job_id)
     assert logs.returncode == 0 and "Job completed successfully" in logs.stdout
+    # The job left the records `ddkit run` leaves: a later run with the same config does not train again.
+    plan = ddkit("run", str(config_file), "--set", f"run_dir={ckpt.parent.parent.parent}", "--stage", "pretrain",
+                 "--dry-run", "--no-progress")  # fmt: skip
+    assert plan.returncode == 0 and "[pretrain] would skip: unchanged" in plan.stdout, plan.stdout + plan.stderr
 
 
 @pytest.fixture(scope="module")

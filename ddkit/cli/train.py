@@ -33,8 +33,10 @@ def train(
     check_stages((stage,))
     cfg = load(config, sets)
     from ddkit import train as lib
+    from ddkit.pipeline import outside_run
 
-    path = lib.train(cfg, stage, resume=resume, max_steps=max_steps, progress=not no_progress)  # type: ignore[arg-type]
+    with outside_run(cfg, stage):  # so a later `ddkit run` skips or resumes this stage
+        path = lib.train(cfg, stage, resume=resume, max_steps=max_steps, progress=not no_progress)  # type: ignore[arg-type]
     from ddkit.dist import dist_env
 
     if dist_env().is_main:

@@ -118,15 +118,16 @@ class TrainJob(Checkpointable):
         return Path(self.cfg.run_dir) / self.stage
 
     def __call__(self) -> str:
+        from ddkit.pipeline import outside_run
         from ddkit.train import Preempted, train
 
         if _is_rank0():
             record_event(self.stage_dir, "start", resume_step=_checkpoint_step(self.stage_dir))
         with _stop_on_signals() as requeue_handler:
             try:
-                return str(
-                    train(self.cfg, self.stage, resume="auto", max_steps=self.max_steps, progress=False)
-                )
+                with outside_run(self.cfg, self.stage):  # a later `ddkit run` skips or resumes this stage
+                    ckpt = train(self.cfg, self.stage, resume="auto", max_steps=self.max_steps, progress=False)
+                return str(ckpt)
             except Preempted as p:
                 self._leave(p, requeue_handler)
                 raise

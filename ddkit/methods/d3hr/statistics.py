@@ -343,3 +343,25 @@ def _stats_from_blob(blob: dict[str, Any], timestep: int, path: Path, computed: 
         path=path,
         inputs=blob.get("inputs", {}),
     )
+
+
+def precompute_statistics(cfg: ExperimentConfig, progress: bool = False) -> D3HRStats:
+    """D^3HR's per-class statistics (DDIM inversion of the real train split) for ``ddkit run``: data made
+    once per model and dataset and cached in ``RUN/d3hr-cache`` (:func:`class_statistics`), so ``ddkit run``
+    makes them before the method's generation budget starts, as training comes before it. ``ddkit generate
+    --method d3hr`` on its own spends its budget on them when no cache exists; the challenge's bundle ships
+    them (``generate.d3hr.statistics``).
+
+    Raises:
+        WeightsError: the backbone or VAE cannot be loaded; as :func:`class_statistics` otherwise.
+    """
+    from ddkit import dist
+    from ddkit.generate import checkpoint_for
+    from ddkit.models import load_backbone
+
+    device = dist.device_for(dist.dist_env())
+    model, _ = load_backbone(
+        checkpoint_for(cfg, "d3hr"), use_ema=cfg.generate.use_ema, device=device,
+        timestep_shift=cfg.model.timestep_shift, expect=cfg.model,
+    )  # fmt: skip
+    return class_statistics(model, cfg, device=device, cache_dir=Path(cfg.run_dir) / "d3hr-cache", progress=progress)
