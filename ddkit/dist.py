@@ -120,15 +120,26 @@ def _positive_env(env, name: str) -> int | None:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``gpu[003-005,7],cpu1`` -> ``gpu003``."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return nodelist
-    prefix, _, ranges = m.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a SLURM node list (``SLURM_JOB_NODELIST``), the rendezvous address of a multi-node job:
+    ``gpu[003-005,7],cpu1`` -> ``gpu003``; ``gpu[003-005]-ib`` -> ``gpu003-ib``; ``a[1-2]b[3-4]`` -> ``a1b3``.
+
+    SLURM's own expansion is ``scontrol show hostnames`` (a subprocess, absent inside some containers), and
+    submitit's parser is private (``submitit.slurm.slurm._parse_node_list``), so this keeps the one rule it
+    needs: the first entry of every bracket group of the first host. A malformed list (an unclosed bracket)
+    keeps the text before it. Raises nothing.
+    """
+    s, out, i = nodelist.strip(), [], 0
+    while i < len(s) and s[i] != ",":
+        if s[i] != "[":
+            out.append(s[i])
+            i += 1
+            continue
+        j = s.find("]", i)
+        if j < 0:
+            break
+        out.append(s[i + 1 : j].split(",")[0].split("-")[0])
+        i = j + 1
+    return "".join(out) or nodelist
 
 
 def init_distributed(env: DistEnv | None = None, backend: str | None = None) -> DistEnv:

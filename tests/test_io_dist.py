@@ -103,7 +103,9 @@ def test_dist_env_from_launchers():
 
 
 @pytest.mark.parametrize(
-    "nodelist, first", [("node1", "node1"), ("gpu[003-005,7]", "gpu003"), ("a[1,2],b3", "a1"), ("c[10]", "c10")]
-)
+    "nodelist, first",
+    [("node1", "node1"), ("gpu[003-005,7]", "gpu003"), ("a[1,2],b3", "a1"), ("c[10]", "c10"),
+     ("gpu[003-005]-ib", "gpu003-ib"), ("a[1-2]b[3-4],c9", "a1b3"), (" n[07-08] ", "n07"), ("gpu[003", "gpu")],
+)  # fmt: skip
 def test_first_host(nodelist, first):
     assert first_host(nodelist) == first
