@@ -8,7 +8,6 @@ group when the world has more than one rank (NCCL on GPU, gloo on CPU).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 
