@@ -87,7 +87,9 @@ def resolve_gen_dir(path: str | Path, method: str | None = None) -> Path:
     return found[0]
 
 
-def load_distilled(path: str | Path, method: str | None = None, *, index: dict[str, Any] | None = None) -> Distilled:
+def load_distilled(
+    path: str | Path, method: str | None = None, *, index: dict[str, Any] | None = None, balanced: bool = True
+) -> Distilled:
     """Load and validate a distilled set, putting it in class-major order (a stable sort keeps the
     within-class order the generator chose).
 
@@ -98,6 +100,9 @@ def load_distilled(path: str | Path, method: str | None = None, *, index: dict[s
         index: the real data's shard index (``dataset.json``: ``classes``, ``channels``, ``resolution``,
             ``mean``, ``std``); when given, the set must match it (``classes`` may then be left out of the
             dict) and the float forms of the module docstring are accepted.
+        balanced: hold the set to the generation contract (equal images per class, class-major). False (for
+            ``ddkit evaluate``, which trains on any set, e.g. another tool's): any counts, the file's order
+            kept, ``ipc`` = the ``ipc`` key or the largest class count.
 
     Raises:
         DistilledSetError (a :class:`~ddkit.errors.DataError` and a :class:`~ddkit.errors.PackageError`):
@@ -121,9 +126,10 @@ def load_distilled(path: str | Path, method: str | None = None, *, index: dict[s
         images, labels, classes, ipc_key = _from_dict(f, data, index)
     else:
         raise DistilledSetError(f"{f}: expected a dict with images/labels/classes/ipc, got {type(data).__name__}")
-    ipc = _equal_ipc(f, labels, classes, ipc_key)
-    order = torch.sort(labels, stable=True).indices
-    images, labels = images[order].contiguous(), labels[order].contiguous()
+    ipc = _equal_ipc(f, labels, classes, ipc_key, balanced)
+    if balanced:
+        order = torch.sort(labels, stable=True).indices
+        images, labels = images[order].contiguous(), labels[order].contiguous()
     gen_dir = f.parent
     manifest = read_json(gen_dir / MANIFEST) if (gen_dir / MANIFEST).is_file() else {}
     config: dict[str, Any] = {}
@@ -190,8 +196,8 @@ def _check_against_index(f: Path, images, classes: list[str] | None, index: dict
         )
 
 
-def _equal_ipc(f: Path, labels, classes: list[str], ipc_key: Any) -> int:
-    """Images per class, the same for every class (the generation contract)."""
+def _equal_ipc(f: Path, labels, classes: list[str], ipc_key: Any, balanced: bool = True) -> int:
+    """Images per class, the same for every class (the generation contract); unbalanced: the largest count."""
     import torch
 
     k = len(classes)
@@ -200,6 +206,8 @@ def _equal_ipc(f: Path, labels, classes: list[str], ipc_key: Any) -> int:
     if k == 0 or int(labels.min()) < 0 or int(labels.max()) >= k:
         raise DistilledSetError(f"{f}: labels outside [0, {k}) for {k} classes")
     counts = torch.bincount(labels, minlength=k)
+    if not balanced:
+        return int(ipc_key) if ipc_key else int(counts.max())
     ipc = int(torch.mode(counts).values)  # the most common count names the odd class out
     bad = [(i, int(c)) for i, c in enumerate(counts.tolist()) if c != ipc]
     if bad:

@@ -289,6 +289,18 @@ def test_load_distilled_formats(real, tmp_path):
     b = load_distilled(tmp_path / "mnist.pt", idx)
     torch.testing.assert_close(b.images, xs.float() / 255, atol=1e-5, rtol=0)
     assert b.labels.tolist() == [c for c in range(10) for _ in range(10)]
+    # Any set trains, as it is: unequal counts and label order kept (packaging alone holds the contract).
+    xs, ys = _subset(real, ipc=3)
+    keep = torch.cat([torch.arange(3), torch.arange(3, len(ys), 3)])  # class 0 keeps 3, the others 1
+    order = keep.flip(0)
+    torch.save({"images": xs[order], "labels": ys[order], "classes": idx["classes"]}, tmp_path / "odd.pt")
+    odd = load_distilled(tmp_path / "odd.pt", idx)
+    assert odd.ipc == 3 and odd.labels.tolist() == ys[order].tolist()
+    from ddkit.errors import PackageError
+    from ddkit.package import load_distilled as load_for_packaging
+
+    with pytest.raises(PackageError, match="unequal IPC"):
+        load_for_packaging(tmp_path / "odd.pt")
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,7 @@ def load_distilled(path: str | Path, index: dict[str, Any], name: str | None = N
     """
     from ddkit.distilled import load_distilled as read_distilled
 
-    d = read_distilled(path, index=index)
+    d = read_distilled(path, index=index, balanced=False)  # a student trains on any set, in its own order
     p = d.file or d.gen_dir / "dataset.pt"
     x01 = d.images.float() / 255.0 if d.images.dtype == torch.uint8 else d.images.float()
     default = p.parent.name if p.name == "dataset.pt" else p.stem
