@@ -67,6 +67,9 @@ for name in sorted(os.listdir("/")):
     if name in ("dev", "proc", "tmp", "sys"):
         continue
     bw += ["--symlink", os.readlink(p), p] if os.path.islink(p) else ["--ro-bind", p, p] if os.path.isdir(p) else []
+# The image's own Python and ddkit, wherever this checkout lives (also below /tmp, which is empty above).
+for d in {image_dirs!r}:
+    bw += ["--ro-bind", d, d]
 hub = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".cache", "huggingface")
 bw += (["--tmpfs", hub] if os.path.isdir(hub) else []) + ["--dir", home]
 bw += ["--unshare-pid", "--unshare-net", "--die-with-parent", "--clearenv"]
@@ -188,7 +191,7 @@ def test_bundles_run_alone_for_dit_minimax_and_d3hr(tmp_path, monkeypatch):
     bindir.mkdir()
     (bindir / "apptainer").write_text(APPTAINER_STANDIN.format(
         python=sys.executable, path=f"{Path(sys.executable).parent}:/usr/bin:/bin", pythonpath=str(ROOT),
-        threads=os.environ.get("OMP_NUM_THREADS", "2")))
+        threads=os.environ.get("OMP_NUM_THREADS", "2"), image_dirs=[sys.prefix, str(ROOT)]))
     (bindir / "apptainer").chmod(0o755)
     for m in METHODS:
         out = tmp_path / f"out-{m}"
