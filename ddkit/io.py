@@ -19,7 +19,7 @@ import platform
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +82,9 @@ def make_readable(path: str | Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
-    path = Path(path)
+def _write_via_temp(path: Path, data: bytes, place: Callable[[str], Any]) -> None:
+    """``data`` into a new temporary file beside ``path`` (readable as the umask allows, fsynced), then
+    ``place(tmp)`` puts it where it belongs (rename or link); the temporary name never outlives the call."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -93,11 +93,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        place(tmp)
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
+    path = Path(path)
+    _write_via_temp(path, data, lambda tmp: os.replace(tmp, path))
     return path
 
 
@@ -119,19 +124,13 @@ def publish_json_once(path: str | Path, obj: Any) -> Any:
     racing its predecessor) all return the same, complete record. Raises ``OSError`` from the filesystem.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        make_readable(tmp)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+
+    def link_unless_there(tmp: str) -> None:
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    _write_via_temp(path, text.encode("utf-8"), link_unless_there)
     return json.loads(path.read_text())
 
 
