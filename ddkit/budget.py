@@ -200,6 +200,7 @@ class Plan:
 def load_quality_table(path) -> dict[tuple, float]:
     """Read a YAML/JSON table of measured accuracies.
 
+    ``path`` is a file, or ``ddkit:NAME/FILE``: a table shipped with a model (:mod:`ddkit.assets`).
     Accepted forms: a list of ``{steps, ipc, accuracy}`` mappings (optionally with ``ratio``, the
     over-generation ratio of a ``+select`` method: ``ratio × ipc`` candidates per class, ``ipc`` kept), or a
     mapping ``"steps,ipc": accuracy`` / ``"steps,ipc,ratio": accuracy``.
@@ -214,9 +215,13 @@ def load_quality_table(path) -> dict[tuple, float]:
 
     import yaml
 
-    from ddkit.errors import ConfigError
+    from ddkit.assets import asset_path
+    from ddkit.errors import ConfigError, WeightsError
 
-    p = Path(path)
+    try:
+        p = Path(asset_path(str(path)))
+    except WeightsError as e:
+        raise ConfigError(f"generate.quality: {e}") from None
     if not p.is_file():
         raise ConfigError(f"generate.quality: table file {p} not found (use 'dsr' or a YAML/JSON table)")
     data = yaml.safe_load(p.read_text())
@@ -272,7 +277,8 @@ def plan(
         batch_size: images per batch.
         world_size: ranks sampling in parallel (batches are dealt round-robin).
         quality: ``"dsr"`` or a table ``{(steps, ipc[, ratio]): accuracy}`` (module docstring); a point takes
-            the best entry of its own ratio that it dominates in steps and IPC.
+            the best entry of its own ratio that it dominates in steps and IPC. When no feasible point
+            dominates any entry (a table measured at larger steps or IPC) the DSR rule plans instead.
         ratios: the over-generation ratios allowed (>= 1). DSR has no quality model for them and takes the
             largest that fits ``steps_min`` × ``ipc_min``; a table picks the best measured.
 
@@ -304,15 +310,18 @@ def plan(
     def max_ipc(s: int, r: float) -> int:
         return _max_ipc(b, lambda i: fits(s, i, r))
 
-    if isinstance(quality, str):
-        if quality != "dsr":
-            raise BudgetError(f"generate.quality: unknown quality model {quality!r} (use 'dsr' or a table)")
+    if isinstance(quality, str) and quality != "dsr":
+        raise BudgetError(f"generate.quality: unknown quality model {quality!r} (use 'dsr' or a table)")
+    picked = None if isinstance(quality, str) else _plan_table(b, dict(quality), rs, max_ipc)
+    if picked is not None:
+        s, i, r, reason = picked
+        name = "table"
+    else:
         r = max(x for x in rs if fits(b.steps_min, b.ipc_min, x))
         s, i, reason = _plan_dsr(b, lambda s_: max_ipc(s_, r), lambda s_, i_: fits(s_, i_, r))
+        if not isinstance(quality, str):  # a table measured elsewhere in (steps, IPC): no point to rank
+            reason = f"table: no measured point within these bounds, so the {reason}"
         name = "dsr"
-    else:
-        s, i, r, reason = _plan_table(b, dict(quality), rs, max_ipc)
-        name = "table"
     n = math.ceil(r * i)
     if r > 1.0:
         reason += f"; over-generate {r:g}x: {n} candidates per class, keep {i}"
@@ -358,8 +367,9 @@ def _plan_dsr(b: Bounds, max_ipc: Callable[[int], int], fits: Callable[[int, int
 
 def _plan_table(
     b: Bounds, table: dict[tuple, float], ratios: list[float], max_ipc: Callable[[int, float], int]
-) -> tuple[int, int, float, str]:
-    """The best measured feasible (steps, kept IPC, ratio); ties go to more IPC, more steps, less ratio."""
+) -> tuple[int, int, float, str] | None:
+    """The best measured feasible (steps, kept IPC, ratio); ties go to more IPC, more steps, less ratio.
+    None when no feasible point dominates a table entry (the caller falls back to the DSR rule)."""
     entries = [(k[0], k[1], float(k[2]) if len(k) > 2 else 1.0, a) for k, a in table.items()]
 
     def q(s: int, i: int, r: float) -> float:
@@ -375,6 +385,8 @@ def _plan_table(
                     best = (key, s, i, r)
     assert best is not None  # (steps_min, ipc_min, smallest ratio) fits
     (qv, *_), s, i, r = best
+    if qv == -math.inf:
+        return None
     return s, i, r, f"table: best measured accuracy {qv:g} reachable at steps={s}, ipc={i}, ratio={r:g}"
 
 

@@ -14,6 +14,7 @@ Exit status: 0 written and checked; 1 the written file fails its check; 2 any dd
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -23,10 +24,6 @@ from pathlib import Path
 # The budget clock starts when Python has imported this module, the earliest point ddkit controls.
 # CLOCK_MONOTONIC on Linux, the same clock as time.perf_counter.
 _T0 = time.monotonic()
-
-# Config paths that a bundle holds relative to itself.
-BUNDLE_KEYS = (("generate", "checkpoint"), ("model", "pretrained"), ("model", "vae"), ("model", "vae_decoder"),
-               ("data", "shards"), ("generate", "quality"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,24 +60,21 @@ def challenge_config(args: argparse.Namespace, work: Path, reserve: float = 0.0)
     Raises:
         ConfigError: the config is missing or invalid.
     """
-    from ddkit.config import load_config, replace
+    from ddkit.config import ExperimentConfig, from_dict, load_config, to_dict
     from ddkit.package import IPC
+    from ddkit.package.contents import BUNDLE_PATHS
 
     path = args.config or args.bundle / "configs" / f"{args.dataset}.yaml"
-    cfg = load_config(path, tuple(args.sets))
-    sections = {"generate": cfg.generate, "model": cfg.model, "data": cfg.data}
-    changes: dict[str, dict] = {"generate": {}, "model": {}, "data": {}}
-    for sec, key in BUNDLE_KEYS:
-        val = getattr(sections[sec], key)
+    d = to_dict(load_config(path, tuple(args.sets)))
+    for dotted in BUNDLE_PATHS:  # weights, statistics, modes, shard index, quality table
+        *parents, leaf = dotted.split(".")
+        sec = functools.reduce(dict.__getitem__, parents, d)
+        val = sec.get(leaf)
         if val and not Path(val).is_absolute() and (args.bundle / val).exists():
-            changes[sec][key] = str((args.bundle / val).resolve())
-    stats = cfg.generate.d3hr.statistics  # D^3HR's precomputed statistics (generate.d3hr.statistics)
-    if stats and not Path(stats).is_absolute() and (args.bundle / stats).exists():
-        changes["generate"]["d3hr"] = replace(cfg.generate.d3hr, statistics=str((args.bundle / stats).resolve()))
-    gen = replace(cfg.generate, **changes["generate"], time_limit=max(1.0, args.time_limit - reserve),
-                  ipc_min=IPC, ipc_max=IPC)
-    return replace(cfg, run_dir=str(work), generate=gen, model=replace(cfg.model, **changes["model"]),
-                   data=replace(cfg.data, **changes["data"]))
+            sec[leaf] = str((args.bundle / val).resolve())
+    d["run_dir"] = str(work)
+    d["generate"].update(time_limit=max(1.0, args.time_limit - reserve), ipc_min=IPC, ipc_max=IPC)
+    return from_dict(ExperimentConfig, d, str(path))
 
 
 def budget_start() -> float:

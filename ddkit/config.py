@@ -192,10 +192,29 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class ModesConfig:
+    """MGD^3 mode guidance (method ``mgd3``; :mod:`ddkit.methods.modes`; Chan-Santiago et al., ICML 2025): the
+    k-means modes of each class's real data, one per kept image, and a pull λ σ_t (m − x̂_0) of every sample
+    towards its own mode during the first steps. No fine-tuning; ``generate.checkpoint`` may name a minimax
+    checkpoint to guide that instead of ``model.pretrained``."""
+
+    scale: float = 0.1  # λ: the reference's mode_guidance_scale
+    stop: float = 0.5  # no guidance for the last half of the steps (reference: stop_t 25 of 50)
+    max_images_per_class: Optional[int] = None  # real images clustered per class (None: all)
+    file: Optional[str] = None  # precomputed modes (``RUN/gen-mgd3/modes.pt``); the generator bundle ships one
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_images_per_class")
+        if self.scale < 0:
+            raise ConfigError(f"scale: must be >= 0, got {self.scale}")
+        _in_range(self, "stop", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """Budgeted generation (``ddkit generate``): Diffusion Step Reduction planner + sampler."""
 
-    method: Literal["minimax", "dit", "d3hr"] = "minimax"  # which checkpoint / initial latents
+    method: Literal["minimax", "dit", "d3hr", "mgd3"] = "minimax"  # which checkpoint / latents / guidance
     checkpoint: Optional[str] = None  # default: the method's training stage in the run dir
     time_limit: float = 600.0  # seconds for the whole generation, model loading included
     sampler: Literal["ddpm", "ddim"] = "ddpm"  # DiT reference: 50 respaced DDPM steps
@@ -215,6 +234,7 @@ class GenerateConfig:
     compile: bool = False  # torch.compile the backbone (pays off on GPU for long budgets)
     d3hr: D3HRConfig = field(default_factory=D3HRConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    modes: ModesConfig = field(default_factory=ModesConfig)
 
     def __post_init__(self) -> None:
         _positive(self, "time_limit", "steps_min", "steps_max", "ipc_min", "ipc_max", "batch_size")

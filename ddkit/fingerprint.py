@@ -86,6 +86,23 @@ def path_identity(path: str | None, max_files: int = 2000) -> Any:
     ]
 
 
+def table_identity(ref: str | None) -> str | None:
+    """sha256 of a small input file named by ``ref`` (a path or a shipped ``ddkit:NAME/FILE``, e.g. the
+    ``generate.quality`` table), so an edited table counts as a change; ``ref`` itself when it names none;
+    None for no file (None, or the rule ``"dsr"``)."""
+    from ddkit.assets import asset_path
+    from ddkit.errors import WeightsError
+
+    if not ref or ref == "dsr":
+        return None
+
+    try:
+        p = Path(asset_path(str(ref))).expanduser()
+    except WeightsError:
+        return str(ref)
+    return file_digest(p) if p.is_file() else str(ref)
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 (hex) of a small file's bytes (the shard index ``dataset.json``)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

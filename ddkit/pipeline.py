@@ -32,6 +32,7 @@ from ddkit.fingerprint import (
     path_identity,
     read_records,
     select,
+    table_identity,
     write_start,
 )
 from ddkit.io import atomic_write_json, is_done, mark_done, read_done, read_json, set_aside, write_run_config
@@ -72,6 +73,7 @@ class Node:
     paths: tuple[str, ...] = ()
     growable: str | None = None
     off: str | None = None
+    tables: tuple[str, ...] = ()  # config keys naming small files read whole (their bytes count)
 
 
 @dataclass
@@ -141,9 +143,11 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
         up = () if cfg.generate.checkpoint else ("minimax",) if base == "minimax" else from_pre
         ignores = ("generate.method",) + (() if base == "d3hr" else ("generate.d3hr",))
         ignores += () if m.endswith("+select") else ("generate.select",)
+        ignores += () if base == "mgd3" else ("generate.modes",)
         paths = ("generate.checkpoint", "model.pretrained")
         nodes.append(
-            Node(f"gen-{m}", "generate", ("seed", "model", "generate"), ignores, ("shard", *up), paths)
+            Node(f"gen-{m}", "generate", ("seed", "model", "generate"), ignores, ("shard", *up), paths,
+                 tables=("generate.quality",))
         )
     gens = tuple(f"gen-{m}" for m in cfg.methods)
     nodes.append(Node("evaluate", "evaluate", ("evaluate", "methods"), upstream=("shard", *gens)))
@@ -209,6 +213,7 @@ def node_inputs(node: Node, cfgd: dict[str, Any], fps: dict[str, str], version: 
         value = select(cfgd, (key,)).get(key)
         if value:
             inputs[f"path.{key}"] = path_identity(value)
+    inputs.update({f"file.{k}": v for k in node.tables if (v := table_identity(select(cfgd, (k,)).get(k)))})
     inputs["ddkit"] = version
     return inputs
 

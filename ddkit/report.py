@@ -20,6 +20,8 @@ LABELS = {
     "dit+select": "plain DiT + selection (ours)",
     "minimax+select": "Minimax DiT + selection (ours)",
     "d3hr+select": "D^3HR + selection",
+    "mgd3": "MGD^3 mode guidance",
+    "mgd3+select": "MGD^3 mode guidance + selection (ours)",
     "random_real": "random real",
     "full": "full real data",
 }

@@ -285,6 +285,9 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     step_callback: Callable[[int, int], bool | int | None] | None = None,
     final_step: bool = True,
+    modes: torch.Tensor | None = None,
+    mode_scale: float = 0.1,
+    mode_stop: float = 0.5,
 ) -> torch.Tensor:
     """Sample a batch of class-conditional images (or latents) with a DiT backbone.
 
@@ -312,17 +315,20 @@ def sample(
             from the current timestep (the budget's mid-batch step reduction).
         final_step: False stops one step early, at the noise level of the last timestep (x at ᾱ of
             ``timesteps[-1]``, e.g. ᾱ_0 = 0.9999, where D^3HR's inversion starts) instead of x_0 at ᾱ = 1.
+        modes, mode_scale, mode_stop: MGD^3 mode guidance (ddpm; :mod:`ddkit.methods.modes`): float [B, C, H, W]
+            each image's mode (None: off), λ (0.1) and the unguided last fraction of the steps (0.5).
 
     Returns:
         float32 [B, C, H, W]: x_0 in the backbone's space (pixels in [-1, 1], or scaled SD-VAE latents).
 
     Raises:
-        ValueError: a label outside [0, num_classes), wrong latent shape, unknown sampler.
+        ValueError: a bad label, latent or mode shape, an unknown sampler, modes with a sampler but ddpm.
         SamplingAborted: ``step_callback`` returned False.
     """
     device = next(iter(model.parameters())).device if hasattr(model, "parameters") else labels.device
     labels, generators = _checked_labels(model, labels, generators, device)
     x = _start_latents(model, latents, generators, device)
+    guide = None if modes is None else _checked_modes(modes, sampler, x, mode_scale, mode_stop)
     if timesteps is None:
         timesteps = timestep_spacing(
             sampler, steps, num_train_timesteps=num_train_timesteps, start_timestep=start_timestep
@@ -340,6 +346,7 @@ def sample(
             autocast_dtype=autocast_dtype,
             step_callback=step_callback,
             final_step=final_step,
+            guide=guide,
         )
 
 
@@ -358,6 +365,18 @@ def _checked_labels(model, labels: torch.Tensor, generators, device) -> tuple[to
     if len(generators) != B:
         raise ValueError(f"generators: need one per image ({B}), got {len(generators)}")
     return labels, generators
+
+
+def _checked_modes(modes: torch.Tensor, sampler: str, x: torch.Tensor, scale: float, stop: float) -> tuple:
+    """(modes as float32 on x's device, λ, stop) for :func:`_loop`.
+
+    Raises:
+        ValueError: a sampler other than ddpm, or not one mode of x's shape per image.
+    """
+    if sampler != "ddpm" or tuple(modes.shape) != tuple(x.shape):
+        raise ValueError(f"modes: mode guidance needs sampler 'ddpm' (got {sampler!r}) and one mode per "
+                         f"image of shape {tuple(x.shape)} (got {tuple(modes.shape)})")
+    return modes.to(device=x.device, dtype=torch.float32), float(scale), float(stop)
 
 
 def _start_latents(model, latents: torch.Tensor | None, generators, device) -> torch.Tensor:
@@ -396,9 +415,39 @@ class _Chain:
         self.set(self.timesteps[: i + 1] + tail)
 
 
+def step_std(sched, t: int, out: torch.Tensor) -> torch.Tensor:
+    """σ_t, the standard deviation of the noise a diffusers ``DDPMScheduler`` step at ``t`` adds.
+
+    DDPM posterior (Ho et al. 2020, eqs. 6-7): β_t = 1 − ᾱ_t / ᾱ_prev and β̃_t = (1 − ᾱ_prev) / (1 − ᾱ_t) β_t;
+    ``fixed_large`` uses σ² = β_t; ``learned_range`` (DiT, improved DDPM eq. 15) log σ² = f log β_t +
+    (1 − f) log β̃_t with f = (v + 1) / 2 from the backbone's variance channels v.
+
+    Args:
+        sched: the ``DDPMScheduler`` of :func:`make_scheduler`; t: its timestep.
+        out: float [B, C or 2C, H, W] the step's model output (v = channels C.. under ``learned_range``).
+
+    Returns:
+        float: scalar tensor (``fixed_large``) or [B, C, H, W] (``learned_range``).
+    """
+    ac = sched.alphas_cumprod
+    prev = sched.previous_timestep(t)
+    a_t = ac[t]
+    a_prev = ac[prev] if prev >= 0 else torch.tensor(1.0)
+    beta = 1 - a_t / a_prev
+    if sched.config.variance_type != "learned_range":
+        return beta.sqrt().to(out.device)
+    C = out.shape[1] // 2
+    tilde = torch.clamp((1 - a_prev) / (1 - a_t) * beta, min=1e-20)
+    frac = (out[:, C:].float() + 1) / 2
+    return torch.exp(0.5 * (frac * beta.log().to(out.device) + (1 - frac) * tilde.log().to(out.device)))
+
+
 def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, generators, autocast_dtype,
-          step_callback, final_step):  # fmt: skip
-    """The denoising loop of :func:`sample` (see there)."""
+          step_callback, final_step, guide=None):  # fmt: skip
+    """The denoising loop of :func:`sample` (see there); ``guide`` = (modes, λ, stop) for mode guidance."""
+    from ddkit.methods.modes import guide as mode_guide
+    from ddkit.methods.modes import guided_steps
+
     C = model.in_channels
     i = 0
     while i < len(chain.timesteps) - (0 if final_step else 1):
@@ -410,7 +459,11 @@ def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, genera
             # DDIM uses ε only; the learned variance is meaningless at η = 0.
             x = chain.sched.step(out[:, :C], chain.sched_ts[i], x, eta=0.0).prev_sample
         else:
-            x = chain.sched.step(out, chain.sched_ts[i], x, generator=generators).prev_sample
+            res = chain.sched.step(out, chain.sched_ts[i], x, generator=generators)
+            x = res.prev_sample
+            if guide is not None and i < guided_steps(len(chain.timesteps), guide[2]):
+                std = step_std(chain.sched, chain.sched_ts[i], out)
+                x = mode_guide(x, res.pred_original_sample, guide[0], std, guide[1])
         n = len(chain.timesteps)
         verdict = step_callback(i, n) if step_callback is not None else None
         if verdict is False:

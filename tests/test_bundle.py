@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 HF_ID = "ddkit-test/tiny-dit"
-METHODS = ("dit", "minimax", "d3hr")
+METHODS = ("dit", "minimax", "d3hr", "mgd3")
 
 SETS = [
     "data.dataset=cifar100", "data.channels=3", "model.class_map=identity", f"model.pretrained={HF_ID}",
@@ -129,7 +129,7 @@ def run_bundle(bundle: Path, out: Path, home: Path, bindir: Path) -> subprocess.
 
 
 @pytest.mark.timeout(600)
-def test_bundles_run_alone_for_dit_minimax_and_d3hr(tmp_path, monkeypatch):
+def test_bundles_run_alone_for_dit_minimax_d3hr_and_mgd3(tmp_path, monkeypatch):
     import huggingface_hub.constants
     from test_package import cifar100_pickles
 
@@ -161,7 +161,7 @@ def test_bundles_run_alone_for_dit_minimax_and_d3hr(tmp_path, monkeypatch):
     packed = torch.load(w / "last.pt", weights_only=False)
     assert packed["weights"] == "ema" and {"optimizer", "ema", "rng", "memories"}.isdisjoint(packed)
     assert packed["source"] == str(run / "minimax" / "ckpt" / "last.pt")
-    for m in ("dit", "d3hr"):  # they sampled model.pretrained (the HF id), not RUN/minimax
+    for m in ("dit", "d3hr", "mgd3"):  # they sampled model.pretrained (the HF id), not RUN/minimax
         assert cfgs[m]["generate"]["checkpoint"] == "weights/cifar100/transformer"
         names = sorted(p.name for p in (bundles[m] / "weights" / "cifar100" / "transformer").iterdir())
         assert names == ["config.json", "diffusion_pytorch_model.safetensors"]
@@ -173,6 +173,7 @@ def test_bundles_run_alone_for_dit_minimax_and_d3hr(tmp_path, monkeypatch):
         assert HF_ID not in (bundles[m] / "configs" / "cifar100.yaml").read_text()
     assert cfgs["d3hr"]["generate"]["d3hr"]["statistics"] == "weights/cifar100/d3hr-stats.pt"
     assert not (bundles["dit"] / "weights" / "cifar100" / "d3hr-stats.pt").exists()
+    assert cfgs["mgd3"]["generate"]["modes"]["file"] == "weights/cifar100/modes.pt"  # fitted on the run's shards
 
     # Packaging is offline: an id missing from the local HF cache is one line naming the key and the id.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))

@@ -268,3 +268,17 @@ def test_dry_run_writes_nothing(finished_run):
     plan = [line for line in lines if line.startswith("[")]  # after the run's "threads: N" line
     assert plan[1] == "[pretrain] would run: changed: seed 0 -> 1"
     assert plan[2] == "[minimax] would run: upstream pretrain reruns"
+
+
+def test_plan_an_edited_quality_table_reruns_the_generations(tmp_path, mnist_shards):
+    """``generate.quality`` names a file: its bytes are an input, not only its name."""
+    table = tmp_path / "quality.yaml"
+    table.write_text("- {steps: 10, ipc: 10, accuracy: 70}\n")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.shards={mnist_shards}",
+                             f"generate.quality={table}"])
+    _stamp(cfg)
+    assert {a for k, a in _actions(cfg).items() if k != "report"} == {"skip"}
+    table.write_text("- {steps: 10, ipc: 10, accuracy: 71}\n")
+    acts = _actions(cfg)
+    assert [k for k, a in acts.items() if a != "skip"] == ["gen-minimax", "gen-dit", "gen-d3hr", "evaluate",
+                                                          "package", "report"]

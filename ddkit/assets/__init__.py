@@ -15,19 +15,28 @@ PREFIX = "ddkit:"
 
 
 def asset_path(ref: str) -> str:
-    """The local path of ``ref`` when it names a shipped asset (``ddkit:NAME``), else ``ref`` unchanged.
+    """The local path of ``ref`` when it names a shipped asset, else ``ref`` unchanged.
+
+    ``ddkit:NAME`` is a shipped model folder; ``ddkit:NAME/FILE`` a file shipped with it (the measured
+    quality table ``ddkit:mnist-dit-t4/quality.yaml`` that ``generate.quality`` reads).
 
     Raises:
-        WeightsError: ``ddkit:NAME`` names no shipped asset (lists the ones there are).
+        WeightsError: ``ddkit:NAME`` names no shipped model, or ``ddkit:NAME/FILE`` no file in it (lists what
+            there is).
     """
     if not str(ref).startswith(PREFIX):
         return ref
-    name = str(ref)[len(PREFIX):]
+    name, _, rest = str(ref)[len(PREFIX):].partition("/")
     here = Path(__file__).resolve().parent
     path = here / name
-    if not name or not (path / "config.json").is_file():
-        from ddkit.errors import WeightsError
+    from ddkit.errors import WeightsError
 
+    if not name or not (path / "config.json").is_file():
         known = sorted(p.name for p in here.iterdir() if (p / "config.json").is_file())
         raise WeightsError(f"{ref}: no such shipped model (shipped: {', '.join(known) or 'none'})")
+    if rest:
+        if ".." in Path(rest).parts or not (path / rest).is_file():
+            files = sorted(p.name for p in path.iterdir() if p.is_file())
+            raise WeightsError(f"{ref}: no such file shipped with {PREFIX}{name} (files: {', '.join(files)})")
+        return str(path / rest)
     return str(path)

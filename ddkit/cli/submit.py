@@ -118,7 +118,7 @@ def train(
 def generate(
     run: Path = typer.Argument(..., help="Run directory (its config.yaml, or one of its stages', is used)."),
     config: Path | None = ConfigArg,
-    method: str | None = typer.Option(None, "--method", "-m", help="minimax, dit or d3hr (default: config)."),
+    method: str | None = typer.Option(None, "--method", "-m", help="minimax, dit, d3hr or mgd3 (default: config)."),
     time_limit: float | None = typer.Option(
         None, "--time-limit", help="Generation budget in seconds, per task."
     ),

@@ -52,8 +52,8 @@ def _settings(cfg: ExperimentConfig, method: str | None, time_limit: float | Non
 
     gcfg = cfg.generate
     method = method or gcfg.method
-    if method not in ("minimax", "dit", "d3hr"):
-        raise ConfigError(f"generate.method: must be minimax, dit or d3hr, got {method!r}")
+    if method not in ("minimax", "dit", "d3hr", "mgd3"):
+        raise ConfigError(f"generate.method: must be minimax, dit, d3hr or mgd3, got {method!r}")
     limit = float(time_limit if time_limit is not None else gcfg.time_limit)
     if limit <= 0:
         raise ConfigError(f"generate.time_limit: must be > 0, got {limit}")
@@ -178,7 +178,8 @@ def generate(
                               clock=clock, phases=phases)  # fmt: skip
     runner, plan_at = plan(sampler, cost, reserve, gen_dir, job, deadline=deadline, select_ratios=select_ratios,
                            clock=clock)  # fmt: skip
-    sampler.choose_latents(runner.batches, runner.plan.ipc, phases=phases, clock=clock, progress=progress)
+    sampler.choose_latents(runner.batches, runner.plan.ipc, phases=phases, clock=clock, progress=progress,
+                           kept=runner.plan.kept_ipc, gen_dir=gen_dir)
     mark = clock()
     samples = run_budget(sampler, runner, progress=progress, rank=job.rank)
     phases["sample"] = clock() - mark

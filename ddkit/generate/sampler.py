@@ -34,6 +34,7 @@ class Sampler:
         sampler, cfg_scale, start_timestep: the chain (D^3HR: DDIM restarted at its inversion timestep).
         precision: the :class:`ddkit.hardware.PrecisionChoice` (``precision.dtype`` is the autocast dtype).
         stats, latents: D^3HR's class statistics and the chosen initial latents {class: float [ipc, C, H, W]}.
+        modes: MGD^3's class modes, float [K, k, C, H, W] in the backbone's space (k = IPC kept), or None.
     """
 
     model: Any
@@ -53,10 +54,19 @@ class Sampler:
     start_timestep: int | None = None
     stats: Any = None
     latents: dict[int, Any] = dataclasses.field(default_factory=dict)
+    modes: Any = None
+    config: Any = None  # the ExperimentConfig (MGD^3 reads the real shards and the VAE settings)
 
-    def _sample(self, labels, steps: int, **kw):
+    def _sample(self, labels, steps: int, items=None, **kw):
+        from ddkit.methods.modes import mode_of
         from ddkit.sampling import sample
 
+        if self.method == "mgd3" and self.modes is not None and items is not None:
+            import torch
+
+            k = self.modes.shape[1]
+            m = torch.stack([self.modes[c, mode_of(i, k)] for c, i in items]).to(self.device)
+            kw.update(modes=m, mode_scale=self.settings.modes.scale, mode_stop=self.settings.modes.stop)
         return sample(
             self.run_model,
             labels,
@@ -102,7 +112,7 @@ class Sampler:
         latents = None
         if self.stats is not None:
             latents = torch.stack([self.latents[c][i] for c, i in items]).to(self.device)
-        x = self._sample(labels, steps, generators=gens, latents=latents, step_callback=step_callback)
+        x = self._sample(labels, steps, items, generators=gens, latents=latents, step_callback=step_callback)
         return self._to_images(x)
 
     def calibration(self, batch_size: int) -> tuple[Callable[[int], None], Callable[[], None]]:
@@ -117,7 +127,12 @@ class Sampler:
 
         def run_steps(n: int) -> None:
             latents = torch.randn(B, C, S, S, device=device) if self.stats is not None else None
-            self._sample(cal_labels, n, latents=latents)
+            modes = torch.zeros(B, C, S, S, device=device) if self.method == "mgd3" else None
+            if modes is not None:  # time the guided step too (its cost is small but not zero)
+                self._sample(cal_labels, n, modes=modes, mode_scale=self.settings.modes.scale,
+                             mode_stop=self.settings.modes.stop)
+            else:
+                self._sample(cal_labels, n, latents=latents)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
@@ -126,9 +141,17 @@ class Sampler:
 
         return run_steps, fixed
 
-    def choose_latents(self, batches, ipc: int, *, phases: dict[str, float], clock, progress: bool) -> None:
+    def choose_latents(self, batches, ipc: int, *, phases: dict[str, float], clock, progress: bool,
+                       kept: int | None = None, gen_dir: Path | None = None) -> None:  # fmt: skip
         """D^3HR: the initial latents of the classes in ``batches`` (``ipc`` per class, group search of
-        :func:`ddkit.methods.d3hr.select_latents`); no-op for the other methods."""
+        :func:`ddkit.methods.d3hr.select_latents`). MGD^3: the class modes, one per kept image (``kept``,
+        default ``ipc``), loaded from ``generate.modes.file`` or fitted and written to ``gen_dir/modes.pt``
+        (:func:`class_modes_for`). A no-op for the other methods."""
+        if self.method == "mgd3":
+            mark = clock()
+            self.modes = class_modes_for(self, kept or ipc, gen_dir)
+            phases["mgd3_modes"] = clock() - mark
+            return
         if self.stats is None:
             return
         from ddkit.methods import d3hr
@@ -215,6 +238,10 @@ def load_sampler(
     # D^3HR restarts a deterministic DDIM chain from its inverted-statistics latents (reference
     # ``group_sampling.py``); the other methods use the configured sampler.
     sampler = "ddim" if method == "d3hr" else gcfg.sampler
+    if method == "mgd3" and sampler != "ddpm":
+        from ddkit.errors import ConfigError
+
+        raise ConfigError(f"generate.sampler: mgd3 guides DDPM steps (its reference's sampler), got {sampler!r}")
     cfg_scale = gcfg.cfg_scale
     if method == "d3hr" and gcfg.d3hr.cfg_scale is not None:
         cfg_scale = gcfg.d3hr.cfg_scale
@@ -229,7 +256,7 @@ def load_sampler(
         model=model, run_model=run_model, vae=vae, device=device, settings=gcfg, method=method,
         checkpoint=checkpoint, classes=names, backbone_labels=backbone_labels, image_shape=image_shape,
         num_train_timesteps=cfg.model.num_train_timesteps, precision=precision, sampler=sampler,
-        cfg_scale=cfg_scale, start_timestep=start_t, stats=stats,
+        cfg_scale=cfg_scale, start_timestep=start_t, stats=stats, config=cfg,
     )  # fmt: skip
 
 
@@ -252,3 +279,57 @@ def _sampling_precision(gcfg, model, device, gen_dir: Path):
         return choice  # a different request or device (heterogeneous ranks): decided here
     known = {f.name for f in dataclasses.fields(hw.PrecisionChoice)} - {"warning"}
     return hw.PrecisionChoice(**{k: v for k, v in published.items() if k in known})
+
+
+def class_modes_for(sampler: Sampler, k: int, gen_dir: Path | None):
+    """MGD^3's modes for ``k`` images per class: float32 [K, k, C, H, W] on the CPU.
+
+    From ``generate.modes.file`` when set (the generator bundle's), else k-means over the real train split
+    in the backbone's space (pixels in [-1, 1], or VAE latents sampled with a fixed generator), at most
+    ``generate.modes.max_images_per_class`` per class, written to ``gen_dir/modes.pt`` with the classes it
+    was fitted on.
+
+    Raises:
+        DataError: a modes file for other classes or another number of modes, or unreadable shards.
+    """
+    import torch
+
+    from ddkit.errors import DataError
+    from ddkit.io import atomic_torch_save
+    from ddkit.methods.modes import class_modes
+
+    gcfg = sampler.settings
+    if gcfg.modes.file:
+        blob = torch.load(gcfg.modes.file, map_location="cpu", weights_only=True)
+        modes = blob["modes"]
+        if list(blob["classes"]) != list(sampler.classes) or modes.shape[1] != k:
+            raise DataError(
+                f"generate.modes.file: {gcfg.modes.file} holds {modes.shape[1]} modes for "
+                f"{len(blob['classes'])} classes; this generation keeps {k} images for {len(sampler.classes)}"
+            )
+        return modes.float()
+    x, y = _real_inputs(sampler, gcfg.modes.max_images_per_class)
+    modes = class_modes(x, y, len(sampler.classes), k, seed=gcfg.seed)
+    if gen_dir is not None:
+        atomic_torch_save({"modes": modes, "classes": list(sampler.classes), "k": k}, Path(gen_dir) / "modes.pt")
+    return modes
+
+
+def _real_inputs(sampler: Sampler, per_class: int | None):
+    """(float32 [N, C, H, W] real train images in the backbone's space on the CPU, int64 [N] classes)."""
+    import torch
+
+    from ddkit.data import load_tensors
+    from ddkit.methods.d3hr.statistics import backbone_inputs
+
+    cfg = sampler.config
+    images, labels = load_tensors(cfg.data.shards, "train")
+    if per_class is not None:
+        keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(sampler.classes))])
+        images, labels = images[keep], labels[keep]
+    g = torch.Generator(device=sampler.device).manual_seed(cfg.generate.seed)
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(images), 64):
+            out.append(backbone_inputs(images[b:b + 64], sampler.model, sampler.vae, cfg, sampler.device, g).cpu())
+    return torch.cat(out), labels

@@ -43,8 +43,8 @@ from ddkit.errors import ConfigError, DdkitError, PackageError
 
 #: Config keys that name weights or other files a bundle holds (dotted; relative to the bundle).
 BUNDLE_PATHS = ("generate.checkpoint", "model.pretrained", "model.vae", "model.vae_decoder", "data.shards",
-                "generate.d3hr.statistics", "generate.quality", "data.encode_latents", "pretrain.init",
-                "minimax.init")
+                "generate.d3hr.statistics", "generate.modes.file", "generate.quality", "data.encode_latents",
+                "pretrain.init", "minimax.init")
 #: Inputs of earlier stages that generation never reads: cleared in a bundle (they name host paths or ids).
 UNREAD_KEYS = ("model.pretrained", "model.vae", "data.encode_latents", "pretrain.init", "minimax.init")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -256,8 +256,8 @@ def pack_weights(d, cfg_dict: dict[str, Any], tmp: Path, name: str) -> dict[str,
         The sources, for the manifest: ``{"checkpoint_source", "vae_source", "statistics_source"}``.
 
     Raises:
-        PackageError: weights missing (an HF id not in the local cache names the key and the id), or no
-            D^3HR statistics for a D^3HR run.
+        PackageError: weights missing (an HF id not in the local cache names the key and the id), no
+            D^3HR statistics for a D^3HR run, or no class modes for an MGD^3 run.
     """
     from ddkit.config import ExperimentConfig, from_dict
 
@@ -289,6 +289,13 @@ def pack_weights(d, cfg_dict: dict[str, Any], tmp: Path, name: str) -> dict[str,
         shutil.copy(stats, wdir / "d3hr-stats.pt")
         set_key(cfg_dict, "generate.d3hr.statistics", rel(wdir / "d3hr-stats.pt"))
         sources["statistics_source"] = str(stats)
+    if cfg_dict["generate"].get("method") == "mgd3":  # the run's class modes (fitted on its real shards)
+        modes = next((p for p in (d.gen_dir / "modes.pt", d.gen_dir / "pool" / "modes.pt") if p.is_file()), None)
+        if modes is None:
+            raise PackageError(f"{d.gen_dir}: no modes.pt; the MGD^3 bundle ships the run's class modes")
+        shutil.copy(modes, wdir / "modes.pt")
+        set_key(cfg_dict, "generate.modes.file", rel(wdir / "modes.pt"))
+        sources["statistics_source"] = str(modes)
     return sources
 
 
@@ -366,6 +373,8 @@ def _check_dataset(bundle: Path, name: str, entry: dict[str, Any]):
         return Verdict(where, False, "data.shards: no shard index (dataset.json) in the bundle")
     if cfg.generate.method == "d3hr" and not values["generate.d3hr.statistics"]:
         return Verdict(where, False, "D^3HR without generate.d3hr.statistics: the bundle has no images to invert")
+    if cfg.generate.method == "mgd3" and not values["generate.modes.file"]:
+        return Verdict(where, False, "MGD^3 without generate.modes.file: the bundle has no real data to cluster")
     return Verdict(where, True, f"{cfg.generate.method}, weights {values['generate.checkpoint']}")
 
 

@@ -121,7 +121,7 @@ def statistics_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare(
+def backbone_inputs(
     images_u8: torch.Tensor, model, vae, cfg: ExperimentConfig, device, generator=None
 ) -> torch.Tensor:
     """uint8 [B, C, H, W] -> the clean latent the backbone diffuses (float32 on device).
@@ -165,7 +165,7 @@ def _class_fit(model, vae, images, y_backbone: int, cfg: ExperimentConfig, devic
     if vae is not None:
         gen = torch.Generator(device=device).manual_seed(group_seed(cfg.seed, y_backbone))
     for lo in range(0, len(images), d.batch_size):
-        z0 = _prepare(images[lo : lo + d.batch_size], model, vae, cfg, device, gen)
+        z0 = backbone_inputs(images[lo : lo + d.batch_size], model, vae, cfg, device, gen)
         y = torch.full((z0.shape[0],), y_backbone, dtype=torch.int64, device=device)
         lat = ddim_invert(model, z0, y, cfg=d, num_train_timesteps=cfg.model.num_train_timesteps, store=store)
         lat = lat.to(torch.float64)  # [S, B, C, H, W]

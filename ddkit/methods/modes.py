@@ -1,0 +1,120 @@
+"""Mode guidance (MGD^3: Chan-Santiago et al., "Mode-Guided Dataset Distillation using Diffusion Models",
+ICML 2025): find IPC modes per class in the real data, then steer each sample towards its own mode during
+the first part of the reverse chain, so the IPC samples of a class cover its modes instead of collapsing
+onto the most likely one. Needs no fine-tuning.
+
+Pure functions; the sampler applies :func:`guide` after every guided DDPM step (:func:`ddkit.sampling.sample`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding (the reference fits scikit-learn ``KMeans(n_clusters=IPC,
+    random_state=0)`` on each class's VAE latents, ``sample_mode_guidance.py``).
+
+    Args:
+        x: float [N, D] points (N >= k).
+        k: clusters.
+        iters: Lloyd iterations at most (stops early when the assignment is stable).
+        seed: seeds the k-means++ draw, so the modes are reproducible.
+
+    Returns:
+        (centers float32 [k, D], assignment int64 [N]). A cluster left empty keeps its previous center.
+
+    Raises:
+        ValueError: fewer points than clusters, or k < 1.
+    """
+    x = x.float()
+    n = x.shape[0]
+    if k < 1 or n < k:
+        raise ValueError(f"kmeans: need 1 <= k <= points, got k={k} for {n} points")
+    g = torch.Generator().manual_seed(seed)
+    centers = x[torch.randint(n, (1,), generator=g)]
+    for _ in range(1, k):  # k-means++ (Arthur & Vassilvitskii 2007): draw ∝ squared distance to the nearest
+        d2 = torch.cdist(x, centers).min(dim=1).values.pow(2)
+        idx = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(n, (1,), generator=g)
+        centers = torch.cat([centers, x[idx]])
+    assign = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iters):
+        new = torch.cdist(x, centers).argmin(dim=1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        for c in range(k):
+            members = x[assign == c]
+            if members.shape[0]:
+                centers[c] = members.mean(0)
+    return centers, assign
+
+
+def class_modes(x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, *, seed: int = 0) -> torch.Tensor:
+    """IPC modes of every class: the k-means centers of its real samples in the backbone's space.
+
+    Args:
+        x: float [N, C, H, W] real samples as the backbone diffuses them (pixels in [-1, 1], or scaled
+            VAE latents).
+        y: int64 [N] dataset class of each sample.
+        num_classes: K.
+        k: modes per class (the IPC kept).
+        seed: k-means++ seed.
+
+    Returns:
+        float32 [K, k, C, H, W]. A class with n < k samples has no k clusters: its samples themselves are
+        the modes, repeated in turn (mode j is sample j mod n).
+
+    Raises:
+        ValueError: a class without samples.
+    """
+    out = []
+    for c in range(num_classes):
+        xc = x[y == c].float()
+        n = xc.shape[0]
+        if n == 0:
+            raise ValueError(f"class {c}: no real samples to find modes in")
+        if n < k:
+            out.append(xc[torch.arange(k) % n])
+            continue
+        centers, _ = kmeans(xc.flatten(1), k, seed=seed + c)
+        out.append(centers.view(k, *x.shape[1:]))
+    return torch.stack(out)
+
+
+def mode_of(index: int, k: int) -> int:
+    """The mode image ``index`` of a class is steered to: ``index mod k``, so over-generated candidates
+    (index >= k, ``+select``) spread evenly over the modes."""
+    return index % k
+
+
+def guided_steps(n: int, stop: float) -> int:
+    """How many of the first of ``n`` steps are mode-guided. The reference guides while the respaced index
+    t (n-1 .. 0) exceeds ``stop_t`` (25 of 50: the first 24 steps); ``stop`` is stop_t / n.
+
+    Raises:
+        ValueError: ``stop`` outside [0, 1].
+    """
+    if not 0.0 <= stop <= 1.0:
+        raise ValueError(f"generate.modes.stop: must be in [0, 1], got {stop}")
+    return max(0, n - 1 - round(stop * n))
+
+
+def guide(x_prev: torch.Tensor, x0: torch.Tensor, modes: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
+    """One mode-guided DDPM step: x_{t-1} = μ_θ(x_t) + σ_t z + λ σ_t (m − x̂_0).
+
+    MGD^3 reference (``gaussian_diffusion.py``, ``p_sample_with_mode_guidance``): the guidance
+    ``-(pred_xstart - mode) * scale * exp(0.5 * log_variance)`` is added to the posterior mean, beside the
+    step's noise; σ_t is the step's own standard deviation, so the pull fades with the noise level.
+
+    Args:
+        x_prev: float [B, C, H, W] the unguided step's output μ_θ + σ_t z.
+        x0: float [B, C, H, W] the step's x̂_0 prediction (from the CFG-combined ε).
+        modes: float [B, C, H, W] each image's target mode m.
+        std: float scalar or [B, 1, 1, 1] σ_t of the step.
+        scale: λ (the reference's ``mode_guidance_scale``, 0.1).
+
+    Returns:
+        float [B, C, H, W] the guided x_{t-1}.
+    """
+    return x_prev + scale * std * (modes - x0)
