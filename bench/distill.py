@@ -69,7 +69,7 @@ def planner_vs_fixed(cfg, method: str, budget: float, seeds: list[int], progress
         "fixed-10": {"steps_min": 10, "steps_max": 10, "quality": "dsr", "dsr_min_steps_quality": 10},
         "fixed-50": {"steps_min": 50, "steps_max": 50, "quality": "dsr", "dsr_min_steps_quality": 50},
     }
-    bench = Path(cfg.run_dir) / "bench" / f"planner-{budget:g}s"
+    bench = Path(cfg.run_dir) / "bench" / f"planner-{method}-{budget:g}s-ipc{g0.ipc_min}-{g0.ipc_max}"
     sets = {}
     for name, kw in variants.items():
         for seed in seeds:
@@ -112,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--methods", nargs="+", default=["minimax", "dit", "d3hr", "dit+select"])
+    ap.add_argument("--methods", nargs="+", default=["minimax", "dit", "d3hr", "dit+select", "mgd3"])
     ap.add_argument("--ipcs", nargs="+", type=int, default=[1, 10, 50])
     ap.add_argument("--steps", type=int, default=50, help="fixed steps for every method (a fair table)")
     ap.add_argument("--repeats", type=int, default=3)

@@ -270,3 +270,29 @@ def test_quality_table_with_ratios_round_trips(tmp_path):
     with pytest.raises(BudgetError, match=">= 1"):
         plan(10.0, CostModel(0.1, 0.0, 10), Bounds(10, 50, 1, 10, 25), num_classes=10, batch_size=10,
              ratios=(0.5,))
+
+
+def test_table_without_a_reachable_measured_point_falls_back_to_dsr():
+    """A table measured at IPC 10 says nothing about IPC 1-5: the DSR rule plans, and the reason says so."""
+    cost = CostModel(step_seconds=0.1, batch_seconds=0.0, batch_size=10)
+    bounds = Bounds(10, 50, 1, 5, 25)
+    table = {(10, 10, 1.0): 70.0, (50, 10, 4.0): 90.0}
+    p = plan(30.0, cost, bounds, num_classes=10, batch_size=10, quality=table, ratios=(1.0, 4.0))
+    dsr = plan(30.0, cost, bounds, num_classes=10, batch_size=10, ratios=(1.0, 4.0))
+    assert (p.steps, p.ipc, p.ratio, p.quality) == (dsr.steps, dsr.ipc, dsr.ratio, "dsr")
+    assert p.reason.startswith("table: no measured point") and "DSR" in p.reason
+
+
+def test_the_table_shipped_with_the_demo_model_loads_and_plans():
+    """``generate.quality: ddkit:mnist-dit-t4/quality.yaml`` (configs/mnist.yaml): made by bench/quality.py."""
+    from ddkit.budget import load_quality_table
+    from ddkit.errors import ConfigError
+
+    table = load_quality_table("ddkit:mnist-dit-t4/quality.yaml")
+    assert {k[2] for k in table} >= {1.0, 4.0} and all(0 < a <= 100 for a in table.values())
+    p = plan(1e6, CostModel(0.01, 0.0, 100), Bounds(10, 50, 10, 10, 25), num_classes=10, batch_size=100,
+             quality=table, ratios=(1.0, 2.0, 4.0))
+    best = max(a for (s, i, _), a in table.items() if i <= 10)
+    assert p.quality == "table" and f"accuracy {best:g}" in p.reason  # nothing binds: the best entry
+    with pytest.raises(ConfigError, match="no such file shipped with ddkit:mnist-dit-t4"):
+        load_quality_table("ddkit:mnist-dit-t4/nope.yaml")
