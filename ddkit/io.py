@@ -116,10 +116,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-def publish_json_once(path: str | Path, obj: Any) -> Any:
-    """Write ``obj`` to ``path`` unless the file already exists; return what the file holds afterwards.
+def publish_bytes_once(path: str | Path, data: bytes) -> bytes:
+    """Write ``data`` to ``path`` unless the file already exists; return what the file holds afterwards.
 
-    First writer wins, atomically: the complete JSON goes to a temporary file that is then hard-linked onto
+    First writer wins, atomically: the complete bytes go to a temporary file that is then hard-linked onto
     ``path`` (``os.link`` fails if ``path`` exists), so concurrent writers (ranks of one job, a requeued job
     racing its predecessor) all return the same, complete record. Raises ``OSError`` from the filesystem.
     """
@@ -129,9 +129,14 @@ def publish_json_once(path: str | Path, obj: Any) -> Any:
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
 
+    _write_via_temp(path, data, link_unless_there)
+    return path.read_bytes()
+
+
+def publish_json_once(path: str | Path, obj: Any) -> Any:
+    """:func:`publish_bytes_once` of ``obj`` as JSON; returns the record the file holds afterwards."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
-    _write_via_temp(path, text.encode("utf-8"), link_unless_there)
-    return json.loads(path.read_text())
+    return json.loads(publish_bytes_once(path, text.encode("utf-8")))
 
 
 @contextlib.contextmanager

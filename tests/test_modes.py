@@ -114,7 +114,7 @@ def test_mgd3_generation_fits_modes_and_steers_each_image_to_its_own(tmp_path, m
     IPC modes per class, each image ends closer to its mode than the unguided image from the same seed,
     λ = 0 is plain ``dit`` exactly, and a modes file made for another IPC is refused."""
     from ddkit.config import load_config
-    from ddkit.errors import DataError
+    from ddkit.errors import ConfigError, DataError
     from ddkit.generate import generate
 
     sets = [f"run_dir={tmp_path / 'run'}", f"data.shards={mnist_shards}", "generate.batch_size=20",
@@ -140,5 +140,7 @@ def test_mgd3_generation_fits_modes_and_steers_each_image_to_its_own(tmp_path, m
     assert dist(guided) < 0.9 * dist(plain), (dist(guided), dist(plain))
     zero, _ = run("mgd3", "zero", "generate.modes.scale=0.0")
     assert torch.equal(zero["images"], plain["images"])
+    with pytest.raises(ConfigError, match="generate.modes.file: .*nope.pt unreadable"):
+        run("mgd3", "missing", f"generate.modes.file={tmp_path / 'nope.pt'}")
     with pytest.raises(DataError, match="holds 2 modes for 10 classes; this generation keeps 3"):
         run("mgd3", "file", f"generate.modes.file={d / 'modes.pt'}", "generate.ipc_min=3", "generate.ipc_max=3")

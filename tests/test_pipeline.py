@@ -17,6 +17,7 @@ from ddkit.report import result_sets
 
 ROOT = Path(__file__).parent.parent
 CHANCE = 10.0  # ten digit classes
+METHODS = ("minimax", "dit", "d3hr", "dit+select", "mgd3")  # configs/mnist.yaml's
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,14 @@ def quick_run(mnist_shards, tmp_path_factory):
 
 
 def test_quick_pipeline_writes_every_artefact(quick_run):
+    import torch
+
     run_dir, _, output = quick_run
     assert not (run_dir / "pretrain").exists()  # model.pretrained is the shipped DiT: no hidden pretraining
     assert (run_dir / "minimax" / "ckpt" / "last.pt").is_file()
     assert (run_dir / "minimax" / "config.yaml").is_file()
     assert (run_dir / "minimax" / "DONE").is_file()
-    for method in ("minimax", "dit", "d3hr", "dit+select"):
+    for method in METHODS:
         gen = run_dir / f"gen-{method}"
         for name in ("dataset.pt", "manifest.json", "grid.png", "DONE"):
             assert (gen / name).is_file(), gen / name
@@ -48,6 +51,7 @@ def test_quick_pipeline_writes_every_artefact(quick_run):
         assert manifest["ipc"] == 10
         assert manifest["cfg_scale"] == (3.0 if method == "d3hr" else 1.0), method
     assert (run_dir / "gen-dit+select" / "selection.png").is_file()
+    assert torch.load(run_dir / "gen-mgd3" / "modes.pt")["modes"].shape == (10, 10, 1, 32, 32)  # one per image
     sel = read_json(run_dir / "gen-dit+select" / "manifest.json")["selection"]
     assert sel["pool_ipc"] == 10 * sel["ratio"] and sel["ratio"] > 1
     assert sel["kept_mean_confidence"] > sel["rejected_mean_confidence"]
@@ -61,7 +65,7 @@ def test_quick_pipeline_sets_are_balanced(quick_run):
     import torch
 
     run_dir, _, _ = quick_run
-    for method in ("minimax", "dit", "d3hr", "dit+select"):
+    for method in METHODS:
         data = torch.load(run_dir / f"gen-{method}" / "dataset.pt", map_location="cpu")
         counts = torch.bincount(data["labels"], minlength=10)
         assert counts.tolist() == [10] * 10, (method, counts)
@@ -74,8 +78,8 @@ def test_every_evaluated_set_scores_well_above_chance(quick_run):
     passed, so this is the check that catches a model that ignores its labels."""
     run_dir, _, _ = quick_run
     sets = result_sets(read_json(run_dir / "eval" / "results.json"))
-    assert set(sets) >= {"minimax", "dit", "d3hr", "dit+select", "random_real", "full"}
-    for name in ("minimax", "dit", "d3hr", "dit+select", "random_real", "full"):
+    assert set(sets) >= {*METHODS, "random_real", "full"}
+    for name in (*METHODS, "random_real", "full"):
         assert sets[name]["mean"] > 3 * CHANCE, (name, sets[name]["mean"])
 
 
@@ -113,7 +117,6 @@ def test_rerun_skips_completed_stages(quick_run):
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    for stage in ("shard", "pretrain", "minimax", "gen-minimax", "gen-dit", "gen-d3hr", "gen-dit+select",
-                  "evaluate", "package"):
+    for stage in ("shard", "pretrain", "minimax", *(f"gen-{m}" for m in METHODS), "evaluate", "package"):
         assert f"[{stage}] skipped: " in result.output, result.output
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}

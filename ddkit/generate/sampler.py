@@ -284,35 +284,59 @@ def _sampling_precision(gcfg, model, device, gen_dir: Path):
 def class_modes_for(sampler: Sampler, k: int, gen_dir: Path | None):
     """MGD^3's modes for ``k`` images per class: float32 [K, k, C, H, W] on the CPU.
 
-    From ``generate.modes.file`` when set (the generator bundle's), else k-means over the real train split
-    in the backbone's space (pixels in [-1, 1], or VAE latents sampled with a fixed generator), at most
-    ``generate.modes.max_images_per_class`` per class, written to ``gen_dir/modes.pt`` with the classes it
-    was fitted on.
+    From ``generate.modes.file`` when set (the generator bundle's); else the generation's ``modes.pt`` when
+    a rank or an earlier attempt already fitted them; else k-means over the real train split in the
+    backbone's space (pixels in [-1, 1], or VAE latents sampled with a fixed generator), at most
+    ``generate.modes.max_images_per_class`` per class, published to ``gen_dir/modes.pt`` (first writer
+    wins, so every rank and restart guides towards the same modes even where float results differ).
 
     Raises:
+        ConfigError: ``generate.modes.file`` missing or unreadable.
         DataError: a modes file for other classes or another number of modes, or unreadable shards.
     """
+    import io
+    import pickle
+
     import torch
 
-    from ddkit.errors import DataError
-    from ddkit.io import atomic_torch_save
+    from ddkit.errors import ConfigError
+    from ddkit.io import publish_bytes_once
     from ddkit.methods.modes import class_modes
 
     gcfg = sampler.settings
     if gcfg.modes.file:
-        blob = torch.load(gcfg.modes.file, map_location="cpu", weights_only=True)
-        modes = blob["modes"]
-        if list(blob["classes"]) != list(sampler.classes) or modes.shape[1] != k:
-            raise DataError(
-                f"generate.modes.file: {gcfg.modes.file} holds {modes.shape[1]} modes for "
-                f"{len(blob['classes'])} classes; this generation keeps {k} images for {len(sampler.classes)}"
-            )
-        return modes.float()
+        try:
+            blob = torch.load(gcfg.modes.file, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+            raise ConfigError(f"generate.modes.file: {gcfg.modes.file} unreadable ({type(e).__name__})") from None
+        return _checked_modes(blob, sampler.classes, k, f"generate.modes.file: {gcfg.modes.file}")
+    dest = Path(gen_dir) / "modes.pt" if gen_dir is not None else None
+    if dest is not None and dest.is_file():
+        return _checked_modes(torch.load(dest, map_location="cpu", weights_only=True), sampler.classes, k, str(dest))
     x, y = _real_inputs(sampler, gcfg.modes.max_images_per_class)
-    modes = class_modes(x, y, len(sampler.classes), k, seed=gcfg.seed)
-    if gen_dir is not None:
-        atomic_torch_save({"modes": modes, "classes": list(sampler.classes), "k": k}, Path(gen_dir) / "modes.pt")
-    return modes
+    blob = {"modes": class_modes(x, y, len(sampler.classes), k, seed=gcfg.seed), "classes": list(sampler.classes),
+            "k": k}
+    if dest is None:
+        return blob["modes"]
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    blob = torch.load(io.BytesIO(publish_bytes_once(dest, buf.getvalue())), map_location="cpu", weights_only=True)
+    return _checked_modes(blob, sampler.classes, k, str(dest))
+
+
+def _checked_modes(blob: dict, classes: list[str], k: int, where: str):
+    """``blob["modes"]`` as float32, checked to hold ``k`` modes for exactly ``classes``.
+
+    Raises:
+        DataError: other classes or another number of modes (one line naming ``where``).
+    """
+    from ddkit.errors import DataError
+
+    modes = blob["modes"]
+    if list(blob["classes"]) != list(classes) or modes.shape[1] != k:
+        raise DataError(f"{where} holds {modes.shape[1]} modes for {len(blob['classes'])} classes; this generation "
+                        f"keeps {k} images for {len(classes)}")
+    return modes.float()
 
 
 def _real_inputs(sampler: Sampler, per_class: int | None):
