@@ -38,8 +38,12 @@ sysdeps:
 test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# The distilled-set benches read a finished demo run and take tens of minutes each: run them by hand after
+# `make demo` (README, "Results on the embedded default").
+RUN_BENCHES = bench/distill.py bench/quality.py bench/minimax_ablation.py
 bench: install
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(filter-out $(RUN_BENCHES),$(wildcard bench/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+	@echo "after make demo, by hand: $(RUN_BENCHES) (each takes configs/mnist.yaml)"
 
 lint: install
 	$(VENV)/bin/ruff check ddkit tests bench
