@@ -74,7 +74,7 @@ def _images(n=3, h=40, w=56, seed=0):
 
 def test_inversion_input_resize_is_reference_transform():
     """dit_inversion_save_statistic.py: Resize(256) + CenterCrop(256) + ToTensor on the PIL image; ddkit's
-    _prepare gives the same values (×2 − 1, the reference's ``images * 2 - 1``)."""
+    backbone_inputs gives the same values (×2 − 1, the reference's ``images * 2 - 1``)."""
     from torchvision import transforms
 
     x = _images()
@@ -84,7 +84,7 @@ def test_inversion_input_resize_is_reference_transform():
     class Pixels:  # a pixel-space backbone's attributes (no VAE)
         input_size, in_channels = 32, 3
 
-    got = d3hr.statistics._prepare(x, Pixels(), None, None, "cpu")
+    got = d3hr.statistics.backbone_inputs(x, Pixels(), None, None, "cpu")
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
     bicubic = torch.nn.functional.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bicubic")
     assert (bicubic - ref).abs().max() > 0.05  # the old path was a different resize
