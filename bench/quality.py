@@ -105,7 +105,9 @@ def main() -> None:
             f"{cfg.evaluate.protocol} protocol, {cfg.evaluate.epochs} epochs, student seeds {args.seeds}.\n"
             f"# Made by: python bench/quality.py {args.config} --out {args.out} "
             + " ".join(f"--set {x}" for x in args.sets) + "\n")
-    atomic_write_bytes(args.out, (head + yaml.safe_dump(table, sort_keys=False)).encode())
+    # {method, rows}: the planner notes in a plan's reason when it plans another method from this table.
+    doc = {"method": "dit", "rows": table}
+    atomic_write_bytes(args.out, (head + yaml.safe_dump(doc, sort_keys=False)).encode())
     print(f"{'steps':>5} {'ipc':>4} {'ratio':>5} {'acc':>6}")
     for row in table:
         print(f"{row['steps']:>5} {row['ipc']:>4} {row['ratio']:>5g} {row['accuracy']:>6.2f}")

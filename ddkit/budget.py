@@ -197,16 +197,25 @@ class Plan:
         return asdict(self)
 
 
-def load_quality_table(path) -> dict[tuple, float]:
+class QualityTable(dict):
+    """``{(steps, ipc[, ratio]): accuracy (%)}`` as read by :func:`load_quality_table`, plus
+    ``measured_with``: the generation method whose samples were scored (None: the file does not say)."""
+
+    measured_with: str | None = None
+
+
+def load_quality_table(path) -> QualityTable:
     """Read a YAML/JSON table of measured accuracies.
 
     ``path`` is a file, or ``ddkit:NAME/FILE``: a table shipped with a model (:mod:`ddkit.assets`).
     Accepted forms: a list of ``{steps, ipc, accuracy}`` mappings (optionally with ``ratio``, the
-    over-generation ratio of a ``+select`` method: ``ratio × ipc`` candidates per class, ``ipc`` kept), or a
-    mapping ``"steps,ipc": accuracy`` / ``"steps,ipc,ratio": accuracy``.
+    over-generation ratio of a ``+select`` method: ``ratio × ipc`` candidates per class, ``ipc`` kept); a
+    mapping ``"steps,ipc": accuracy`` / ``"steps,ipc,ratio": accuracy``; or ``{method: NAME, rows: LIST}``,
+    which also names the method whose samples were scored (``bench/quality.py`` writes this form).
 
     Returns:
-        ``{(steps, ipc): accuracy}``, or ``{(steps, ipc, ratio): accuracy}`` when any row gives a ratio.
+        ``{(steps, ipc): accuracy}``, or ``{(steps, ipc, ratio): accuracy}`` when any row gives a ratio,
+        as a :class:`QualityTable` (a dict) whose ``measured_with`` is the named method or None.
 
     Raises:
         ConfigError: file missing or malformed (names the file).
@@ -225,31 +234,44 @@ def load_quality_table(path) -> dict[tuple, float]:
     if not p.is_file():
         raise ConfigError(f"generate.quality: table file {p} not found (use 'dsr' or a YAML/JSON table)")
     data = yaml.safe_load(p.read_text())
-    rows: list[tuple[int, int, float | None, float]] = []
+    method = None
+    if isinstance(data, dict) and "rows" in data:
+        method, data = data.get("method"), data["rows"]
+        if method is not None and not isinstance(method, str):
+            raise ConfigError(f"{p}: 'method' must be a method name, got {method!r}")
     try:
-        if isinstance(data, list):
-            for row in data:
-                r = row.get("ratio")
-                rows.append((int(row["steps"]), int(row["ipc"]), None if r is None else float(r),
-                             float(row["accuracy"])))
-        elif isinstance(data, dict):
-            for k, v in data.items():
-                parts = str(k).split(",")
-                if len(parts) not in (2, 3):
-                    raise ValueError
-                r = float(parts[2]) if len(parts) == 3 else None
-                rows.append((int(parts[0]), int(parts[1]), r, float(v)))
-        else:
-            raise ValueError
+        rows = _quality_rows(data)
     except (KeyError, ValueError, TypeError, AttributeError):
         raise ConfigError(
-            f"{p}: expected a list of {{steps, ipc[, ratio], accuracy}} or 'steps,ipc[,ratio]: accuracy'"
+            f"{p}: expected a list of {{steps, ipc[, ratio], accuracy}}, 'steps,ipc[,ratio]: accuracy'"
+            " or {method, rows}"
         ) from None
     if not rows:
         raise ConfigError(f"{p}: empty quality table")
     if any(r is not None for _, _, r, _ in rows):
-        return {(s, i, 1.0 if r is None else r): a for s, i, r, a in rows}
-    return {(s, i): a for s, i, _, a in rows}
+        table = QualityTable({(s, i, 1.0 if r is None else r): a for s, i, r, a in rows})
+    else:
+        table = QualityTable({(s, i): a for s, i, _, a in rows})
+    table.measured_with = method
+    return table
+
+
+def _quality_rows(data) -> list[tuple[int, int, float | None, float]]:
+    rows: list[tuple[int, int, float | None, float]] = []
+    if isinstance(data, list):
+        for row in data:
+            r = row.get("ratio")
+            rows.append((int(row["steps"]), int(row["ipc"]), None if r is None else float(r), float(row["accuracy"])))
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            parts = str(k).split(",")
+            if len(parts) not in (2, 3):
+                raise ValueError
+            r = float(parts[2]) if len(parts) == 3 else None
+            rows.append((int(parts[0]), int(parts[1]), r, float(v)))
+    else:
+        raise ValueError
+    return rows
 
 
 def plan(
@@ -392,5 +414,5 @@ def _plan_table(
 
 __all__ = [
     "Batch", "Bounds", "Clock", "CostModel", "Event", "Plan", "Runner", "balanced_ipc", "batches_per_rank",
-    "calibrate", "load_quality_table", "make_batches", "plan", "rank_batches", "split_plan",
+    "QualityTable", "calibrate", "load_quality_table", "make_batches", "plan", "rank_batches", "split_plan",
 ]  # fmt: skip

@@ -272,6 +272,30 @@ def test_quality_table_with_ratios_round_trips(tmp_path):
              ratios=(0.5,))
 
 
+def test_a_table_names_the_method_it_scored_and_other_methods_plans_say_so(tmp_path):
+    """``{method, rows}`` (bench/quality.py's form): a plan for another method notes that the accuracy it
+    quotes is the scored method's; a plan for that method, or its +select, does not."""
+    from ddkit.budget import load_quality_table
+    from ddkit.errors import ConfigError
+    from ddkit.generate.run import _note_table_method
+
+    f = tmp_path / "q.yaml"
+    f.write_text("method: dit\nrows:\n- {steps: 10, ipc: 10, ratio: 1, accuracy: 70}\n")
+    table = load_quality_table(f)
+    assert table == {(10, 10, 1.0): 70.0} and table.measured_with == "dit"
+    p = plan(1e6, CostModel(0.01, 0.0, 10), Bounds(10, 10, 10, 10, 10), num_classes=10, batch_size=10,
+             quality=table)
+    assert "accuracy 70" in _note_table_method(p, table, "dit+select").reason
+    assert "scored" not in _note_table_method(p, table, "dit+select").reason
+    noted = _note_table_method(p, table, "mgd3").reason
+    assert noted.startswith(p.reason) and "scored dit samples of this model, not mgd3" in noted
+    f.write_text("'10,10': 70\n")
+    assert load_quality_table(f).measured_with is None
+    f.write_text("method: [dit]\nrows: []\n")
+    with pytest.raises(ConfigError, match="'method' must be a method name"):
+        load_quality_table(f)
+
+
 def test_table_without_a_reachable_measured_point_falls_back_to_dsr():
     """A table measured at IPC 10 says nothing about IPC 1-5: the DSR rule plans, and the reason says so."""
     cost = CostModel(step_seconds=0.1, batch_seconds=0.0, batch_size=10)
@@ -289,6 +313,7 @@ def test_the_table_shipped_with_the_demo_model_loads_and_plans():
     from ddkit.errors import ConfigError
 
     table = load_quality_table("ddkit:mnist-dit-t4/quality.yaml")
+    assert table.measured_with == "dit"
     assert {k[2] for k in table} >= {1.0, 4.0} and all(0 < a <= 100 for a in table.values())
     p = plan(1e6, CostModel(0.01, 0.0, 100), Bounds(10, 50, 10, 10, 25), num_classes=10, batch_size=100,
              quality=table, ratios=(1.0, 2.0, 4.0))

@@ -257,6 +257,7 @@ def plan(
         available, cost, bounds, num_classes=K, batch_size=B, world_size=job.world, quality=quality,
         ratios=select_ratios,
     )
+    the_plan = _note_table_method(the_plan, quality, sampler.method)
     # Extension batches (for a machine faster than calibrated) reach at most ipc_max, or 4x the plan, so
     # the layout stays small for 1000-class runs.
     ipc_cap = min(gcfg.ipc_max, max(4 * the_plan.ipc, the_plan.ipc + 8))
@@ -271,6 +272,17 @@ def plan(
         steps_min=gcfg.steps_min, t0=job.t0, margin_seconds=margin, reserve_seconds=reserve,
     )  # fmt: skip
     return runner, plan_at
+
+
+def _note_table_method(the_plan, quality, method: str):
+    """A shipped table is the model's, scored on one method's samples (``measured_with``): where this
+    method differs, its plan's reason says that the accuracy it quotes is not this method's own."""
+    scored = getattr(quality, "measured_with", None)
+    if the_plan.quality != "table" or scored is None or method.split("+")[0] == scored.split("+")[0]:
+        return the_plan
+    note = (f"; the table scored {scored} samples of this model, not {method}: it ranks steps, IPC and ratio, "
+            f"and {method}'s own accuracy is the evaluation's")
+    return dataclasses.replace(the_plan, reason=the_plan.reason + note)
 
 
 def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int) -> dict[str, list]:
