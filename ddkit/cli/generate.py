@@ -43,7 +43,7 @@ def generate(
     config: Optional[Path] = ConfigArg,
     method: Optional[str] = typer.Option(
         None, "--method", "-m",
-        help="minimax | dit | d3hr, or <base>+select to over-generate and select (default: generate.method).",
+        help="minimax | dit | d3hr | mgd3, or <base>+select to over-generate and select (default: generate.method).",
     ),
     time_limit: Optional[float] = typer.Option(
         None, "--time-limit", "-t", help="Seconds for the whole generation, model loading included."
