@@ -127,6 +127,8 @@ def check_selection(cfg: ExperimentConfig, stages: tuple[str, ...], force: tuple
 
 def graph(cfg: ExperimentConfig) -> list[Node]:
     """The stages of ``cfg`` in run order, each with the inputs it reads (module docstring)."""
+    from ddkit.generate.layout import uses_minimax
+
     pre = "model.pretrained given" if cfg.model.pretrained else None
     from_pre = () if cfg.model.pretrained else ("pretrain",)  # the weights dit, d3hr and minimax start from
     nodes = [Node("shard", "shard", ("data",))]
@@ -140,7 +142,7 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
         )  # fmt: skip
     for m in cfg.methods:
         base = m.split("+", 1)[0]  # "<base>+select" samples like its base method, then selects
-        up = () if cfg.generate.checkpoint else ("minimax",) if base == "minimax" else from_pre
+        up = () if cfg.generate.checkpoint else ("minimax",) if uses_minimax(m, cfg.generate.modes.on) else from_pre
         ignores = ("generate.method",) + (() if base == "d3hr" else ("generate.d3hr",))
         ignores += () if m.endswith("+select") else ("generate.select",)
         ignores += () if base == "mgd3" else ("generate.modes",)

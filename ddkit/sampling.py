@@ -288,6 +288,7 @@ def sample(
     modes: torch.Tensor | None = None,
     mode_scale: float = 0.1,
     mode_stop: float = 0.5,
+    mode_clip: float | None = None,
 ) -> torch.Tensor:
     """Sample a batch of class-conditional images (or latents) with a DiT backbone.
 
@@ -317,6 +318,8 @@ def sample(
             ``timesteps[-1]``, e.g. ᾱ_0 = 0.9999, where D^3HR's inversion starts) instead of x_0 at ᾱ = 1.
         modes, mode_scale, mode_stop: MGD^3 mode guidance (ddpm; :mod:`ddkit.methods.modes`): float [B, C, H, W]
             each image's mode (None: off), λ (0.1) and the unguided last fraction of the steps (0.5).
+        mode_clip: bound on |x̂_0| in the mode pull (:func:`ddkit.methods.modes.guide`; 1 in pixel space),
+            or None.
 
     Returns:
         float32 [B, C, H, W]: x_0 in the backbone's space (pixels in [-1, 1], or scaled SD-VAE latents).
@@ -328,7 +331,7 @@ def sample(
     device = next(iter(model.parameters())).device if hasattr(model, "parameters") else labels.device
     labels, generators = _checked_labels(model, labels, generators, device)
     x = _start_latents(model, latents, generators, device)
-    guide = None if modes is None else _checked_modes(modes, sampler, x, mode_scale, mode_stop)
+    guide = None if modes is None else _checked_modes(modes, sampler, x, mode_scale, mode_stop, mode_clip)
     if timesteps is None:
         timesteps = timestep_spacing(
             sampler, steps, num_train_timesteps=num_train_timesteps, start_timestep=start_timestep
@@ -367,8 +370,10 @@ def _checked_labels(model, labels: torch.Tensor, generators, device) -> tuple[to
     return labels, generators
 
 
-def _checked_modes(modes: torch.Tensor, sampler: str, x: torch.Tensor, scale: float, stop: float) -> tuple:
-    """(modes as float32 on x's device, λ, stop) for :func:`_loop`.
+def _checked_modes(
+    modes: torch.Tensor, sampler: str, x: torch.Tensor, scale: float, stop: float, clip: float | None
+) -> tuple:
+    """(modes as float32 on x's device, λ, stop, x̂_0 bound) for :func:`_loop`.
 
     Raises:
         ValueError: a sampler other than ddpm, or not one mode of x's shape per image.
@@ -376,7 +381,7 @@ def _checked_modes(modes: torch.Tensor, sampler: str, x: torch.Tensor, scale: fl
     if sampler != "ddpm" or tuple(modes.shape) != tuple(x.shape):
         raise ValueError(f"modes: mode guidance needs sampler 'ddpm' (got {sampler!r}) and one mode per "
                          f"image of shape {tuple(x.shape)} (got {tuple(modes.shape)})")
-    return modes.to(device=x.device, dtype=torch.float32), float(scale), float(stop)
+    return modes.to(device=x.device, dtype=torch.float32), float(scale), float(stop), clip
 
 
 def _start_latents(model, latents: torch.Tensor | None, generators, device) -> torch.Tensor:
@@ -444,7 +449,7 @@ def step_std(sched, t: int, out: torch.Tensor) -> torch.Tensor:
 
 def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, generators, autocast_dtype,
           step_callback, final_step, guide=None):  # fmt: skip
-    """The denoising loop of :func:`sample` (see there); ``guide`` = (modes, λ, stop) for mode guidance."""
+    """The denoising loop of :func:`sample` (see there); ``guide`` = (modes, λ, stop, clip): mode guidance."""
     from ddkit.methods.modes import guide as mode_guide
     from ddkit.methods.modes import guided_steps
 
@@ -463,7 +468,7 @@ def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, genera
             x = res.prev_sample
             if guide is not None and i < guided_steps(len(chain.timesteps), guide[2]):
                 std = step_std(chain.sched, chain.sched_ts[i], out)
-                x = mode_guide(x, res.pred_original_sample, guide[0], std, guide[1])
+                x = mode_guide(x, res.pred_original_sample, guide[0], std, guide[1], clip=guide[3])
         n = len(chain.timesteps)
         verdict = step_callback(i, n) if step_callback is not None else None
         if verdict is False:

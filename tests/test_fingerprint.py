@@ -226,6 +226,29 @@ def test_plan_with_model_pretrained_skips_pretraining(finished_run, tmp_path):
     assert steps["minimax"].decision.action == "run"  # its inputs changed: the weights it starts from
 
 
+def test_mgd3_on_the_minimax_checkpoint_reads_the_minimax_stage(finished_run):
+    """``generate.modes.on: minimax`` (MGD^3 on Gu et al.'s checkpoint): gen-mgd3 samples RUN/minimax, so it
+    reruns with minimax; on the pretrained DiT it does not read minimax at all."""
+    from ddkit import pipeline as P
+    from ddkit.config import replace
+    from ddkit.generate import checkpoint_for
+
+    base = replace(finished_run, methods=("minimax", "mgd3"))
+    _stamp(base)
+    on_mm = replace(base, generate=replace(base.generate, modes=replace(base.generate.modes, on="minimax")))
+    steps = {s.node.name: s for s in P.plan(base)}
+    assert "upstream.minimax" not in steps["gen-mgd3"].inputs
+    assert checkpoint_for(base, "mgd3") == checkpoint_for(base, "dit") != checkpoint_for(base, "minimax")
+    assert checkpoint_for(on_mm, "mgd3") == checkpoint_for(on_mm, "minimax")
+    steps = {s.node.name: s for s in P.plan(on_mm)}
+    assert "upstream.minimax" in steps["gen-mgd3"].inputs and steps["gen-mgd3"].decision.action == "run"
+    assert steps["gen-minimax"].decision.action == "skip"
+    _stamp(on_mm)
+    grown = replace(on_mm, minimax=replace(on_mm.minimax, steps=on_mm.minimax.steps + 50))
+    acts = _actions(grown)
+    assert acts["minimax"] == "continue" and acts["gen-mgd3"] == acts["gen-minimax"] == "run"
+
+
 def test_plan_old_done_without_fingerprint_reruns_with_the_reason(finished_run):
     from ddkit import pipeline as P
 

@@ -109,6 +109,33 @@ def test_mode_guidance_pulls_each_image_towards_its_own_mode():
         sample(model, labels, steps=5, modes=modes[:2])
 
 
+class SaturatingBackbone(FakeBackbone):
+    """An ε-prediction that stops following x_t off the training distribution (|x| > 3), as a trained
+    network does: there x̂_0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t moves 1/√ᾱ_t per unit of x_t."""
+
+    def forward(self, x, t, y):
+        return x.clamp(-3, 3)
+
+
+def test_clipped_mode_guidance_stays_bounded_where_the_unclipped_pull_diverges():
+    """Pixel space (clip 1): the demo's minimax checkpoint went blank without it (modes.guide docstring)."""
+    model = SaturatingBackbone(in_channels=1, learn_sigma=False)
+    labels = torch.tensor([0, 1, 2, 0])
+    modes = torch.stack([torch.full((1, 4, 4), v) for v in (0.8, -0.8, 0.4, -0.4)])
+
+    def run(clip):
+        gens = [torch.Generator().manual_seed(i) for i in range(4)]
+        return sample(model, labels, steps=50, cfg_scale=1.0, generators=gens, modes=modes, mode_scale=1.0,
+                      mode_stop=0.5, mode_clip=clip)
+
+    unclipped, clipped = run(None), run(1.0)
+    assert not torch.isfinite(unclipped).all() or unclipped.abs().max() > 1e3
+    assert torch.isfinite(clipped).all() and clipped.abs().max() < 10
+    x0 = torch.full((1, 1, 2, 2), 50.0)
+    assert torch.equal(guide(torch.zeros_like(x0), x0, torch.zeros_like(x0), torch.tensor(1.0), 1.0, clip=1.0),
+                       torch.full_like(x0, -1.0))
+
+
 def test_mgd3_generation_fits_modes_and_steers_each_image_to_its_own(tmp_path, mnist_shards):
     """``generate(method="mgd3")`` with the shipped demo DiT on real MNIST shards: ``modes.pt`` holds k =
     IPC modes per class, each image ends closer to its mode than the unguided image from the same seed,

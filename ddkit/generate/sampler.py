@@ -57,6 +57,12 @@ class Sampler:
     modes: Any = None
     config: Any = None  # the ExperimentConfig (MGD^3 reads the real shards and the VAE settings)
 
+    @property
+    def mode_clip(self) -> float | None:
+        """MGD^3's bound on |x̂_0| in its pull: 1 for pixels in [-1, 1], none for VAE latents
+        (:func:`ddkit.methods.modes.guide`)."""
+        return 1.0 if self.vae is None else None
+
     def _sample(self, labels, steps: int, items=None, **kw):
         from ddkit.methods.modes import mode_of
         from ddkit.sampling import sample
@@ -66,7 +72,8 @@ class Sampler:
 
             k = self.modes.shape[1]
             m = torch.stack([self.modes[c, mode_of(i, k)] for c, i in items]).to(self.device)
-            kw.update(modes=m, mode_scale=self.settings.modes.scale, mode_stop=self.settings.modes.stop)
+            kw.update(modes=m, mode_scale=self.settings.modes.scale, mode_stop=self.settings.modes.stop,
+                      mode_clip=self.mode_clip)
         return sample(
             self.run_model,
             labels,
@@ -130,7 +137,7 @@ class Sampler:
             modes = torch.zeros(B, C, S, S, device=device) if self.method == "mgd3" else None
             if modes is not None:  # time the guided step too (its cost is small but not zero)
                 self._sample(cal_labels, n, modes=modes, mode_scale=self.settings.modes.scale,
-                             mode_stop=self.settings.modes.stop)
+                             mode_stop=self.settings.modes.stop, mode_clip=self.mode_clip)
             else:
                 self._sample(cal_labels, n, latents=latents)
             if device.type == "cuda":

@@ -61,16 +61,19 @@ def sampled_weights(d) -> tuple[str, str]:
     The generation manifest's ``checkpoint`` (what :func:`ddkit.generate.generate` loaded) when recorded,
     else the rule of :func:`ddkit.generate.checkpoint_for` applied to the run's config.
     """
+    from ddkit.generate.layout import uses_minimax
+
     gen = d.config.get("generate") or {}
     method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
+    minimax = uses_minimax(method, (gen.get("modes") or {}).get("on", "pretrained"))
     key = "generate.checkpoint" if gen.get("checkpoint") else (
-        "minimax checkpoint (RUN/minimax)" if method == "minimax" else "model.pretrained")
+        "minimax checkpoint (RUN/minimax)" if minimax else "model.pretrained")
     recorded = d.manifest.get("checkpoint")
     if recorded and not str(recorded).startswith("<"):
         return key, str(recorded)
     if gen.get("checkpoint"):
         return key, str(gen["checkpoint"])
-    if method == "minimax":
+    if minimax:
         return key, str(d.gen_dir.parent / "minimax")
     return key, str((d.config.get("model") or {}).get("pretrained") or d.gen_dir.parent / "pretrain")
 
