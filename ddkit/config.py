@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 # The generic machinery (YAML, --set, type checks, plain dicts); re-exported: ``from ddkit.config import to_dict``.
-from ddkit.config_load import apply_override, dump_yaml, from_dict, read_yaml_mapping, replace, to_dict
+from ddkit.config_load import (
+    Sources,
+    apply_override,
+    dump_yaml,
+    from_dict,
+    read_yaml_mapping,
+    replace,
+    to_dict,
+)
 from ddkit.errors import ConfigError
 
 __all__ = [
@@ -369,13 +377,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Raises:
         ConfigError: missing/unparsable file, unknown key, wrong type or out-of-range value; the message is
-            one line naming the file and the dotted key.
+            one line naming the dotted key and where its value came from (the file, or ``--set KEY=VALUE``).
     """
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = read_yaml_mapping(path, source) if path is not None else {}
+    origins = []
     for ov in overrides:
         raw = apply_override(raw, ov, source)
-    return from_dict(ExperimentConfig, raw, source)
+        origins.append((ov.partition("=")[0].strip(), f"--set {ov}"))
+    return from_dict(ExperimentConfig, raw, Sources(source, origins))
 
 
 #: Path keys made absolute by :func:`absolute_paths`: always (outputs, dataset locations) ...

@@ -73,22 +73,49 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "--set") ->
     return out
 
 
-def from_dict(cls: type, data: Any, source: str = "<dict>", prefix: str = "") -> Any:
+class Sources:
+    """Where each value of a raw config came from: the file (``default``), or the last ``--set`` that wrote
+    the key or a section above it (``overrides``: ``[(dotted key, "--set KEY=VALUE"), ...]`` in order)."""
+
+    def __init__(self, default: str, overrides: list[tuple[str, str]] = ()) -> None:
+        self.default, self.overrides = default, list(overrides)
+
+    def of(self, key: str) -> str:
+        """The source of dotted ``key`` (``a.b``, ``a.b[2]``)."""
+        found = self.default
+        for k, where in self.overrides:
+            if key == k or key.startswith((k + ".", k + "[")):
+                found = where
+        return found
+
+    def __str__(self) -> str:
+        return self.default
+
+
+def _at(source: str | Sources, key: str) -> str:
+    return source.of(key) if isinstance(source, Sources) else str(source)
+
+
+def from_dict(cls: type, data: Any, source: str | Sources = "<dict>", prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, checking every key and type.
 
+    Args:
+        source: the file name (or ``<dict>``), or :class:`Sources` to name the ``--set`` a value came from.
+
     Raises:
-        ConfigError: naming ``source`` and the dotted key.
+        ConfigError: naming the source of the offending value and its dotted key.
     """
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"{_at(source, where)}: {where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
             raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})"
+                f"{_at(source, prefix + key)}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})"
             )
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -102,8 +129,9 @@ def from_dict(cls: type, data: Any, source: str = "<dict>", prefix: str = "") ->
             kwargs[f.name] = _coerce(hints[f.name], value, source, prefix + f.name)
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {prefix}{e}" if prefix else f"{source}: {e}") from None
+    except ConfigError as e:  # a section's own check names its field first ("scale: must be >= 0")
+        where = _at(source, prefix + str(e).split(":", 1)[0])
+        raise ConfigError(f"{where}: {prefix}{e}" if prefix else f"{where}: {e}") from None
 
 
 def to_dict(cfg: Any) -> Any:
@@ -127,7 +155,8 @@ def replace(cfg: Any, **changes: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
-def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+def _coerce(tp: Any, value: Any, source: str | Sources, key: str) -> Any:
+    where = _at(source, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -141,20 +170,20 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
                 return _coerce(a, value, source, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: {key}: invalid value {value!r}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: {key}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where}: {key}: must be one of {list(args)}, got {value!r}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         item_tp = args[0] if args else Any
         items = [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(vt, v, source, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
@@ -163,21 +192,21 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
         return value
-    raise ConfigError(f"{source}: {key}: unsupported type {tp}")
+    raise ConfigError(f"{where}: {key}: unsupported type {tp}")
 
 
 

@@ -54,6 +54,27 @@ def test_overrides_are_typed():
     assert cfg.evaluate.baselines == ("full",)
 
 
+def test_an_error_names_the_set_that_gave_the_value_else_the_file(tmp_path):
+    p = _write(tmp_path, {"generate": {"sampler": "foo", "cfg_scale": 2.0}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["generate.modes.scale=1"])
+    assert str(e.value) == f"{p}: generate.sampler: must be one of ['ddpm', 'ddim'], got 'foo'"
+    p = _write(tmp_path, {"seed": 1})
+    cases = {
+        "generate.modes.scale=abc": "--set generate.modes.scale=abc: generate.modes.scale: expected a number",
+        "generate.modes.scale=-1": "--set generate.modes.scale=-1: generate.modes.scale: must be >= 0",
+        "generate.nope=1": "--set generate.nope=1: unknown key 'generate.nope'",
+        "methods=[dit, 3]": "--set methods=[dit, 3]: methods[1]: expected a string",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(p, ["generate.cfg_scale=2", override])
+        assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(ConfigError) as e:  # a later --set of the same key is the one named
+        load_config(p, ["generate.modes={scale: x}", "generate.modes.scale=y"])
+    assert str(e.value).startswith("--set generate.modes.scale=y: "), str(e.value)
+
+
 def _write(tmp_path, data) -> Path:
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(data))
