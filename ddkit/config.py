@@ -203,7 +203,7 @@ class SelectConfig:
 class ModesConfig:
     """MGD^3 mode guidance (method ``mgd3``; :mod:`ddkit.methods.modes`; Chan-Santiago et al., ICML 2025): the
     k-means modes of each class's real data, one per kept image, and a pull λ σ_t (m − x̂_0) of every sample
-    towards its own mode during the first steps. No fine-tuning needed: ``on`` chooses the weights guided."""
+    towards its own mode during the first steps. No fine-tuning needed: ``weights`` chooses the weights guided."""
 
     scale: float = 0.1  # λ: the reference's mode_guidance_scale
     stop: float = 0.5  # no guidance for the last half of the steps (reference: stop_t 25 of 50)
@@ -212,7 +212,7 @@ class ModesConfig:
     # The weights guided: the pretrained DiT (the reference: no fine-tuning) or this run's minimax
     # checkpoint (RUN/minimax: Gu et al.'s representativeness/diversity fine-tuning, then mode guidance).
     # ``generate.checkpoint``, when set, overrides both.
-    on: Literal["pretrained", "minimax"] = "pretrained"
+    weights: Literal["pretrained", "minimax"] = "pretrained"
 
     def __post_init__(self) -> None:
         _positive(self, "max_images_per_class")

@@ -114,8 +114,11 @@ def from_dict(cls: type, data: Any, source: str | Sources = "<dict>", prefix: st
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
+            # YAML 1.1 reads a bare on/off/yes/no key as a boolean: say so rather than print 'True'.
+            hint = "; YAML reads bare on/off/yes/no as booleans: quote the key" if isinstance(key, bool) else ""
             raise ConfigError(
-                f"{_at(source, prefix + key)}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})"
+                f"{_at(source, prefix + str(key))}: unknown key '{prefix}{key}' "
+                f"(known: {', '.join(sorted(names))}){hint}"
             )
     kwargs = {}
     for f in dataclasses.fields(cls):

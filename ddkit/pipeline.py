@@ -142,7 +142,7 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
         )  # fmt: skip
     for m in cfg.methods:
         base = m.split("+", 1)[0]  # "<base>+select" samples like its base method, then selects
-        up = () if cfg.generate.checkpoint else ("minimax",) if uses_minimax(m, cfg.generate.modes.on) else from_pre
+        up = () if cfg.generate.checkpoint else ("minimax",) if uses_minimax(m, cfg.generate.modes.weights) else from_pre
         ignores = ("generate.method",) + (() if base == "d3hr" else ("generate.d3hr",))
         ignores += () if m.endswith("+select") else ("generate.select",)
         ignores += () if base == "mgd3" else ("generate.modes",)

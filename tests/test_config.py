@@ -86,6 +86,7 @@ def _write(tmp_path, data) -> Path:
     [
         ({"generate": {"cfg_scal": 2.0}}, "unknown key 'generate.cfg_scal'"),
         ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"generate": {True: 1}}, "YAML reads bare on/off/yes/no as booleans: quote the key"),
         ({"minimax": {"steps": "ten"}}, "minimax.steps: expected an integer, got 'ten'"),
         ({"minimax": {"steps": 1.5}}, "minimax.steps: expected an integer"),
         ({"pretrain": {"trainable": "some"}}, "pretrain.trainable: must be one of"),

@@ -227,7 +227,7 @@ def test_plan_with_model_pretrained_skips_pretraining(finished_run, tmp_path):
 
 
 def test_mgd3_on_the_minimax_checkpoint_reads_the_minimax_stage(finished_run):
-    """``generate.modes.on: minimax`` (MGD^3 on Gu et al.'s checkpoint): gen-mgd3 samples RUN/minimax, so it
+    """``generate.modes.weights: minimax`` (MGD^3 on Gu et al.'s checkpoint): gen-mgd3 samples RUN/minimax, so it
     reruns with minimax; on the pretrained DiT it does not read minimax at all."""
     from ddkit import pipeline as P
     from ddkit.config import replace
@@ -235,7 +235,7 @@ def test_mgd3_on_the_minimax_checkpoint_reads_the_minimax_stage(finished_run):
 
     base = replace(finished_run, methods=("minimax", "mgd3"))
     _stamp(base)
-    on_mm = replace(base, generate=replace(base.generate, modes=replace(base.generate.modes, on="minimax")))
+    on_mm = replace(base, generate=replace(base.generate, modes=replace(base.generate.modes, weights="minimax")))
     steps = {s.node.name: s for s in P.plan(base)}
     assert "upstream.minimax" not in steps["gen-mgd3"].inputs
     assert checkpoint_for(base, "mgd3") == checkpoint_for(base, "dit") != checkpoint_for(base, "minimax")

@@ -147,7 +147,7 @@ def test_mgd3_generation_fits_modes_and_steers_each_image_to_its_own(tmp_path, m
     sets = [f"run_dir={tmp_path / 'run'}", f"data.shards={mnist_shards}", "generate.batch_size=20",
             "generate.precision=fp32", "generate.steps_min=10", "generate.steps_max=10", "generate.ipc_min=2",
             "generate.ipc_max=2", "generate.cfg_scale=1.0", "generate.modes.max_images_per_class=30",
-            "generate.modes.scale=0.5"]  # fmt: skip
+            "generate.modes.scale=0.5", "generate.modes.weights=pretrained"]  # fmt: skip
 
     def run(method, name, *extra):
         cfg = load_config(ROOT / "configs" / "mnist.yaml", [*sets, *extra])

@@ -25,19 +25,19 @@ def gen_dir_for(cfg: ExperimentConfig, method: str) -> Path:
 
 def checkpoint_for(cfg: ExperimentConfig, method: str) -> str:
     """The weights a method samples from: ``generate.checkpoint``, else ``RUN/minimax`` for minimax (and
-    for mgd3 with ``generate.modes.on: minimax``), else ``model.pretrained`` or ``RUN/pretrain``."""
+    for mgd3 with ``generate.modes.weights: minimax``), else ``model.pretrained`` or ``RUN/pretrain``."""
     if cfg.generate.checkpoint:
         return cfg.generate.checkpoint
-    if uses_minimax(method, cfg.generate.modes.on):
+    if uses_minimax(method, cfg.generate.modes.weights):
         return str(Path(cfg.run_dir) / "minimax")
     return cfg.model.pretrained or str(Path(cfg.run_dir) / "pretrain")
 
 
-def uses_minimax(method: str, modes_on: str) -> bool:
+def uses_minimax(method: str, modes_weights: str) -> bool:
     """Whether ``method`` (``<base>[+select]``) samples from this run's minimax checkpoint, given
-    ``generate.modes.on`` (``"pretrained"`` or ``"minimax"``)."""
+    ``generate.modes.weights`` (``"pretrained"`` or ``"minimax"``)."""
     base = method.split("+", 1)[0]
-    return base == "minimax" or (base == "mgd3" and modes_on == "minimax")
+    return base == "minimax" or (base == "mgd3" and modes_weights == "minimax")
 
 
 def class_layout(cfg: ExperimentConfig, num_backbone_classes: int) -> tuple[list[str], list[int]]:

@@ -7,7 +7,8 @@ files (offline, from the local HF cache) and copies only what sampling reads, pe
 ``weights/<dataset>/``:
 
 * the backbone the run actually sampled (the generation manifest's ``checkpoint``; D^3HR and plain DiT
-  sample ``model.pretrained`` unless ``generate.checkpoint`` was set, minimax samples ``RUN/minimax``):
+  sample ``model.pretrained`` unless ``generate.checkpoint`` was set, minimax samples ``RUN/minimax``, and
+  so does mgd3 with ``generate.modes.weights: minimax``):
   a ddkit checkpoint becomes ``last.pt`` holding only the weights sampling used (the EMA unless
   ``generate.use_ema`` was off) and the ``model_config`` :func:`ddkit.models.load_backbone` needs, not the
   optimizer, training weights, RNG or minimax memories; a diffusers DiT (folder, pipeline or id) becomes
@@ -65,7 +66,7 @@ def sampled_weights(d) -> tuple[str, str]:
 
     gen = d.config.get("generate") or {}
     method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
-    minimax = uses_minimax(method, (gen.get("modes") or {}).get("on", "pretrained"))
+    minimax = uses_minimax(method, (gen.get("modes") or {}).get("weights", "pretrained"))
     key = "generate.checkpoint" if gen.get("checkpoint") else (
         "minimax checkpoint (RUN/minimax)" if minimax else "model.pretrained")
     recorded = d.manifest.get("checkpoint")
