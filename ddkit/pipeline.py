@@ -35,6 +35,7 @@ from ddkit.fingerprint import (
     table_identity,
     write_start,
 )
+from ddkit.generate.layout import uses_minimax
 from ddkit.io import atomic_write_json, is_done, mark_done, read_done, read_json, set_aside, write_run_config
 
 # Names for --stage and --force, in order; "generate" stands for every gen-METHOD node.
@@ -127,8 +128,6 @@ def check_selection(cfg: ExperimentConfig, stages: tuple[str, ...], force: tuple
 
 def graph(cfg: ExperimentConfig) -> list[Node]:
     """The stages of ``cfg`` in run order, each with the inputs it reads (module docstring)."""
-    from ddkit.generate.layout import uses_minimax
-
     pre = "model.pretrained given" if cfg.model.pretrained else None
     from_pre = () if cfg.model.pretrained else ("pretrain",)  # the weights dit, d3hr and minimax start from
     nodes = [Node("shard", "shard", ("data",))]

@@ -316,10 +316,9 @@ def sample(
             from the current timestep (the budget's mid-batch step reduction).
         final_step: False stops one step early, at the noise level of the last timestep (x at ᾱ of
             ``timesteps[-1]``, e.g. ᾱ_0 = 0.9999, where D^3HR's inversion starts) instead of x_0 at ᾱ = 1.
-        modes, mode_scale, mode_stop: MGD^3 mode guidance (ddpm; :mod:`ddkit.methods.modes`): float [B, C, H, W]
-            each image's mode (None: off), λ (0.1) and the unguided last fraction of the steps (0.5).
-        mode_clip: bound on |x̂_0| in the mode pull (:func:`ddkit.methods.modes.guide`; 1 in pixel space),
-            or None.
+        modes, mode_scale, mode_stop, mode_clip: MGD^3 mode guidance (ddpm; :mod:`ddkit.methods.modes`): float
+            [B, C, H, W] each image's mode (None: off), λ (0.1), the unguided last fraction of the steps (0.5)
+            and the bound on |x̂_0| in the pull (:func:`~ddkit.methods.modes.guide`: 1 in pixels, None).
 
     Returns:
         float32 [B, C, H, W]: x_0 in the backbone's space (pixels in [-1, 1], or scaled SD-VAE latents).
