@@ -141,7 +141,8 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
         )  # fmt: skip
     for m in cfg.methods:
         base = m.split("+", 1)[0]  # "<base>+select" samples like its base method, then selects
-        up = () if cfg.generate.checkpoint else ("minimax",) if uses_minimax(m, cfg.generate.modes.weights) else from_pre
+        on_minimax = uses_minimax(m, cfg.generate.modes.weights)  # minimax, and mgd3 guiding its checkpoint
+        up = () if cfg.generate.checkpoint else ("minimax",) if on_minimax else from_pre
         ignores = ("generate.method",) + (() if base == "d3hr" else ("generate.d3hr",))
         ignores += () if m.endswith("+select") else ("generate.select",)
         ignores += () if base == "mgd3" else ("generate.modes",)
