@@ -22,18 +22,11 @@ sys.path.insert(0, str(ROOT))
 def _generate(cfg, method: str, run_dir: Path, progress: bool) -> Path:
     """Generate ``method`` into ``run_dir/gen-<method>`` from the weights ``cfg``'s own run sampled."""
     from ddkit.config import replace
-    from ddkit.generate import checkpoint_for, generate, merge
-    from ddkit.selection import generate_selected, split_method
+    from ddkit.generate import checkpoint_for, generate
 
-    base, selected = split_method(method)
-    g = replace(cfg.generate, checkpoint=checkpoint_for(cfg, base))
+    g = replace(cfg.generate, checkpoint=checkpoint_for(cfg, method))
     cfg = replace(cfg, run_dir=str(run_dir), generate=g)
-    if selected:
-        return generate_selected(cfg, method, progress=progress)
-    out = generate(cfg, method=base, progress=progress)
-    if not (out / "dataset.pt").exists():
-        merge(out)
-    return out
+    return generate(cfg, method=method, progress=progress, merge_if_complete=True)
 
 
 def ipc_table(cfg, methods: list[str], ipcs: list[int], steps: int, repeats: int, progress: bool) -> dict:

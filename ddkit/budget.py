@@ -289,7 +289,7 @@ def plan(
 
     The third axis is over-generation (ddkit's, after CaO2 / D^3HR's group selection): at ratio r a plan
     samples ``ceil(r · ipc)`` candidates per class and a ``+select`` method keeps ``ipc`` of them
-    (:mod:`ddkit.selection`). Sampling cost scales with the candidates, so r competes with steps and IPC.
+    (:mod:`ddkit.methods.selected`). Sampling cost scales with the candidates, so r competes with steps and IPC.
 
     Args:
         available_seconds: wall seconds every rank may spend sampling (deadline − margin − reserve − now).

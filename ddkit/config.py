@@ -28,6 +28,7 @@ from ddkit.config_load import (
     to_dict,
 )
 from ddkit.errors import ConfigError
+from ddkit.methods.registry import check as check_method
 
 __all__ = [
     "D3HRConfig", "DataConfig", "EvaluateConfig", "ExperimentConfig", "GenerateConfig", "ModelConfig",
@@ -182,7 +183,7 @@ class D3HRConfig:
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Over-generate-and-select (methods ``<base>+select``; :mod:`ddkit.methods.select`, :mod:`ddkit.selection`):
+    """Over-generate-and-select (methods ``<base>+select``; :mod:`ddkit.methods.select`, :mod:`ddkit.methods.selected`):
     generate ``ratio`` x IPC candidates per class, keep IPC by a real-data classifier's confidence and
     representativeness in its feature space (CaO2, Wang et al. 2025; herding, Welling 2009)."""
 
@@ -225,7 +226,7 @@ class ModesConfig:
 class GenerateConfig:
     """Budgeted generation (``ddkit generate``): Diffusion Step Reduction planner + sampler."""
 
-    method: Literal["minimax", "dit", "d3hr", "mgd3"] = "minimax"  # which checkpoint / latents / guidance
+    method: str = "minimax"  # a registered method (ddkit.methods.registry) or <base>+select
     checkpoint: Optional[str] = None  # default: the method's training stage in the run dir
     time_limit: float = 600.0  # seconds for the whole generation, model loading included
     sampler: Literal["ddpm", "ddim"] = "ddpm"  # DiT reference: 50 respaced DDPM steps
@@ -248,6 +249,7 @@ class GenerateConfig:
     modes: ModesConfig = field(default_factory=ModesConfig)
 
     def __post_init__(self) -> None:
+        check_method(self.method, "method")
         _positive(self, "time_limit", "steps_min", "steps_max", "ipc_min", "ipc_max", "batch_size")
         if self.steps_min > self.steps_max:
             raise ConfigError(f"steps_min: {self.steps_min} > steps_max {self.steps_max}")
@@ -337,6 +339,14 @@ class ExperimentConfig:
     package: PackageConfig = field(default_factory=PackageConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     methods: tuple[str, ...] = ("minimax", "dit", "d3hr")  # generation methods ``ddkit run`` compares
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("methods: needs at least one generation method")
+        for m in self.methods:
+            check_method(m, "methods")
+        if self.package.method is not None and self.package.method not in self.methods:
+            raise ConfigError(f"package.method: {self.package.method!r} is not one of methods {list(self.methods)}")
 
 
 #: The training stages: :class:`ExperimentConfig`'s :class:`TrainConfig` sections (``ddkit train --stage``).

@@ -1,7 +1,7 @@
 """A distilled set as generation writes it: the one reader, for ``ddkit package`` and ``ddkit evaluate``.
 
 The generation contract (``RUN/gen-<method>/dataset.pt``, written by :func:`ddkit.generate.merge` and
-:mod:`ddkit.selection`)::
+:mod:`ddkit.methods.selected`)::
 
     {"images": uint8 [N, C, H, W], "labels": int64 [N], "classes": list[str], "ipc": int}
 

@@ -246,6 +246,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tensor_digest(module) -> str:
+    """sha256 hex over a torch module's state dict (names, dtypes, shapes and raw bytes, in sorted order): the
+    identity of weights as loaded, whatever file format they came from."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def write_run_config(run_dir: str | Path, cfg: Any, name: str = "config.yaml") -> Path:
     """Write the resolved config (a dataclass from :mod:`ddkit.config`) into ``run_dir/name``."""
     from ddkit.config import dump_yaml

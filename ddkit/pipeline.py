@@ -17,26 +17,15 @@ and its fingerprint is the sha256 of its ``dataset.json``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ddkit.config import TRAIN_STAGES, ExperimentConfig, check_stages, load_config, to_dict
-from ddkit.fingerprint import (
-    Decision,
-    decide,
-    file_digest,
-    fingerprint,
-    path_identity,
-    read_records,
-    select,
-    table_identity,
-    write_start,
-)
-from ddkit.generate.layout import uses_minimax
-from ddkit.io import atomic_write_json, is_done, mark_done, read_done, read_json, set_aside, write_run_config
+from ddkit.fingerprint import Decision, decide, file_digest, fingerprint, read_records, write_start
+from ddkit.io import atomic_write_json, mark_done, read_done, read_json, set_aside, write_run_config
+from ddkit.stages import STALE, Node, graph, node_inputs, packaged, remember, stage_dir, version
 
 # Names for --stage and --force, in order; "generate" stands for every gen-METHOD node.
 STAGES = ("shard", "pretrain", "minimax", "generate", "evaluate", "package", "report")
@@ -51,31 +40,6 @@ QUICK = (
     "generate.d3hr.max_images_per_class=20", "generate.d3hr.num_groups=256",
     "evaluate.epochs=100", "evaluate.full_epochs=3", "evaluate.repeats=1",
 )  # fmt: skip
-
-# Keys that change when logs and checkpoints are written, not the weights: not part of a training fingerprint.
-_CADENCE = ("log_every", "ckpt_every")
-STALE = ".stale"  # RUN/.stale/<stage>: the last directory set aside because its inputs changed
-
-
-@dataclass(frozen=True)
-class Node:
-    """One stage of the graph and exactly what it reads.
-
-    ``reads``/``ignores``: config sections or dotted keys (:func:`ddkit.fingerprint.select`); ``upstream``:
-    stages whose outputs it reads; ``paths``: config keys naming weights it loads (their files count);
-    ``growable``: the step count whose growth continues training; ``off``: why the stage does not apply.
-    """
-
-    name: str
-    group: str
-    reads: tuple[str, ...] = ()
-    ignores: tuple[str, ...] = ()
-    upstream: tuple[str, ...] = ()
-    paths: tuple[str, ...] = ()
-    growable: str | None = None
-    off: str | None = None
-    tables: tuple[str, ...] = ()  # config keys naming small files read whole (their bytes count)
-
 
 @dataclass
 class StageRecord:
@@ -126,39 +90,6 @@ def check_selection(cfg: ExperimentConfig, stages: tuple[str, ...], force: tuple
     check_stages(force, (*STAGES, *(f"gen-{m}" for m in cfg.methods)), "--force")
 
 
-def graph(cfg: ExperimentConfig) -> list[Node]:
-    """The stages of ``cfg`` in run order, each with the inputs it reads (module docstring)."""
-    pre = "model.pretrained given" if cfg.model.pretrained else None
-    from_pre = () if cfg.model.pretrained else ("pretrain",)  # the weights dit, d3hr and minimax start from
-    nodes = [Node("shard", "shard", ("data",))]
-    for st in TRAIN_STAGES:
-        up = from_pre if st == "minimax" and cfg.minimax.init is None else ()
-        nodes.append(
-            Node(
-                st, st, ("seed", "model", st, "data.num_workers"), tuple(f"{st}.{k}" for k in _CADENCE),
-                ("shard", *up), (f"{st}.init", "model.pretrained"), f"{st}.steps", pre if st == "pretrain" else None,
-            )
-        )  # fmt: skip
-    for m in cfg.methods:
-        base = m.split("+", 1)[0]  # "<base>+select" samples like its base method, then selects
-        on_minimax = uses_minimax(m, cfg.generate.modes.weights)  # minimax, and mgd3 guiding its checkpoint
-        up = () if cfg.generate.checkpoint else ("minimax",) if on_minimax else from_pre
-        ignores = ("generate.method",) + (() if base == "d3hr" else ("generate.d3hr",))
-        ignores += () if m.endswith("+select") else ("generate.select",)
-        ignores += () if base == "mgd3" else ("generate.modes",)
-        paths = ("generate.checkpoint", "model.pretrained")
-        nodes.append(
-            Node(f"gen-{m}", "generate", ("seed", "model", "generate"), ignores, ("shard", *up), paths,
-                 tables=("generate.quality",))
-        )
-    gens = tuple(f"gen-{m}" for m in cfg.methods)
-    nodes.append(Node("evaluate", "evaluate", ("evaluate", "methods"), upstream=("shard", *gens)))
-    packaged = f"gen-{cfg.package.method}" if cfg.package.method in cfg.methods else gens[0]
-    nodes.append(Node("package", "package", ("package", "data.dataset"), upstream=(packaged,)))
-    nodes.append(Node("report", "report"))
-    return nodes
-
-
 def plan(
     cfg: ExperimentConfig, *, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()
 ) -> list[_Step]:
@@ -178,7 +109,7 @@ def plan(
         raise ConfigError(
             f"--force shard: shard sets are shared between runs; delete {cfg.data.shards} to rebuild it"
         )
-    version = _version()
+    code = version()
     cfgd = to_dict(cfg)
     fps: dict[str, str] = {}
     running: set[str] = set()
@@ -192,7 +123,7 @@ def plan(
         elif node.name == "report":
             d = Decision("run", "always rebuilt from the run directory")
         else:
-            inputs = node_inputs(node, cfgd, fps, version)
+            inputs = node_inputs(node, cfgd, fps, code)
             d = _decision(node, cfg, inputs, force, tuple(u for u in node.upstream if u in running))
             fps[node.name] = fingerprint(inputs)
         if node.group not in stages and not node.off:
@@ -204,26 +135,6 @@ def plan(
             running.add(node.name)
         steps.append(_Step(node, d, inputs))
     return steps
-
-
-def node_inputs(node: Node, cfgd: dict[str, Any], fps: dict[str, str], version: str) -> dict[str, Any]:
-    """The flat input mapping of ``node`` (:mod:`ddkit.fingerprint`): config keys, upstream fingerprints,
-    identities of the weights paths it names, ddkit's version."""
-    inputs = select(cfgd, node.reads, node.ignores)
-    inputs.update({f"upstream.{u}": fps.get(u, "<pending>") for u in node.upstream})
-    for key in node.paths:
-        value = select(cfgd, (key,)).get(key)
-        if value:
-            inputs[f"path.{key}"] = path_identity(value)
-    inputs.update({f"file.{k}": v for k in node.tables if (v := table_identity(select(cfgd, (k,)).get(k)))})
-    inputs["ddkit"] = version
-    return inputs
-
-
-def stage_dir(cfg: ExperimentConfig, node: Node) -> Path:
-    """Where a stage keeps its ``DONE`` record (the package stage: ``RUN/package/``, beside its output)."""
-    run = Path(cfg.run_dir)
-    return {"shard": Path(cfg.data.shards), "evaluate": run / "eval"}.get(node.name, run / node.name)
 
 
 def _shard_decision(cfg: ExperimentConfig) -> tuple[Decision, str]:
@@ -279,12 +190,6 @@ def package_out(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run_dir) / names.get(cfg.package.format, "generator")
 
 
-def _version() -> str:
-    import ddkit
-
-    return ddkit.__version__
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Running the plan
 # ----------------------------------------------------------------------------------------------------------
@@ -328,11 +233,11 @@ def run_pipeline(
     timings: dict[str, Any] = read_json(timings_path) if timings_path.exists() else {}
     clock = RunClock(cfg, [(s.node.name, s.decision.action) for s in steps], timings)
     fps: dict[str, str] = {}
-    version, cfgd = _version(), to_dict(cfg)
+    code, cfgd = version(), to_dict(cfg)
     for s in steps:
         node, d = s.node, s.decision
         if not d.runs:
-            _remember(cfg, node, fps)
+            remember(cfg, node, fps)
             result.stages.append(
                 StageRecord(node.name, "skipped", 0.0, str(_output(cfg, node)), d.action, d.reason)
             )
@@ -340,7 +245,7 @@ def run_pipeline(
             continue
         if node.name != "report":  # the report only reads files
             log(clock.line(node.name))
-        inputs = node_inputs(node, cfgd, fps, version) if s.inputs else {}  # with the shards' real digest
+        inputs = node_inputs(node, cfgd, fps, code) if s.inputs else {}  # with the shards' real digest
         t = time.monotonic()
         output = _execute(cfg, node, d, inputs, progress)
         seconds = time.monotonic() - t
@@ -360,43 +265,6 @@ def run_pipeline(
     if (run_dir / "report.md").exists():
         result.report = run_dir / "report.md"
     return result
-
-
-@contextmanager
-def outside_run(cfg: ExperimentConfig, name: str) -> Iterator[None]:
-    """Around a stage run by its own command (``ddkit train``, ``submit train``; rank 0 records): the records
-    ``ddkit run`` leaves (``fingerprint.json`` first, the fingerprint in the new ``DONE``; upstream ones read
-    from disk), so a later ``ddkit run`` with the same config skips or resumes the stage, never retrains it."""
-    from ddkit.dist import dist_env
-
-    fps: dict[str, str] = {}
-    nodes = graph(cfg)
-    node = next((n for n in nodes if n.name == name and not n.off and dist_env().is_main), None)
-    for n in nodes[: nodes.index(node) if node else 0]:
-        _remember(cfg, n, fps)
-    if node is None:
-        yield
-        return
-    inputs, sdir = node_inputs(node, to_dict(cfg), fps, _version()), stage_dir(cfg, node)
-    was_done = read_done(sdir) is not None
-    sdir.mkdir(parents=True, exist_ok=True)
-    write_start(sdir, inputs)
-    yield
-    rec = read_done(sdir)
-    if rec is not None and not was_done:  # preempted (no DONE) or done before: left as it was
-        mark_done(sdir, rec, fingerprint=fingerprint(inputs), inputs=inputs)
-
-
-def _remember(cfg: ExperimentConfig, node: Node, fps: dict[str, str]) -> None:
-    """A skipped stage's fingerprint, as recorded on disk, for the stages downstream of it."""
-    if node.name == "shard":
-        index = Path(cfg.data.shards) / "dataset.json"
-        if index.is_file():
-            fps["shard"] = file_digest(index)
-    elif node.name != "report" and not node.off:
-        rec = read_done(stage_dir(cfg, node))
-        if rec and "fingerprint" in rec:
-            fps[node.name] = rec["fingerprint"]
 
 
 def _execute(cfg: ExperimentConfig, node: Node, d: Decision, inputs: dict[str, Any], progress: bool) -> Path:
@@ -451,21 +319,15 @@ def _train(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 
 
 def _generate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
-    from ddkit.generate import generate, merge
-    from ddkit.selection import generate_selected, split_method
+    from ddkit.generate import generate
+    from ddkit.methods import registry
 
     method = node.name.removeprefix("gen-")
-    base, selected = split_method(method)
-    if base == "d3hr":
-        from ddkit.methods.d3hr import precompute_statistics
-
-        precompute_statistics(cfg, progress)
-    if selected:
-        return generate_selected(cfg, method, progress=progress)
-    gen_dir = generate(cfg, method=method, progress=progress)
-    if not is_done(gen_dir):
-        merge(gen_dir)
-    return gen_dir
+    # What a method computes once from real data before any budget (D^3HR's statistics, the selection
+    # encoder), as training comes before it; `ddkit generate` alone spends its budget on it instead.
+    registry.build(method, cfg).precompute(progress)
+    # The pipeline decided this stage itself (_execute): generate() must not decide it again.
+    return generate(cfg, method=method, progress=progress, follow_changes=False, merge_if_complete=True)
 
 
 def _evaluate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
@@ -480,8 +342,7 @@ def _evaluate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 def _package(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
     from ddkit.package import package_run
 
-    method = cfg.package.method if cfg.package.method in cfg.methods else cfg.methods[0]
-    gen_dir = Path(cfg.run_dir) / f"gen-{method}"
+    gen_dir = Path(cfg.run_dir) / f"gen-{packaged(cfg)}"
     return package_run(gen_dir, fmt=cfg.package.format, out=package_out(cfg), dataset=cfg.package.dataset)
 
 

@@ -10,21 +10,23 @@ from pathlib import Path
 from typing import Any
 
 from ddkit.config import TRAIN_STAGES, ExperimentConfig
+from ddkit.errors import ConfigError
 from ddkit.io import atomic_write_text, read_json
 
-# Display order and labels: distilled sets first, then the two baselines.
-LABELS = {
-    "minimax": "Minimax DiT (ours)",
-    "dit": "plain DiT (no minimax)",
-    "d3hr": "D^3HR",
-    "dit+select": "plain DiT + selection (ours)",
-    "minimax+select": "Minimax DiT + selection (ours)",
-    "d3hr+select": "D^3HR + selection",
-    "mgd3": "MGD^3 mode guidance",
-    "mgd3+select": "MGD^3 mode guidance + selection (ours)",
-    "random_real": "random real",
-    "full": "full real data",
-}
+BASELINES = {"random_real": "random real", "full": "full real data"}
+
+
+def label(name: str) -> str:
+    """The row label of a set: a method's own (:attr:`ddkit.methods.base.GenerationMethod.label`), a
+    baseline's, else the name."""
+    from ddkit.methods import registry
+
+    if name in BASELINES:
+        return BASELINES[name]
+    try:
+        return registry.label(name)
+    except ConfigError:
+        return name
 
 
 def result_sets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -34,15 +36,19 @@ def result_sets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def results_table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """Rows (label, IPC, accuracy "mean ± std" in %, runs) ordered as :data:`LABELS`, unknown names last."""
+    """Rows (label, IPC, accuracy "mean ± std" in %, runs): the registry's methods in order, then other sets,
+    then the baselines."""
     sets = result_sets(results)
-    order = [k for k in LABELS if k in sets] + [k for k in sets if k not in LABELS]
+    from ddkit.methods import registry
+
+    known = [k for k in registry.names() if k in sets]
+    order = known + [k for k in sets if k not in known and k not in BASELINES] + [k for k in BASELINES if k in sets]
     rows = []
     for k in order:
         r = sets[k]
         rows.append(
             (
-                LABELS.get(k, k),
+                label(k),
                 str(r.get("ipc", "")),
                 f"{r['mean']:.2f} ± {r['std']:.2f}",
                 str(len(r.get("runs", [])) or ""),

@@ -96,7 +96,7 @@ def finish_seconds(
 
     import torch
 
-    from ddkit.generate import write_grid
+    from ddkit.figures import write_grid
 
     gen_dir = Path(gen_dir)
     wc = measure(gen_dir, max(shard_bytes, merged_bytes if merges else 0), clock)

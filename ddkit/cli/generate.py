@@ -43,7 +43,8 @@ def generate(
     config: Optional[Path] = ConfigArg,
     method: Optional[str] = typer.Option(
         None, "--method", "-m",
-        help="minimax | dit | d3hr | mgd3, or <base>+select to over-generate and select (default: generate.method).",
+        help="A registered method (minimax | dit | d3hr | mgd3), or <base>+select to over-generate and select "
+        "(default: generate.method).",
     ),
     time_limit: Optional[float] = typer.Option(
         None, "--time-limit", "-t", help="Seconds for the whole generation, model loading included."
@@ -56,6 +57,7 @@ def generate(
     ),
     world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of shards (array size)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Generation dir (default RUN/gen-<method>)."),
+    force: bool = typer.Option(False, "--force", help="Rerun even when the inputs are unchanged."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     sets: Optional[list[str]] = SetOption,
 ) -> None:
@@ -64,7 +66,8 @@ def generate(
     The budget (--time-limit) covers the whole process, model loading included; DDKIT_T0 (Unix epoch
     seconds) makes every rank/array task share the job's start. Ranks come from torchrun/srun, or from
     --rank/--world-size for SLURM array tasks (then run `ddkit generate --merge` once all are done; the
-    last rank to finish merges by itself too).
+    last rank to finish merges by itself too). Like `ddkit run`, it skips a generation whose inputs are
+    unchanged and reruns a changed one (the old directory goes to RUN/.stale/); --force reruns anyway.
     """
     import os
     import sys
@@ -79,18 +82,16 @@ def generate(
         sets.insert(0, f"run_dir={run}")
     cfg = load(config, sets)
     from ddkit import generate as lib
-    from ddkit import selection
 
     m = method or cfg.generate.method
-    selected = selection.split_method(m)[1]
     gen_dir = out or lib.gen_dir_for(cfg, m)
     if merge:
-        path = selection.select_pool(cfg, m, gen_dir) if selected else lib.merge(gen_dir)
-        console.print(f"[green]merged[/] {path}")
+        path = lib.merge_generation(cfg, m, gen_dir)
+        console.print(f"[green]merged[/] {path / 'dataset.pt'}")
         return
-    run_fn = selection.generate_selected if selected else lib.generate
-    gen_dir = run_fn(cfg, method=m, time_limit=time_limit, out_dir=gen_dir, rank=rank, world_size=world_size,
-                     progress=not no_progress, t0=t0)  # fmt: skip
+    gen_dir = lib.generate(cfg, method=m, time_limit=time_limit, out_dir=gen_dir, rank=rank, world_size=world_size,
+                           progress=not no_progress, t0=t0, force=force,
+                           log=lambda line: console.print(line, markup=False))  # fmt: skip
     _report(gen_dir)
     if process_start is not None:
         # The budget covers the process's whole life; torch's interpreter teardown (about 1 s idle, several

@@ -33,7 +33,7 @@ def train(
     check_stages((stage,))
     cfg = load(config, sets)
     from ddkit import train as lib
-    from ddkit.pipeline import outside_run
+    from ddkit.stages import outside_run
 
     with outside_run(cfg, stage):  # so a later `ddkit run` skips or resumes this stage
         path = lib.train(cfg, stage, resume=resume, max_steps=max_steps, progress=not no_progress)  # type: ignore[arg-type]

@@ -118,7 +118,7 @@ class TrainJob(Checkpointable):
         return Path(self.cfg.run_dir) / self.stage
 
     def __call__(self) -> str:
-        from ddkit.pipeline import outside_run
+        from ddkit.stages import outside_run
         from ddkit.train import Preempted, train
 
         if _is_rank0():

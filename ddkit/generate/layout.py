@@ -1,10 +1,8 @@
-"""Where a generation lives and what it makes: its directory and weights, its classes, each image's seed,
-and the plan bounds that shards already done impose on a requeued rank."""
+"""Where a generation lives and what it makes: its directory and weights, its classes and each image's seed."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from ddkit.config import ExperimentConfig
@@ -24,20 +22,14 @@ def gen_dir_for(cfg: ExperimentConfig, method: str) -> Path:
 
 
 def checkpoint_for(cfg: ExperimentConfig, method: str) -> str:
-    """The weights a method samples from: ``generate.checkpoint``, else ``RUN/minimax`` for minimax (and
-    for mgd3 with ``generate.modes.weights: minimax``), else ``model.pretrained`` or ``RUN/pretrain``."""
-    if cfg.generate.checkpoint:
-        return cfg.generate.checkpoint
-    if uses_minimax(method, cfg.generate.modes.weights):
-        return str(Path(cfg.run_dir) / "minimax")
-    return cfg.model.pretrained or str(Path(cfg.run_dir) / "pretrain")
+    """The weights ``method`` samples (:meth:`ddkit.methods.base.GenerationMethod.checkpoint`).
 
+    Raises:
+        ConfigError: an unknown method.
+    """
+    from ddkit.methods.registry import build
 
-def uses_minimax(method: str, modes_weights: str) -> bool:
-    """Whether ``method`` (``<base>[+select]``) samples from this run's minimax checkpoint, given
-    ``generate.modes.weights`` (``"pretrained"`` or ``"minimax"``)."""
-    base = method.split("+", 1)[0]
-    return base == "minimax" or (base == "mgd3" and modes_weights == "minimax")
+    return build(method, cfg).checkpoint()
 
 
 def class_layout(cfg: ExperimentConfig, num_backbone_classes: int) -> tuple[list[str], list[int]]:
@@ -66,27 +58,3 @@ def shard_dirs(gen_dir: Path) -> list[Path]:
 
 def all_shards_done(gen_dir: Path, world_size: int) -> bool:
     return all(is_done(gen_dir / f"shard-{r}") for r in range(world_size))
-
-
-def plan_bounds(gcfg, gen_dir: Path, ratios: tuple[float, ...] = (1.0,)):
-    """The planner's search box and over-generation ratios: the config's, capped at the plan (steps, kept
-    IPC, ratio) of shards already done in ``gen_dir`` (recorded in their DONE), so the remaining ranks
-    sample the same layout and chains.
-
-    Returns:
-        (:class:`ddkit.budget.Bounds`, ratios).
-    """
-    from ddkit import budget
-
-    steps_max, ipc_max = gcfg.steps_max, gcfg.ipc_max
-    for d in shard_dirs(gen_dir):
-        if is_done(d):
-            plan = json.loads((d / "DONE").read_text() or "{}").get("plan")
-            if plan:
-                kept = plan.get("kept_ipc") or plan["ipc"]
-                steps_max, ipc_max = min(steps_max, plan["steps"]), min(ipc_max, kept)
-                ratios = (float(plan.get("ratio", 1.0)),)
-    bounds = budget.Bounds(
-        min(gcfg.steps_min, steps_max), steps_max, min(gcfg.ipc_min, ipc_max), ipc_max, gcfg.dsr_min_steps_quality
-    )
-    return bounds, ratios

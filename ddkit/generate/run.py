@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ddkit.config import ExperimentConfig, replace
-from ddkit.generate.layout import all_shards_done, gen_dir_for, plan_bounds
+from ddkit.generate import record
+from ddkit.generate.layout import all_shards_done, gen_dir_for
 from ddkit.generate.sampler import Sampler, load_sampler
 from ddkit.generate.shards import merge, save_shard
 from ddkit.io import is_done, write_run_config
+from ddkit.methods import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +53,7 @@ def _settings(cfg: ExperimentConfig, method: str | None, time_limit: float | Non
     from ddkit.errors import ConfigError
 
     gcfg = cfg.generate
-    method = method or gcfg.method
-    if method not in ("minimax", "dit", "d3hr", "mgd3"):
-        raise ConfigError(f"generate.method: must be minimax, dit, d3hr or mgd3, got {method!r}")
+    method = registry.check(method or gcfg.method)
     limit = float(time_limit if time_limit is not None else gcfg.time_limit)
     if limit <= 0:
         raise ConfigError(f"generate.time_limit: must be > 0, got {limit}")
@@ -101,16 +101,18 @@ def _join(cfg: ExperimentConfig, gen_dir: Path, rank: int | None, world_size: in
     return Rank(rank, world, group, env, mine_done, all_done, t0)
 
 
-def _merge_when_complete(gen_dir: Path, job: Rank, merge_when_done: bool, **merge_kw) -> None:
+def _merge_when_complete(gen_dir: Path, job: Rank, merge_when_done: bool, phase, **merge_kw) -> None:
     """Under a process group rank 0 merges and every rank meets one barrier after it; otherwise whichever
     process sees every shard done merges."""
     from ddkit import dist
 
     if job.group:
         if job.rank == 0 and merge_when_done:
+            phase("merge")
             merge(gen_dir, **merge_kw)
         dist.barrier()
     elif merge_when_done and all_shards_done(gen_dir, job.world):
+        phase("merge")
         merge(gen_dir, **merge_kw)
 
 
@@ -128,13 +130,18 @@ def generate(
     device: Any = None,
     clock: Callable[[], float] = time.monotonic,
     merge_when_done: bool = True,
-    select_ratios: tuple[float, ...] = (1.0,),
+    follow_changes: bool = True,
+    force: bool = False,
+    merge_if_complete: bool = False,
+    on_phase: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Generate this rank's share of the distilled set inside the time budget.
 
     Args:
         cfg: the experiment; reads ``generate``, ``model``, ``data`` (class names, resolution).
-        method: ``minimax`` | ``dit`` | ``d3hr`` (default ``cfg.generate.method``).
+        method: a registered method or ``<base>+select`` (default ``cfg.generate.method``;
+            :mod:`ddkit.methods.registry`).
         time_limit: seconds for the whole job, model loading included (default ``generate.time_limit``).
         out_dir: generation dir (default ``RUN/gen-<method>``).
         rank, world_size: shard of this process (default from ``ddkit.dist.dist_env()``; pass them for
@@ -145,13 +152,19 @@ def generate(
         model: an already-built backbone (skips loading; tests, benchmarks).
         device: torch device (default: this rank's GPU or the CPU).
         clock: monotonic seconds (injected for tests).
-        merge_when_done: merge when every shard is done (off for benchmarks that only sample).
-        select_ratios: over-generation ratios the planner may choose from (the pool of a ``+select``
-            method, :mod:`ddkit.selection`); the plan in the manifest records the ratio and kept IPC.
+        merge_when_done: merge when every shard is done (off for array tasks, whose merge job merges).
+        follow_changes: decide the stage as ``ddkit run`` does (:func:`ddkit.stages.enter`): an unchanged
+            fingerprint skips, a changed one sets the old directory aside and reruns (off when the caller
+            decided it: ``ddkit run``).
+        force: rerun even when unchanged (``--force``).
+        merge_if_complete: a single process whose peers' shards are all done merges too (``ddkit run``).
+        on_phase: called with ``start``, ``prepare``, ``calibrate``, ``plan``, ``batch`` (after each),
+            ``shard`` and ``merge`` as the generation reaches them (tests interrupt there).
+        log: where the skip / rerun decision goes (default: printed with ``progress``).
 
     Returns:
-        The generation directory (``RUN/gen-<method>``), holding ``shard-<rank>/`` and, once merged,
-        ``dataset.pt``, ``manifest.json``, ``grid.png``, ``budget.png`` and ``DONE``.
+        The generation directory (``RUN/gen-<method>``), holding ``shard-<rank>/``, ``record.json`` and,
+        once merged, ``dataset.pt``, ``manifest.json``, ``grid.png``, ``budget.png`` and ``DONE``.
 
     Raises:
         BudgetError: the budget cannot fit ``steps_min`` × ``ipc_min`` (before any sampling).
@@ -162,33 +175,101 @@ def generate(
 
     t0 = dist.budget_start(t0, clock)
     cfg = _settings(cfg, method, time_limit)
-    gen_dir = Path(out_dir) if out_dir is not None else gen_dir_for(cfg, cfg.generate.method)
-    if is_done(gen_dir):
+    meth = registry.build(cfg.generate.method, cfg)
+    gen_dir = Path(out_dir) if out_dir is not None else gen_dir_for(cfg, meth.name)
+    inputs = None
+    if follow_changes:
+        decision, inputs = _follow(cfg, meth.name, gen_dir, force, log or (print if progress else None))
+        if not decision.runs:
+            return gen_dir
+    elif is_done(gen_dir):
         return gen_dir
+    from ddkit.fingerprint import fingerprint
+
+    fp = fingerprint(inputs) if inputs is not None else None
+    phase = on_phase or (lambda name: None)
+    phase("start")
+    sample_dir = meth.sample_dir(gen_dir)
+    limit = cfg.generate.time_limit - meth.reserve_seconds()
+    if sample_dir != gen_dir:  # a wrapper (+select): its base samples a pool, then the wrapper finishes
+        gen_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(gen_dir, cfg)
+        meth.before_sampling(progress)
+    base_cfg = replace(cfg, generate=replace(cfg.generate, method=meth.base.name, time_limit=max(1e-3, limit)))
+    _sample(base_cfg, meth, sample_dir, rank=rank, world_size=world_size, t0=t0, clock=clock, model=model,
+            device=device, progress=progress, fp=fp, phase=phase,
+            merge=merge_when_done or merge_if_complete)  # fmt: skip
+    if sample_dir != gen_dir and is_done(sample_dir) and not is_done(gen_dir):
+        phase("merge")
+        meth.finish(gen_dir)
+    return gen_dir
+
+
+def merge_generation(cfg: ExperimentConfig, method: str | None = None, gen_dir: str | Path | None = None) -> Path:
+    """``ddkit generate --merge``: merge the finished shards of ``gen_dir`` (default ``RUN/gen-<method>``),
+    then let a wrapper finish (``+select`` selects from its merged pool).
+
+    Returns:
+        The generation directory.
+
+    Raises:
+        DataError: a shard missing or not done, or shards sampled under different records.
+    """
+    cfg = _settings(cfg, method, None)
+    meth = registry.build(cfg.generate.method, cfg)
+    gen_dir = Path(gen_dir) if gen_dir is not None else gen_dir_for(cfg, meth.name)
+    sample_dir = meth.sample_dir(gen_dir)
+    if not is_done(sample_dir):
+        merge(sample_dir)
+    if sample_dir != gen_dir and not is_done(gen_dir):
+        meth.finish(gen_dir)
+    return gen_dir
+
+
+def _follow(cfg: ExperimentConfig, name: str, gen_dir: Path, force: bool, log):
+    """:func:`ddkit.stages.enter` for generation ``name`` in ``gen_dir`` (its output: ``dataset.pt``)."""
+    from ddkit import stages
+
+    log = log or (lambda line: None)
+    node = stages.generation_node(cfg, name)
+    return stages.enter(cfg, node, gen_dir, force=force, has_output=lambda: (gen_dir / "dataset.pt").exists(),
+                        log=log)  # fmt: skip
+
+
+def _sample(cfg, meth, gen_dir: Path, *, rank, world_size, t0, clock, model, device, progress, fp, phase,
+            merge: bool) -> None:  # fmt: skip
+    """One sharded, budgeted sampling of ``meth.base`` into ``gen_dir`` (module docstring), then the merge."""
+    from ddkit import dist
+
+    if is_done(gen_dir):
+        return
     job = _join(cfg, gen_dir, rank, world_size, t0, clock)
     if job.all_done:
-        _merge_when_complete(gen_dir, job, merge_when_done)
-        return gen_dir
-
+        _merge_when_complete(gen_dir, job, merge, phase)
+        return
     deadline = job.t0 + cfg.generate.time_limit
     phases: dict[str, float] = {}
-    sampler = load_sampler(cfg, gen_dir, job, model=model, device=device, progress=progress, clock=clock,
-                           phases=phases)  # fmt: skip
-    cost, reserve = calibrate(sampler, gen_dir, job, select_ratios=select_ratios, merge_when_done=merge_when_done,
+    sampler = load_sampler(cfg, meth.base, gen_dir, job, model=model, device=device, clock=clock, phases=phases)
+    phase("prepare")
+    meth.base.prepare(sampler, job, progress=progress, phases=phases, clock=clock)
+    phase("calibrate")
+    cost, reserve = calibrate(sampler, gen_dir, job, select_ratios=meth.ratios(), merge_when_done=merge,
                               clock=clock, phases=phases)  # fmt: skip
-    runner, plan_at = plan(sampler, cost, reserve, gen_dir, job, deadline=deadline, select_ratios=select_ratios,
-                           clock=clock)  # fmt: skip
-    sampler.choose_latents(runner.batches, runner.plan.ipc, phases=phases, clock=clock, progress=progress,
-                           kept=runner.plan.kept_ipc, gen_dir=gen_dir)
+    phase("plan")
+    runner, plan_at, rec = plan(sampler, cost, reserve, gen_dir, job, deadline=deadline, ratios=meth.ratios(),
+                                clock=clock, fingerprint=fp)  # fmt: skip
+    meth.base.on_plan(sampler, runner.batches, runner.plan.ipc, runner.plan.kept_ipc or runner.plan.ipc,
+                      gen_dir=gen_dir, progress=progress, phases=phases, clock=clock)  # fmt: skip
+    rec = {**rec, **meth.base.record()}  # with what on_plan prepared (MGD^3's modes digest)
     mark = clock()
-    samples = run_budget(sampler, runner, progress=progress, rank=job.rank)
+    samples = run_budget(sampler, runner, progress=progress, rank=job.rank, phase=phase)
     phases["sample"] = clock() - mark
     save_shard(gen_dir / f"shard-{job.rank}", sampler, runner, samples, job, plan_at=plan_at, phases=phases,
-               clock=clock)  # fmt: skip
+               clock=clock, record=rec)  # fmt: skip
+    phase("shard")
     if job.group:
         dist.barrier()
-    _merge_when_complete(gen_dir, job, merge_when_done, t0=job.t0, clock=clock)
-    return gen_dir
+    _merge_when_complete(gen_dir, job, merge, phase, t0=job.t0, clock=clock)
 
 
 def calibrate(
@@ -231,14 +312,17 @@ def calibrate(
 
 
 def plan(
-    sampler: Sampler, cost, reserve: float, gen_dir: Path, job: Rank, *, deadline: float, select_ratios, clock
-) -> tuple[Any, float]:
+    sampler: Sampler, cost, reserve: float, gen_dir: Path, job: Rank, *, deadline: float, ratios, clock,
+    fingerprint: str | None = None,
+) -> tuple[Any, float, dict[str, Any]]:
     """Plan steps, IPC and ratio for the time left (:func:`ddkit.budget.plan`: the DSR rule or a quality
-    table, inside :func:`ddkit.generate.layout.plan_bounds`) and lay out this rank's batches (global batch
-    ``b`` -> rank ``b % world``; none for a rank whose shard is done).
+    table) and lay out this rank's batches (global batch ``b`` -> rank ``b % world``; none for a rank whose
+    shard is done). A generation whose record is published (another rank or an earlier attempt planned)
+    adopts it (:func:`ddkit.generate.record.bounds`); a rank that loses the race to publish re-plans inside
+    the winner's record, so every shard samples one plan.
 
     Returns:
-        (:class:`ddkit.budget.Runner` over this rank's batches, the clock time of the plan).
+        (:class:`ddkit.budget.Runner` over this rank's batches, the clock time of the plan, the record).
 
     Raises:
         BudgetError: even ``steps_min`` × ``ipc_min`` does not fit (before any sampling).
@@ -249,20 +333,24 @@ def plan(
     quality: Any = gcfg.quality
     if quality != "dsr":
         quality = budget.load_quality_table(quality)
-    bounds, select_ratios = plan_bounds(gcfg, gen_dir, select_ratios)
     margin = gcfg.safety_margin * gcfg.time_limit
-    plan_at = clock()
-    available = deadline - margin - reserve - plan_at
-    the_plan = budget.plan(
-        available, cost, bounds, num_classes=K, batch_size=B, world_size=job.world, quality=quality,
-        ratios=select_ratios,
-    )
-    the_plan = _note_table_method(the_plan, quality, sampler.method)
+    published = record.read(gen_dir)
+    for _ in range(2):
+        bounds, rs = record.bounds(gcfg, published, tuple(ratios))
+        plan_at = clock()
+        the_plan = budget.plan(deadline - margin - reserve - plan_at, cost, bounds, num_classes=K, batch_size=B,
+                               world_size=job.world, quality=quality, ratios=rs)  # fmt: skip
+        mine = record.make(sampler, the_plan, fingerprint)
+        if published is None:
+            published = record.publish(gen_dir, mine)
+        if not record.differences(published, mine, record.PLAN_KEYS):
+            break
+    the_plan = _note_table_method(the_plan, quality, sampler.method.name)
     # Extension batches (for a machine faster than calibrated) reach at most ipc_max, or 4x the plan, so
-    # the layout stays small for 1000-class runs.
+    # the layout stays small for 1000-class runs; a selection pool is sized by its plan, and a method with a
+    # fixed layout (D^3HR: one group of the planned IPC per class) samples exactly the plan.
     ipc_cap = min(gcfg.ipc_max, max(4 * the_plan.ipc, the_plan.ipc + 8))
-    if sampler.stats is not None or the_plan.ratio > 1:
-        # A selection pool is sized by its plan; D^3HR latents are one group of the planned IPC per class.
+    if sampler.method.fixed_layout or the_plan.ratio > 1:
         ipc_cap = the_plan.ipc
     my_batches, extra = budget.split_plan(K, the_plan.ipc, ipc_cap, B, job.rank, job.world)
     if job.mine_done:  # its shard is on disk: take part in the collectives only
@@ -271,7 +359,7 @@ def plan(
         plan=the_plan, cost=cost, batches=my_batches, extra=extra, deadline=deadline, clock=clock,
         steps_min=gcfg.steps_min, t0=job.t0, margin_seconds=margin, reserve_seconds=reserve,
     )  # fmt: skip
-    return runner, plan_at
+    return runner, plan_at, published
 
 
 def _note_table_method(the_plan, quality, method: str):
@@ -285,7 +373,7 @@ def _note_table_method(the_plan, quality, method: str):
     return dataclasses.replace(the_plan, reason=the_plan.reason + note)
 
 
-def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int) -> dict[str, list]:
+def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int, phase=None) -> dict[str, list]:
     """Sample the runner's batches until it stops (done, or out of time: :class:`ddkit.budget.Runner`
     re-plans steps before each batch and may shorten or abandon one mid-chain).
 
@@ -330,4 +418,6 @@ def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int) -> dict[s
             out["steps"].extend([ev.steps] * len(batch.items))
             if progress:
                 update(len(batch.items), left=max(0.0, deadline - clock()))
+            if phase is not None:
+                phase("batch")
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 from ddkit.errors import DataError
 from ddkit.figures import write_budget_plot, write_grid
+from ddkit.generate import record as rec
 from ddkit.generate.layout import SHARD_FILE, shard_dirs
 from ddkit.io import atomic_torch_save, atomic_write_json, hardware_info, is_done, mark_done
 
@@ -43,7 +44,7 @@ def shard_record(sampler, runner, samples: dict[str, list], job, plan_at: float)
         "rank": job.rank,
         "world_size": job.world,
         "classes": sampler.classes,
-        "method": sampler.method,
+        "method": sampler.method.name,
         "sampler": sampler.sampler,
         "start_timestep": sampler.start_timestep,
         "cfg_scale": sampler.cfg_scale,
@@ -71,11 +72,12 @@ def shard_record(sampler, runner, samples: dict[str, list], job, plan_at: float)
 
 
 def save_shard(
-    shard_dir: Path, sampler, runner, samples: dict[str, list], job, *, plan_at: float, phases: dict, clock
+    shard_dir: Path, sampler, runner, samples: dict[str, list], job, *, plan_at: float, phases: dict, clock,
+    record: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write ``shard_dir/images.pt`` (:func:`shard_record` + ``phases`` + ``finished``) and its ``DONE``,
-    which records the plan a requeued peer adopts (:func:`ddkit.generate.layout.plan_bounds`). A rank whose
-    shard was already done (``job.mine_done``) writes nothing.
+    """Write ``shard_dir/images.pt`` (:func:`shard_record` + ``phases`` + ``finished`` + ``record``) and its
+    ``DONE``, which carries the generation record it sampled under (:mod:`ddkit.generate.record`). A rank
+    whose shard was already done (``job.mine_done``) writes nothing.
 
     Returns:
         The shard record.
@@ -85,11 +87,11 @@ def save_shard(
     phases["save"] = clock() - mark  # the save itself is measured into the DONE marker below
     shard["phases"] = dict(phases)
     shard["finished"] = clock() - job.t0
+    shard["record"] = record
     if not job.mine_done:
         shard_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(shard, shard_dir / SHARD_FILE)
-        plan = {"steps": runner.plan.steps, "ipc": runner.plan.ipc}  # a requeued peer adopts it (plan_bounds)
-        mark_done(shard_dir, {"images": int(shard["images"].shape[0]), "finished": clock() - job.t0, "plan": plan})
+        mark_done(shard_dir, rec.shard_done(record, int(shard["images"].shape[0]), clock() - job.t0))
     return shard
 
 
@@ -111,6 +113,7 @@ def _load_shards(gen_dir: Path) -> list[dict[str, Any]]:
     if first is None:
         raise DataError(f"{dirs[0]}: shard not done (no DONE marker); rerun generation for it")
     world = int(first["world_size"])
+    rec.check_shards([gen_dir / f"shard-{r}" for r in range(world) if is_done(gen_dir / f"shard-{r}")])
     shards = []
     for r in range(world):
         d = gen_dir / f"shard-{r}"
@@ -209,6 +212,7 @@ def _manifest(shards, dataset, cut, plots_s: float, elapsed: float | None) -> di
         "images_possible": possible,
         "dropped_batches": {f"rank{s['rank']}": s["dropped_batches"] for s in shards},
         "world_size": int(first["world_size"]),
+        "record": first.get("record"),
         "hardware": first["hardware"],
         "precision": first.get("precision"),
     }
@@ -257,5 +261,5 @@ def merge(
             f"{gen_dir}: the budget ended before every class had one image ({manifest['images_generated']} "
             f"images made; counts per class {cut['counts']}); raise generate.time_limit or lower generate.steps_min"
         )
-    mark_done(gen_dir, {"ipc": ipc, "images": len(cut["keep"])})
+    rec.mark_done_stamped(gen_dir, {"ipc": ipc, "images": len(cut["keep"])}, first=shards[0].get("record"))
     return out

@@ -11,43 +11,29 @@ from __future__ import annotations
 import torch
 
 
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding (the reference fits scikit-learn ``KMeans(n_clusters=IPC,
-    random_state=0)`` on each class's VAE latents, ``sample_mode_guidance.py``).
+def kmeans(x: torch.Tensor, k: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's ``KMeans(n_clusters=k, random_state=seed)``, as the MGD^3 reference fits each class
+    (``sample_mode_guidance.py``: ``KMeans(n_clusters=IPC, random_state=0)`` on the class's VAE latents):
+    k-means++ seeding, Lloyd iterations to convergence, one initialisation (``n_init="auto"``).
 
     Args:
-        x: float [N, D] points (N >= k).
+        x: float [N, D] points (N >= k); fitted in float32.
         k: clusters.
-        iters: Lloyd iterations at most (stops early when the assignment is stable).
-        seed: seeds the k-means++ draw, so the modes are reproducible.
+        seed: ``random_state``, so the modes are reproducible.
 
     Returns:
-        (centers float32 [k, D], assignment int64 [N]). A cluster left empty keeps its previous center.
+        (centers float32 [k, D], assignment int64 [N]).
 
     Raises:
         ValueError: fewer points than clusters, or k < 1.
     """
-    x = x.float()
+    from sklearn.cluster import KMeans
+
     n = x.shape[0]
     if k < 1 or n < k:
         raise ValueError(f"kmeans: need 1 <= k <= points, got k={k} for {n} points")
-    g = torch.Generator().manual_seed(seed)
-    centers = x[torch.randint(n, (1,), generator=g)]
-    for _ in range(1, k):  # k-means++ (Arthur & Vassilvitskii 2007): draw ∝ squared distance to the nearest
-        d2 = torch.cdist(x, centers).min(dim=1).values.pow(2)
-        idx = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(n, (1,), generator=g)
-        centers = torch.cat([centers, x[idx]])
-    assign = torch.full((n,), -1, dtype=torch.long)
-    for _ in range(iters):
-        new = torch.cdist(x, centers).argmin(dim=1)
-        if torch.equal(new, assign):
-            break
-        assign = new
-        for c in range(k):
-            members = x[assign == c]
-            if members.shape[0]:
-                centers[c] = members.mean(0)
-    return centers, assign
+    km = KMeans(n_clusters=k, random_state=seed, n_init="auto").fit(x.detach().float().cpu().numpy())
+    return torch.from_numpy(km.cluster_centers_).float(), torch.from_numpy(km.labels_).long()
 
 
 def class_modes(x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, *, seed: int = 0) -> torch.Tensor:
@@ -59,7 +45,7 @@ def class_modes(x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, *, s
         y: int64 [N] dataset class of each sample.
         num_classes: K.
         k: modes per class (the IPC kept).
-        seed: k-means++ seed.
+        seed: ``random_state`` of class 0's k-means; class c uses ``seed + c``.
 
     Returns:
         float32 [K, k, C, H, W]. A class with n < k samples has no k clusters: its samples themselves are

@@ -64,7 +64,7 @@ def vae_source(name_or_path: str | Path) -> str:
 def encoder_digest(vae) -> str:
     """sha256 hex of the encoder side (``encoder.*``, ``quant_conv.*``): what fixes the latent space. The SD
     decoders fine-tuned from one encoder (sd-vae-ft-ema / -mse) share it, so either may decode."""
-    from ddkit.methods.d3hr import tensor_digest
+    from ddkit.io import tensor_digest
 
     return tensor_digest(torch.nn.ModuleList([vae.encoder, vae.quant_conv]))
 

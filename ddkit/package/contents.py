@@ -62,11 +62,8 @@ def sampled_weights(d) -> tuple[str, str]:
     The generation manifest's ``checkpoint`` (what :func:`ddkit.generate.generate` loaded) when recorded,
     else the rule of :func:`ddkit.generate.checkpoint_for` applied to the run's config.
     """
-    from ddkit.generate.layout import uses_minimax
-
     gen = d.config.get("generate") or {}
-    method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
-    minimax = uses_minimax(method, (gen.get("modes") or {}).get("weights", "pretrained"))
+    minimax = method_of(d).weights == "minimax"
     key = "generate.checkpoint" if gen.get("checkpoint") else (
         "minimax checkpoint (RUN/minimax)" if minimax else "model.pretrained")
     recorded = d.manifest.get("checkpoint")
@@ -77,6 +74,20 @@ def sampled_weights(d) -> tuple[str, str]:
     if minimax:
         return key, str(d.gen_dir.parent / "minimax")
     return key, str((d.config.get("model") or {}).get("pretrained") or d.gen_dir.parent / "pretrain")
+
+
+def method_of(d):
+    """The :class:`ddkit.methods.base.GenerationMethod` that made ``d`` (its manifest's ``method``, built on
+    the generation's config).
+
+    Raises:
+        ConfigError: an unknown method.
+    """
+    from ddkit.config import ExperimentConfig, from_dict
+    from ddkit.methods.registry import build
+
+    cfg = from_dict(ExperimentConfig, d.config, str(d.gen_dir / "config.yaml"))
+    return build(d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-"), cfg)
 
 
 def hf_snapshot(repo_id: str, key: str) -> Path:
@@ -201,42 +212,6 @@ def write_scheduler(pretrained: str | None, run_dir: Path, num_train_timesteps: 
     (dest / "scheduler_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def find_statistics(d, cfg, weights: Path) -> Path:
-    """The run's D^3HR statistics file made for the bundled backbone ``weights`` and the run's classes.
-
-    Candidates are ``RUN/d3hr-cache/d3hr-stats-*.pt``; the one whose recorded inputs name the same classes,
-    inversion settings and backbone weights (:func:`ddkit.methods.d3hr.tensor_digest` of ``weights`` loaded
-    as generation loads it) is taken, the newest when several do.
-
-    Raises:
-        PackageError: none matches (generate with D^3HR first).
-    """
-    import torch
-
-    from ddkit.data import read_index
-    from ddkit.methods import d3hr
-    from ddkit.models import load_backbone
-
-    cache = d.gen_dir.parent / "d3hr-cache"
-    cands = sorted(cache.glob("d3hr-stats-*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    if not cands:
-        raise PackageError(f"{cache}: no D^3HR statistics (d3hr-stats-*.pt); the bundle ships the run's")
-    model, _ = load_backbone(weights, use_ema=cfg.generate.use_ema, timestep_shift=cfg.model.timestep_shift,
-                             expect=cfg.model)
-    shards = Path(cfg.data.shards)
-    shards = shards if shards.is_absolute() or shards.exists() else d.gen_dir.parent / shards
-    want = {"model": d3hr.tensor_digest(model), "classes": list(read_index(shards)["classes"]),
-            "store": d3hr.stored_timesteps(cfg.generate.d3hr, cfg.model.num_train_timesteps)}
-    for p in cands:
-        inputs = torch.load(p, map_location="cpu", weights_only=False).get("inputs") or {}
-        got = {"model": inputs.get("model"), "classes": (inputs.get("data") or {}).get("classes"),
-               "store": (inputs.get("inversion") or {}).get("store")}
-        if got == want:
-            return p
-    raise PackageError(f"{cache}: none of {len(cands)} D^3HR statistics files was made for the sampled weights, "
-                       f"classes and stored timesteps {want['store']} (generate with D^3HR first)")
-
-
 def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     """``cfg["a"]["b"]["c"] = value`` for ``"a.b.c"``, creating sections."""
     *secs, last = dotted.split(".")
@@ -288,18 +263,12 @@ def pack_weights(d, cfg_dict: dict[str, Any], tmp: Path, name: str) -> dict[str,
         shutil.copy(table, wdir / f"quality{table.suffix}")
         set_key(cfg_dict, "generate.quality", rel(wdir / f"quality{table.suffix}"))
     write_scheduler(cfg.model.pretrained, run_dir, cfg.model.num_train_timesteps, wdir / "scheduler")
-    if cfg_dict["generate"].get("method") == "d3hr":
-        stats = find_statistics(d, cfg, weights)
-        shutil.copy(stats, wdir / "d3hr-stats.pt")
-        set_key(cfg_dict, "generate.d3hr.statistics", rel(wdir / "d3hr-stats.pt"))
-        sources["statistics_source"] = str(stats)
-    if cfg_dict["generate"].get("method") == "mgd3":  # the run's class modes (fitted on its real shards)
-        modes = next((p for p in (d.gen_dir / "modes.pt", d.gen_dir / "pool" / "modes.pt") if p.is_file()), None)
-        if modes is None:
-            raise PackageError(f"{d.gen_dir}: no modes.pt; the MGD^3 bundle ships the run's class modes")
-        shutil.copy(modes, wdir / "modes.pt")
-        set_key(cfg_dict, "generate.modes.file", rel(wdir / "modes.pt"))
-        sources["statistics_source"] = str(modes)
+    # What the method prepared from real data (D^3HR's statistics, MGD^3's modes): the bundle has none.
+    for key, (src, name) in method_of(d).bundle_files(d, weights).items():
+        dest = wdir / name
+        shutil.copy(src, dest)
+        set_key(cfg_dict, key, rel(dest))
+        sources["statistics_source"] = str(src)
     return sources
 
 
@@ -375,10 +344,11 @@ def _check_dataset(bundle: Path, name: str, entry: dict[str, Any]):
     shards = values["data.shards"]
     if not shards or not (root / shards / "dataset.json").is_file():
         return Verdict(where, False, "data.shards: no shard index (dataset.json) in the bundle")
-    if cfg.generate.method == "d3hr" and not values["generate.d3hr.statistics"]:
-        return Verdict(where, False, "D^3HR without generate.d3hr.statistics: the bundle has no images to invert")
-    if cfg.generate.method == "mgd3" and not values["generate.modes.file"]:
-        return Verdict(where, False, "MGD^3 without generate.modes.file: the bundle has no real data to cluster")
+    from ddkit.methods.registry import build
+
+    problem = build(cfg.generate.method, cfg).bundle_problem(cfg, values)
+    if problem:
+        return Verdict(where, False, problem)
     return Verdict(where, True, f"{cfg.generate.method}, weights {values['generate.checkpoint']}")
 
 

@@ -20,16 +20,13 @@ from ddkit.package.manifest import MANIFEST, _entry, _manifest
 
 
 def saved_images(d: Distilled) -> Distilled:
-    """The set as image files hold it: as generated, except D^3HR sets generated at 256 px, which are resized
-    to 224 with PIL LANCZOS as the D^3HR reference saves them (:func:`ddkit.methods.d3hr.reference_save_resize`)."""
+    """The set as image files hold it: as the method saves it (:meth:`ddkit.methods.base.GenerationMethod.saved_images`:
+    D^3HR resizes 256 px images to 224 with PIL LANCZOS, as its reference saves them)."""
     import dataclasses
 
-    from ddkit.methods import d3hr
+    from ddkit.package.contents import method_of
 
-    method = d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-")
-    if method != "d3hr" or tuple(d.images.shape[-2:]) != (256, 256):
-        return d
-    return dataclasses.replace(d, images=d3hr.reference_save_resize(d.images, d3hr.SAVE_SIZE))
+    return dataclasses.replace(d, images=method_of(d).saved_images(d.images))
 
 
 def write_folder(d: Distilled, out: str | Path) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ddkit.errors import ConfigError
 
@@ -15,7 +15,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ddkit.config import D3HRConfig
-    from ddkit.methods.d3hr.statistics import D3HRStats
+
+# :class:`ddkit.methods.d3hr.statistics.D3HRStats` (statistics imports this module: named, not imported)
+D3HRStats = Any
 
 #: Groups scored per class by the reference (``group_sampling.py``: ``m // 10`` batches of 10,000, m = 100,000).
 REFERENCE_NUM_GROUPS = 10**8

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddkit.errors import ConfigError, DataError, WeightsError
+from ddkit.io import tensor_digest
 from ddkit.methods.d3hr.decode import reference_input_resize
 from ddkit.methods.d3hr.groups import group_seed
 from ddkit.methods.d3hr.inversion import ddim_invert, stored_timesteps
@@ -70,18 +71,6 @@ class D3HRStats:
     def std(self) -> torch.Tensor:
         """float32 [K, C, H, W] σ_k = √var."""
         return self.var.clamp_min(0).sqrt()
-
-
-def tensor_digest(module) -> str:
-    """sha256 hex over a module's state dict (names, dtypes, shapes and raw bytes, in sorted order)."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def backbone_labels(index: dict[str, Any], model, class_map: str = "auto") -> list[int]:
@@ -356,12 +345,12 @@ def precompute_statistics(cfg: ExperimentConfig, progress: bool = False) -> D3HR
         WeightsError: the backbone or VAE cannot be loaded; as :func:`class_statistics` otherwise.
     """
     from ddkit import dist
-    from ddkit.generate import checkpoint_for
+    from ddkit.methods.registry import build
     from ddkit.models import load_backbone
 
     device = dist.device_for(dist.dist_env())
     model, _ = load_backbone(
-        checkpoint_for(cfg, "d3hr"), use_ema=cfg.generate.use_ema, device=device,
+        build("d3hr", cfg).checkpoint(), use_ema=cfg.generate.use_ema, device=device,
         timestep_shift=cfg.model.timestep_shift, expect=cfg.model,
     )  # fmt: skip
     return class_statistics(model, cfg, device=device, cache_dir=Path(cfg.run_dir) / "d3hr-cache", progress=progress)

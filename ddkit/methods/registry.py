@@ -1,0 +1,98 @@
+"""The generation-method registry: name -> the class that implements :class:`ddkit.methods.base.GenerationMethod`.
+
+Registration is one line per method below, the way diffusers lists its schedulers: the module is imported only
+when the method is built, so validating a config (``generate.method``, ``methods``) stays torch-free and
+``ddkit --help`` stays fast. ``<base>+select`` is any registered base wrapped by
+:class:`ddkit.methods.selected.Selected`.
+
+This module imports nothing from ddkit at module level but :mod:`ddkit.errors`, so every other module may
+import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ddkit.errors import ConfigError
+
+SELECT = "+select"
+
+#: name -> ("module:Class", its own config section under ``generate`` or None). The one place a method is
+#: registered; only that method's fingerprint reads its section.
+METHODS: dict[str, tuple[str, str | None]] = {
+    "minimax": ("ddkit.methods.dit:Minimax", None),
+    "dit": ("ddkit.methods.dit:PlainDiT", None),
+    "d3hr": ("ddkit.methods.d3hr.method:D3HR", "d3hr"),
+    "mgd3": ("ddkit.methods.mgd3:MGD3", "modes"),
+}
+SELECT_SECTION = "select"  # generate.select: the +select wrapper's section
+
+
+def split(name: str) -> tuple[str, bool]:
+    """``"dit+select"`` -> ``("dit", True)``; ``"dit"`` -> ``("dit", False)``."""
+    if name.endswith(SELECT):
+        return name[: -len(SELECT)], True
+    return name, False
+
+
+def names(with_select: bool = True) -> tuple[str, ...]:
+    """Every method name: the registered bases, then (``with_select``) each ``<base>+select``."""
+    bases = tuple(METHODS)
+    return bases + (tuple(b + SELECT for b in bases) if with_select else ())
+
+
+def check(name: str, key: str = "generate.method") -> str:
+    """``name`` if it is a registered method or ``<base>+select``.
+
+    Raises:
+        ConfigError: one line naming ``key``, the value and the known names.
+    """
+    base, _ = split(name)
+    if base not in METHODS:
+        raise ConfigError(f"{key}: unknown method {name!r} (known: {', '.join(METHODS)}, each also as <base>{SELECT})")
+    return name
+
+
+def sections_read(name: str) -> tuple[str, ...]:
+    """The method-owned ``generate.<section>`` keys that ``name`` reads (its own and, with ``+select``,
+    ``generate.select``)."""
+    base, selected = split(name)
+    section = METHODS[base][1] if base in METHODS else None
+    return ((f"generate.{section}",) if section else ()) + ((f"generate.{SELECT_SECTION}",) if selected else ())
+
+
+def sections_ignored(name: str) -> tuple[str, ...]:
+    """The method-owned ``generate.<section>`` keys that ``name`` does not read."""
+    every = [f"generate.{s}" for _, s in METHODS.values() if s] + [f"generate.{SELECT_SECTION}"]
+    return tuple(k for k in every if k not in sections_read(name))
+
+
+def build(name: str, cfg: Any) -> Any:
+    """The :class:`ddkit.methods.base.GenerationMethod` ``name`` (``<base>[+select]``) for the
+    :class:`ddkit.config.ExperimentConfig` ``cfg``.
+
+    Raises:
+        ConfigError: an unknown name (one line).
+    """
+    check(name)
+    base, selected = split(name)
+    module, cls = METHODS[base][0].split(":")
+    method = getattr(importlib.import_module(module), cls)(cfg)
+    if selected:
+        sel = importlib.import_module("ddkit.methods.selected").Selected
+        method = sel(method, cfg)
+    return method
+
+
+def label(name: str) -> str:
+    """The results-table label of method ``name`` (its class's ``label``; ``+select`` adds the selection).
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    check(name)
+    base, selected = split(name)
+    module, cls = METHODS[base][0].split(":")
+    text = getattr(importlib.import_module(module), cls).label
+    return f"{text.removesuffix(' (ours)')} + selection (ours)" if selected else text

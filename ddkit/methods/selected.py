@@ -1,0 +1,223 @@
+"""Over-generate, then select (``<base>+select``): a wrapper around any registered method.
+
+``RUN/gen-<base>+select/`` holds ``pool/`` (an ordinary budgeted generation of ``ratio × IPC`` images per
+class by the base method), then the chosen ``dataset.pt`` (IPC per class, class-major), ``manifest.json``
+(the pool's manifest plus the selection record), ``grid.png``, ``selection.png`` (per class: the chosen
+images, then the rejected ones) and ``DONE``.
+
+Budget: the pool is generated under the method's time limit minus what the selection costs (charged as work,
+:meth:`Selected.reserve_seconds`, with the dataset's class count). The encoder is trained on the real train
+split before sampling: it is data, cached in ``RUN/select-encoder-<key>.pt`` (``ddkit run`` makes it before
+the budget, :meth:`Selected.precompute`). The selection rule itself is :mod:`ddkit.methods.select`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddkit.config import ExperimentConfig
+from ddkit.errors import DataError
+from ddkit.io import atomic_torch_save, atomic_write_json, read_json
+from ddkit.methods.base import GenerationMethod, Sampling
+from ddkit.methods.registry import label
+
+POOL = "pool"
+SECONDS_PER_CANDIDATE = 0.002  # encode + greedy choice on a CPU (charged as work before the pool's budget)
+
+
+class Selected(GenerationMethod):
+    """``<base>+select``: ``base`` samples ``ratio`` × IPC candidates per class; a real-data classifier's
+    filter and herding / k-center keep IPC (:mod:`ddkit.methods.select`)."""
+
+    def __init__(self, base: GenerationMethod, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        self._base = base
+        self.name = f"{base.name}+select"
+        self.label = label(self.name)
+
+    @property
+    def base(self) -> GenerationMethod:
+        return self._base
+
+    @property
+    def weights(self) -> str:
+        return self._base.weights
+
+    def checkpoint(self) -> str:
+        return self._base.checkpoint()
+
+    def sampling(self, gcfg, num_train_timesteps: int) -> Sampling:
+        return self._base.sampling(gcfg, num_train_timesteps)
+
+    def ratios(self) -> tuple[float, ...]:
+        """1, ``generate.select.ratio`` and, with a quality table, every measured ratio up to it: the planner
+        picks the ratio with steps and IPC (budget.plan's third axis)."""
+        gcfg, scfg = self.cfg.generate, self.cfg.generate.select
+        ratios = {1.0, float(scfg.ratio)}
+        if gcfg.quality != "dsr":
+            from ddkit.budget import load_quality_table
+
+            ratios |= {float(k[2]) for k in load_quality_table(gcfg.quality) if len(k) > 2 and k[2] <= scfg.ratio}
+        return tuple(sorted(ratios))
+
+    def sample_dir(self, gen_dir: Path) -> Path:
+        return Path(gen_dir) / POOL
+
+    def reserve_seconds(self) -> float:
+        """Selection's own cost, charged as work: :data:`SECONDS_PER_CANDIDATE` per candidate of the
+        dataset's classes (the backbone may have many more, e.g. DiT-XL/2's 1,000 for a 10-class subset)."""
+        gcfg = self.cfg.generate
+        return 1.0 + SECONDS_PER_CANDIDATE * math.ceil(gcfg.select.ratio * gcfg.ipc_max) * _num_classes(self.cfg)
+
+    def precompute(self, progress: bool) -> None:
+        self._base.precompute(progress)
+        encoder_for(self.cfg)
+
+    def before_sampling(self, progress: bool) -> None:
+        encoder_for(self.cfg)  # trained once per dataset and cached
+
+    def finish(self, gen_dir: Path) -> None:
+        select_pool(self.cfg, self.name, Path(gen_dir))
+
+    def record(self) -> dict[str, Any]:
+        s = self.cfg.generate.select
+        return {**self._base.record(), "select": {"criterion": s.criterion, "min_confidence": s.min_confidence}}
+
+    def bundle_files(self, d, weights: Path):
+        return self._base.bundle_files(d, weights)
+
+    def bundle_problem(self, cfg, values):
+        return self._base.bundle_problem(cfg, values)
+
+    def saved_images(self, images):
+        return self._base.saved_images(images)
+
+    # The base samples the pool: its hooks run through sampler.method = base (ddkit.generate.run).
+
+
+def _num_classes(cfg: ExperimentConfig) -> int:
+    """The dataset's class count (its shard index), else the config's ``model.num_classes``."""
+    from ddkit.data import read_index
+
+    try:
+        return len(read_index(cfg.data.shards)["classes"])
+    except (DataError, OSError):  # no shards yet (a dry plan): the backbone's count bounds it
+        return int(cfg.model.num_classes)
+
+
+def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """The selector's encoder for ``cfg.data.shards`` (trained once, cached in the run dir) and the real
+    class means in its feature space.
+
+    Returns:
+        (encoder in eval mode, float [K, D] real class means, cache file path).
+
+    Raises:
+        DataError: unreadable shards.
+    """
+    from ddkit.data import load_tensors, read_index
+    from ddkit.evaluate.networks import ConvNet
+    from ddkit.methods.select import encode, train_encoder
+
+    scfg = cfg.generate.select
+    index = read_index(cfg.data.shards)
+    k = len(index["classes"])
+    key = hashlib.sha256(
+        json.dumps(
+            {"sha": index.get("sha256", {}), "epochs": scfg.encoder_epochs, "width": scfg.encoder_width,
+             "seed": cfg.seed, "cache": 2},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:12]
+    path = Path(cfg.run_dir) / f"select-encoder-{key}.pt"
+    net = ConvNet(int(index["channels"]), k, int(index["resolution"]), width=scfg.encoder_width)
+    if path.is_file():  # the weights and the real class means: the train split is read once per run
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(blob["state"])
+        return net.eval(), blob["means"], str(path)
+    x, y = load_tensors(cfg.data.shards, "train")
+    net = train_encoder(x, y, num_classes=k, epochs=scfg.encoder_epochs, seed=cfg.seed, width=scfg.encoder_width)
+    feats, _ = encode(net, x)
+    means = torch.stack([feats[y == c].mean(0) for c in range(k)])
+    atomic_torch_save({"state": net.state_dict(), "means": means}, path)
+    return net, means, str(path)
+
+
+def select_pool(cfg: ExperimentConfig, method: str, out: Path) -> Path:
+    """Select from the merged pool ``out/pool`` and write the distilled set into ``out`` (module docstring).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        DataError: the pool is not merged.
+    """
+    from ddkit.figures import write_grid, write_selection_grid
+    from ddkit.generate.record import mark_done_stamped
+    from ddkit.methods.select import encode, select_per_class
+
+    scfg = cfg.generate.select
+    pool = out / POOL
+    if not (pool / "dataset.pt").exists():
+        raise DataError(f"{pool}: the pool is not merged yet (ddkit generate --merge)")
+    t0 = time.monotonic()
+    encoder, real_means, encoder_path = encoder_for(cfg)
+    encoder_s = time.monotonic() - t0
+    t1 = time.monotonic()
+    data = torch.load(pool / "dataset.pt", map_location="cpu", weights_only=True)
+    the_plan = read_json(pool / "manifest.json")["plan"]
+    # A pool cut short by the deadline keeps its planned IPC only while it has the candidates.
+    ipc = max(1, min(int(the_plan.get("kept_ipc") or data["ipc"]), int(data["ipc"])))
+    feats, logits = encode(encoder, data["images"])
+    sel = select_per_class(
+        feats, logits, data["labels"], ipc, criterion=scfg.criterion,
+        min_confidence=scfg.min_confidence, real_means=real_means,
+    )
+    chosen = {
+        "images": data["images"][sel.keep].contiguous(),
+        "labels": data["labels"][sel.keep].contiguous(),
+        "classes": data["classes"],
+        "ipc": ipc,
+    }
+    atomic_torch_save(chosen, out / "dataset.pt")
+    write_grid(out / "grid.png", chosen["images"], chosen["labels"], list(data["classes"]), ipc)
+    write_selection_grid(out / "selection.png", data["images"], data["labels"], sel.keep, ipc)
+    manifest = _manifest(read_json(pool / "manifest.json"), method, sel, data, ipc, encoder_path,
+                         encoder_s, time.monotonic() - t1, scfg, the_plan.get("ratio", 1.0))
+    atomic_write_json(out / "manifest.json", manifest)
+    mark_done_stamped(out, {"images": int(sel.keep.numel()), "ipc": ipc}, first=manifest.get("record"))
+    return out
+
+
+def _manifest(pool: dict[str, Any], method, sel, data, ipc, encoder_path, encoder_s, select_s, scfg, ratio) -> dict:
+    labels = data["labels"]
+    conf = sel.confidence
+    kept = torch.zeros_like(conf, dtype=torch.bool)
+    kept[sel.keep] = True
+    return {
+        **pool,
+        "method": method,
+        "ipc": ipc,
+        "images": int(sel.keep.numel()),
+        "selection": {
+            "criterion": scfg.criterion,
+            "min_confidence": scfg.min_confidence,
+            "source": "CaO2-style classifier filter + herding/k-center (ddkit.methods.select)",
+            "ratio": ratio,
+            "pool_ipc": int(data["ipc"]),
+            "encoder": encoder_path,
+            "encoder_seconds": round(encoder_s, 2),
+            "select_seconds": round(select_s, 3),
+            "pool_judge_accuracy": float((conf > 0.5).float().mean()),
+            "kept_mean_confidence": float(conf[kept].mean()) if kept.any() else None,
+            "rejected_mean_confidence": float(conf[~kept].mean()) if (~kept).any() else None,
+            "per_class_kept": [int(kept[labels == c].sum()) for c in range(int(labels.max()) + 1)],
+        },
+    }

