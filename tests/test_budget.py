@@ -349,3 +349,32 @@ def test_speed_estimate_after_a_cut_batch_uses_the_steps_actually_run():
     assert runner.shortened and ev.steps == 5 and ev.end == pytest.approx(30.0)
     assert runner.speed_factor == pytest.approx(4.0)
     assert ev.predicted == pytest.approx(5.0)  # the calibrated cost of the 5 steps run
+
+
+IMAGENET_BOUNDS = Bounds(steps_min=10, steps_max=50, ipc_min=1, ipc_max=50, dsr_steps=25)
+
+
+@pytest.mark.parametrize(
+    "slow",
+    [lambda t: 1.0, lambda t: 2.0 if t > 400.0 else 1.0, lambda t: 1.0 + t / 600.0],
+    ids=["steady", "2x-slower-at-400s", "slowing-steadily"],
+)
+def test_imagenet_1k_budget_holds_and_turns_90_percent_of_the_limit_into_images(slow):
+    """K = 1,000 classes, batches of 100 (DiT-XL/2 + CFG: ~0.12 s a step on an H100, 0.5 s of VAE decode),
+    a 20-minute limit: the planner + runner end inside the limit, spend >= 90 % of it on finished batches,
+    keep the classes within one image of each other, and re-plan when the machine slows mid-run."""
+    clock = FakeClock()
+    machine = FakeMachine(clock, step_s=0.12, fixed_s=0.5, slow=slow)
+    limit = 1200.0
+    p, runner, items, elapsed = simulate(
+        limit, machine, clock, K=1000, B=100, bounds=IMAGENET_BOUNDS, margin=0.02, reserve=5.0
+    )
+    assert elapsed <= limit and all(e.end <= limit for e in runner.events)  # 0 overruns
+    sampling = sum(e.end - e.start for e in runner.events)
+    assert sampling >= 0.9 * limit, f"{sampling:.0f} s of {limit:.0f} s turned into images"
+    counts = [0] * 1000
+    for c, _ in items:
+        counts[c] += 1
+    assert min(counts) >= 1 and max(counts) - min(counts) <= 1
+    if slow(limit) > 1.0:
+        assert min(e.steps for e in runner.events) < p.steps  # re-planned to fewer steps, not overrun
