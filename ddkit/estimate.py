@@ -177,9 +177,11 @@ def load_gpu_bench(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         res = json.loads(p.read_text())
-        float(res["forward_gflop"]) and res["generation"]  # noqa: B018 (presence check)
+        ok = isinstance(res, dict) and float(res["forward_gflop"]) > 0 and bool(res["generation"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--gpu-bench {p}: not a bench/gpu.py --json result ({e})") from None
+        raise ConfigError(f"--gpu-bench {p}: not a bench/gpu.py --json result ({e!r})") from None
+    if not ok:
+        raise ConfigError(f"--gpu-bench {p}: not a bench/gpu.py --json result (no generation figures)")
     return res
 
 

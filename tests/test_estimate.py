@@ -90,3 +90,21 @@ def test_a_budget_that_does_not_fit_is_reported_not_raised():
     est = E.estimate_run(cfg, "a10", 1)
     gen = next(s for s in est.stages if s.stage == "gen-dit")
     assert gen.work.startswith("does not fit") and math.isnan(gen.seconds)
+
+
+def test_cli_dry_run_prints_the_estimate_and_its_assumptions(tmp_path):
+    from typer.testing import CliRunner
+
+    from ddkit.cli import app
+
+    res = CliRunner().invoke(app, [
+        "run", "configs/imagenet1k.yaml", "--dry-run", "--accelerator", "h100", "--gpus", "8",
+        "--set", f"run_dir={tmp_path / 'run'}", "--set", f"data.shards={tmp_path / 'shards'}",
+    ], env={"COLUMNS": "200"})  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "Estimate: imagenet1k on 8 x h100" in res.output and "gen-minimax" in res.output
+    assert "40 % (assumed) of the h100 peak" in res.output and "1.95 GiB per rank" in res.output
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    bad = CliRunner().invoke(app, ["run", "configs/imagenet1k.yaml", "--dry-run", "--accelerator", "tpu",
+                                   "--set", f"run_dir={tmp_path / 'run'}"])
+    assert bad.exit_code != 0 and "--accelerator tpu: unknown" in bad.output

@@ -52,6 +52,10 @@ def run(
 
     overrides = (*QUICK, *(sets or ())) if quick else tuple(sets or ())
     cfg = absolute_paths(load_config(config, overrides))
+    if dry_run:  # a bad --accelerator fails before the stage plan
+        from ddkit.estimate import peak_flops
+
+        peak_flops(accelerator)
     stages = tuple(stage) if stage else STAGES
     res = run_pipeline(
         cfg, stages=stages, force=tuple(force or ()), dry_run=dry_run, progress=not no_progress,
