@@ -33,39 +33,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-# The executor has its own module; re-exported so ``from ddkit.budget import Runner`` keeps working.
+# The shared types and the executor have their own modules (the runner does not import the planner: no
+# cycle); re-exported so ``from ddkit.budget import Runner, CostModel, ...`` keeps working.
 from ddkit.budget_runner import Event, Runner
+from ddkit.budget_types import Batch, Clock, CostModel, Plan
 from ddkit.errors import BudgetError
 
-Clock = Callable[[], float]
-
 
 # ----------------------------------------------------------------------------------------------------------
-# Cost model and calibration
+# Calibration (the cost model itself: ddkit.budget_types)
 # ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CostModel:
-    """Seconds per full batch: ``steps * step_seconds + batch_seconds`` (see module docstring)."""
-
-    step_seconds: float
-    batch_seconds: float = 0.0
-    batch_size: int = 1
-
-    def batch_cost(self, steps: int) -> float:
-        """Predicted seconds for one batch at ``steps`` sampling steps."""
-        return steps * self.step_seconds + self.batch_seconds
-
-    @property
-    def image_step_seconds(self) -> float:
-        """Seconds per image per step at this batch size (reported in manifests)."""
-        return self.step_seconds / max(1, self.batch_size)
-
-    def scaled(self, factor: float) -> CostModel:
-        return CostModel(self.step_seconds * factor, self.batch_seconds * factor, self.batch_size)
-
-
 def calibrate(
     run_steps: Callable[[int], None],
     *,
@@ -113,14 +92,6 @@ def calibrate(
 # ----------------------------------------------------------------------------------------------------------
 # Work layout
 # ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Batch:
-    """One global batch: ``items`` = ((class, index), ...) in index-major order."""
-
-    index: int
-    items: tuple[tuple[int, int], ...]
-
-
 def make_batches(num_classes: int, ipc: int, batch_size: int) -> list[Batch]:
     """All global batches for ``ipc`` images of each of ``num_classes`` classes (index-major order)."""
     total = num_classes * ipc
@@ -174,27 +145,6 @@ class Bounds:
     ipc_min: int
     ipc_max: int
     dsr_steps: int = 25
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the planner chose, and why (serialised into the manifest)."""
-
-    steps: int
-    ipc: int
-    num_classes: int
-    batch_size: int
-    world_size: int
-    batches_per_rank: int
-    available_seconds: float  # for sampling, after margin and reserve
-    predicted_seconds: float  # busiest rank
-    quality: str
-    reason: str
-    ratio: float = 1.0  # over-generation: ``ipc`` candidates per class are made, ``kept_ipc`` are selected
-    kept_ipc: int | None = None  # images per class after selection (None: ``ipc``, no selection)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class QualityTable(dict):

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only annotations: ddkit.budget re-exports this module's names
-    from ddkit.budget import Batch, Clock, CostModel, Plan
+from ddkit.budget_types import Batch, Clock, CostModel, Plan
 
 
 @dataclass
 class Event:
-    """One finished batch, for the manifest and the budget plot (times relative to ``t0``)."""
+    """One finished batch, for the manifest and the budget plot (times relative to ``t0``, seconds).
+
+    ``steps`` are the steps it ran (fewer than planned when cut short) and ``predicted`` the calibrated
+    cost of those steps (speed factor 1), so ``(end - start) / predicted`` is its observed slowdown.
+    """
 
     batch: int
     steps: int
@@ -68,7 +70,7 @@ class Runner:
     dropped: list[int] = field(default_factory=list)
     _pos: int = 0
     _ratios: list[float] = field(default_factory=list)
-    _current: tuple[Batch, int, float, float] | None = None
+    _current: tuple[Batch, int, float] | None = None  # (batch, planned steps, start time)
     _last_step: float | None = None
     _steps_done: int = 0
     shortened: int = 0  # batches whose chain was respaced to fewer steps mid-way
@@ -120,7 +122,7 @@ class Runner:
             self.batches = self.batches[: self._pos]
             return None
         batch = self.batches[self._pos]
-        self._current = (batch, steps, now, predicted / max(self.speed_factor, 1e-12))
+        self._current = (batch, steps, now)
         self._last_step = None
         self._steps_done = 0
         return batch, steps
@@ -136,7 +138,7 @@ class Runner:
         fits (the batch is abandoned, :meth:`abort`).
         """
         assert self._current is not None, "step_ok() without next()"
-        _, _, start, _ = self._current
+        _, _, start = self._current
         now = self.clock()
         last = now - (self._last_step if self._last_step is not None else start)
         self._last_step = now
@@ -169,14 +171,22 @@ class Runner:
         self._current = None
 
     def done(self, images: int | None = None) -> Event:
-        """Record that the batch from the last :meth:`next` finished now."""
+        """Record that the batch from the last :meth:`next` finished now.
+
+        The speed ratio it records is the batch's wall time over the calibrated cost of the steps it RAN
+        (``_steps_done``, counted by :meth:`step_ok`; the planned steps when the sampler gave no callback):
+        a chain cut short by :meth:`step_ok` ran fewer steps than planned, and dividing by the planned
+        steps' cost would read the machine as faster exactly when it has slowed.
+        """
         assert self._current is not None, "done() without next()"
-        batch, steps, start, predicted_base = self._current
+        batch, planned, start = self._current
         end = self.clock()
+        steps = self._steps_done or planned
+        predicted_base = self.cost.batch_cost(steps)  # at calibrated speed (speed factor 1)
         self._ratios.append(max((end - start) / predicted_base, 1e-6) if predicted_base > 0 else 1.0)
         ev = Event(
             batch=batch.index,
-            steps=self._steps_done or steps,
+            steps=steps,
             images=len(batch.items) if images is None else images,
             start=start - self.t0,
             end=end - self.t0,

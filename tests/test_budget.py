@@ -321,3 +321,60 @@ def test_the_table_shipped_with_the_demo_model_loads_and_plans():
     assert p.quality == "table" and f"accuracy {best:g}" in p.reason  # nothing binds: the best entry
     with pytest.raises(ConfigError, match="no such file shipped with ddkit:mnist-dit-t4"):
         load_quality_table("ddkit:mnist-dit-t4/nope.yaml")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runner's speed estimate after a cut batch, and budgets at ImageNet-1K's 1,000 classes
+# ----------------------------------------------------------------------------------------------------------
+def test_speed_estimate_after_a_cut_batch_uses_the_steps_actually_run():
+    """A batch shortened mid-way (step_ok) is judged against the cost of the steps it ran, not the planned
+    ones: the machine turned 4x slower, and the next plan must believe 4x (dividing by the 10 planned steps
+    read 2x, and the runner then under-planned its next batches)."""
+    clock = FakeClock()
+    cost = CostModel(step_seconds=1.0, batch_seconds=0.0, batch_size=10)
+    p = plan(30.0, cost, Bounds(2, 10, 1, 2, 10), num_classes=10, batch_size=10)
+    assert (p.steps, p.ipc) == (10, 2)
+    runner = Runner(plan=p, cost=cost, batches=make_batches(10, 2, 10), deadline=30.0, clock=clock, steps_min=2)
+    for step_s in (1.0, 4.0):  # the machine turns 4x slower before the second batch
+        _, n = runner.next()
+        i = 0
+        while i < n:
+            clock.t += step_s
+            verdict = runner.step_ok(i, n)
+            assert verdict is not False
+            if type(verdict) is int:
+                n = i + 1 + verdict
+            i += 1
+        ev = runner.done()
+    assert runner.shortened and ev.steps == 5 and ev.end == pytest.approx(30.0)
+    assert runner.speed_factor == pytest.approx(4.0)
+    assert ev.predicted == pytest.approx(5.0)  # the calibrated cost of the 5 steps run
+
+
+IMAGENET_BOUNDS = Bounds(steps_min=10, steps_max=50, ipc_min=1, ipc_max=50, dsr_steps=25)
+
+
+@pytest.mark.parametrize(
+    "slow",
+    [lambda t: 1.0, lambda t: 2.0 if t > 400.0 else 1.0, lambda t: 1.0 + t / 600.0],
+    ids=["steady", "2x-slower-at-400s", "slowing-steadily"],
+)
+def test_imagenet_1k_budget_holds_and_turns_90_percent_of_the_limit_into_images(slow):
+    """K = 1,000 classes, batches of 100 (DiT-XL/2 + CFG: ~0.12 s a step on an H100, 0.5 s of VAE decode),
+    a 20-minute limit: the planner + runner end inside the limit, spend >= 90 % of it on finished batches,
+    keep the classes within one image of each other, and re-plan when the machine slows mid-run."""
+    clock = FakeClock()
+    machine = FakeMachine(clock, step_s=0.12, fixed_s=0.5, slow=slow)
+    limit = 1200.0
+    p, runner, items, elapsed = simulate(
+        limit, machine, clock, K=1000, B=100, bounds=IMAGENET_BOUNDS, margin=0.02, reserve=5.0
+    )
+    assert elapsed <= limit and all(e.end <= limit for e in runner.events)  # 0 overruns
+    sampling = sum(e.end - e.start for e in runner.events)
+    assert sampling >= 0.9 * limit, f"{sampling:.0f} s of {limit:.0f} s turned into images"
+    counts = [0] * 1000
+    for c, _ in items:
+        counts[c] += 1
+    assert min(counts) >= 1 and max(counts) - min(counts) <= 1
+    if slow(limit) > 1.0:
+        assert min(e.steps for e in runner.events) < p.steps  # re-planned to fewer steps, not overrun
