@@ -285,22 +285,22 @@ def dataset_size(cfg: ExperimentConfig, classes: int | None, train_images: int |
 def _gen_stage(cfg: ExperimentConfig, method: str, k: int, fwd: float, tp: Throughput, devices: int) -> StageEstimate:
     """One ``gen-METHOD``: planned by :func:`ddkit.budget.plan` on the FLOP cost model at the config's
     bounds and time limit, so DSR spends the budget as the run would; a plan that does not fit says so."""
-    g = cfg.generate
-    base, select = method.removesuffix("+select"), method.endswith("+select")
-    cfgx = cfg_factor(g.d3hr.cfg_scale if base == "d3hr" and g.d3hr.cfg_scale is not None else g.cfg_scale)
-    # D^3HR starts its chains from the class Gaussian at `timestep` (+ restarts), not from pure noise:
-    # only that share of the schedule's steps runs (ddkit.methods.d3hr).
-    share = 1.0
-    if base == "d3hr":
-        stride = cfg.model.num_train_timesteps / g.d3hr.inversion_steps
-        share = min(1.0, (g.d3hr.timestep + g.d3hr.restart_strides * stride) / cfg.model.num_train_timesteps)
+    from ddkit.methods.registry import build
+
+    meth = build(method, cfg)
+    chain = meth.sampling(cfg.generate, cfg.model.num_train_timesteps)
+    g = chain.settings
+    cfgx = cfg_factor(chain.cfg_scale)
+    # A chain restarted at a timestep (D^3HR: from its class Gaussian) runs only that share of the schedule.
+    T = cfg.model.num_train_timesteps
+    share = min(1.0, chain.start_timestep / T) if chain.start_timestep is not None else 1.0
     B = g.batch_size
     decode = vae_flops(cfg.data.resolution, decode=True) if cfg.model.vae else 0.0
     step_s = B * cfgx * share * fwd / tp.flops_per_s
     cost = CostModel(step_seconds=step_s, batch_seconds=B * decode / tp.flops_per_s, batch_size=B)
     bounds = Bounds(g.steps_min, g.steps_max, g.ipc_min, g.ipc_max, g.dsr_min_steps_quality)
     avail = g.time_limit * (1.0 - g.safety_margin)
-    ratios = (1.0, g.select.ratio) if select else (1.0,)
+    ratios = meth.ratios()
     try:
         p = plan(avail, cost, bounds, num_classes=k, batch_size=B, world_size=devices, ratios=ratios)
     except BudgetError as e:
@@ -402,26 +402,30 @@ def estimate_run(
     ))  # fmt: skip
     if not m.pretrained:
         est.stages.append(_train_stage("pretrain", cfg.pretrain, fwd, tp["train"], devices))
-    if "minimax" in cfg.methods:
+    from ddkit.methods.registry import build
+
+    methods = [build(x, cfg) for x in cfg.methods]
+    if any(x.weights == "minimax" for x in methods):
         est.stages.append(_train_stage("minimax", cfg.minimax, fwd, tp["train"], devices))
         mem = minimax_memory_bytes(cfg.minimax.memory_size, m.in_channels * m.input_size**2, k)
         est.assumptions.append(
             f"minimax memories at {k} classes: 2 x {cfg.minimax.memory_size} x {m.in_channels * m.input_size**2}"
             f" x {k} x 4 B = {mem / 2**30:.2f} GiB per rank"
         )
-    if any(x.removesuffix("+select") == "d3hr" for x in cfg.methods) and not cfg.generate.d3hr.statistics:
-        d = cfg.generate.d3hr
-        per_class = min(d.max_images_per_class or n_train // k, n_train // k)
-        steps = math.ceil(d.inversion_steps * d.store_to / m.num_train_timesteps)
-        cfgx = cfg_factor(d.inversion_cfg_scale)
-        flops = k * per_class * steps * cfgx * fwd
+    done: set[str] = set()
+    for x in methods:  # what a method computes once from real data (D^3HR: DDIM inversion), once per base
+        per_class, forwards = x.precompute_work(n_train // k)
+        if not per_class or x.base.name in done:
+            continue
+        done.add(x.base.name)
+        flops = k * per_class * forwards * fwd
         est.stages.append(StageEstimate(
-            "d3hr-statistics", f"{k * per_class:,} real images x {steps} inversion steps x CFG {cfgx}", flops,
+            f"{x.base.name}-precompute", f"{k * per_class:,} real images x {forwards} backbone forwards", flops,
             compute_seconds(flops, devices, tp["sample"]), k * per_class / (devices * loader), tp["sample"].source,
         ))  # fmt: skip
     for method in cfg.methods:
         est.stages.append(_gen_stage(cfg, method, k, fwd, tp["sample"], devices))
-    if any(x.endswith("+select") for x in cfg.methods):
+    if any(x.base is not x for x in methods):
         est.assumptions.append("+select: the selection encoder's training and encoding are not estimated")
     est.stages.append(_eval_stage(cfg, k, n_train, len(cfg.methods), tp["cnn"], devices, loader))
     return est

@@ -112,6 +112,11 @@ class GenerationMethod:
         and dataset and cached in the run directory, which :meth:`prepare` then only loads (a no-op by
         default)."""
 
+    def precompute_work(self, train_per_class: int) -> tuple[int, int]:
+        """(real images per class, backbone forwards per image) that :meth:`precompute` runs, for
+        :mod:`ddkit.estimate`; ``train_per_class``: what the dataset has. (0, 0) by default."""
+        return 0, 0
+
     def prepare(self, sampler, job, *, progress: bool, phases: dict[str, float], clock) -> None:
         """Before calibration, inside the budget: what does not depend on the plan (a no-op by default)."""
 

@@ -80,6 +80,9 @@ class Selected(GenerationMethod):
         self._base.precompute(progress)
         encoder_for(self.cfg)
 
+    def precompute_work(self, train_per_class: int) -> tuple[int, int]:
+        return self._base.precompute_work(train_per_class)
+
     def before_sampling(self, progress: bool) -> None:
         encoder_for(self.cfg)  # trained once per dataset and cached
 

@@ -46,6 +46,15 @@ class D3HR(GenerationMethod):
 
         precompute_statistics(self.cfg, progress)
 
+    def precompute_work(self, train_per_class: int) -> tuple[int, int]:
+        import math
+
+        d, T = self.cfg.generate.d3hr, self.cfg.model.num_train_timesteps
+        if d.statistics:  # shipped statistics: nothing to invert
+            return 0, 0
+        steps = math.ceil(d.inversion_steps * d.store_to / T)  # the reference stops after store_to
+        return min(d.max_images_per_class or train_per_class, train_per_class), steps * (1 if d.inversion_cfg_scale == 1.0 else 2)
+
     def prepare(self, sampler, job, *, progress, phases, clock) -> None:
         from ddkit.methods.d3hr.statistics import class_statistics
 
