@@ -39,10 +39,10 @@ def cut(cfg, pool_file: Path, ipc: int, ratio: float, out: Path) -> Path:
     """The (ipc, ratio) point of a pool as a ``dataset.pt``: the first ``ceil(ratio · ipc)`` candidates per
     class, then ``ipc`` of them by ``generate.select`` when ratio > 1."""
     import torch
-    from ddkit.methods.selected import encoder_for
 
     from ddkit.io import atomic_torch_save
     from ddkit.methods.select import encode, select_per_class
+    from ddkit.methods.selected import encoder_for
 
     f = out / "dataset.pt"
     if f.is_file():

