@@ -26,6 +26,7 @@ from typing import Any
 from ddkit.config import TRAIN_STAGES, ExperimentConfig, check_stages, load_config, to_dict
 from ddkit.fingerprint import (
     Decision,
+    code_identity,
     decide,
     file_digest,
     fingerprint,
@@ -178,7 +179,7 @@ def plan(
         raise ConfigError(
             f"--force shard: shard sets are shared between runs; delete {cfg.data.shards} to rebuild it"
         )
-    version = _version()
+    version = code_identity()
     cfgd = to_dict(cfg)
     fps: dict[str, str] = {}
     running: set[str] = set()
@@ -208,7 +209,8 @@ def plan(
 
 def node_inputs(node: Node, cfgd: dict[str, Any], fps: dict[str, str], version: str) -> dict[str, Any]:
     """The flat input mapping of ``node`` (:mod:`ddkit.fingerprint`): config keys, upstream fingerprints,
-    identities of the weights paths it names, ddkit's version."""
+    identities of the weights paths it names, ddkit's code identity (``version``:
+    :func:`ddkit.fingerprint.code_identity`)."""
     inputs = select(cfgd, node.reads, node.ignores)
     inputs.update({f"upstream.{u}": fps.get(u, "<pending>") for u in node.upstream})
     for key in node.paths:
@@ -279,12 +281,6 @@ def package_out(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run_dir) / names.get(cfg.package.format, "generator")
 
 
-def _version() -> str:
-    import ddkit
-
-    return ddkit.__version__
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Running the plan
 # ----------------------------------------------------------------------------------------------------------
@@ -328,7 +324,7 @@ def run_pipeline(
     timings: dict[str, Any] = read_json(timings_path) if timings_path.exists() else {}
     clock = RunClock(cfg, [(s.node.name, s.decision.action) for s in steps], timings)
     fps: dict[str, str] = {}
-    version, cfgd = _version(), to_dict(cfg)
+    version, cfgd = code_identity(), to_dict(cfg)
     for s in steps:
         node, d = s.node, s.decision
         if not d.runs:
@@ -377,7 +373,7 @@ def outside_run(cfg: ExperimentConfig, name: str) -> Iterator[None]:
     if node is None:
         yield
         return
-    inputs, sdir = node_inputs(node, to_dict(cfg), fps, _version()), stage_dir(cfg, node)
+    inputs, sdir = node_inputs(node, to_dict(cfg), fps, code_identity()), stage_dir(cfg, node)
     was_done = read_done(sdir) is not None
     sdir.mkdir(parents=True, exist_ok=True)
     write_start(sdir, inputs)
