@@ -81,7 +81,7 @@ class Trainer:
         # Class mapping: memories use the subset index, conditioning the backbone's index.
         labels = backbone_labels(index, mcfg.num_classes, self.cfg.model.class_map)
         start = self.tcfg.init or self.cfg.model.pretrained or self.stage_dir.parent / "pretrain"
-        where = self.ckpt_path if state else start
+        where = (self.ckpt_path if self.resume == "auto" else self.resume) if state else start
         check_classes(model.made_on, index, self.cfg.model.class_map, labels=labels, where=str(where))
         self.made_on = record(index, labels)  # what this stage's checkpoints are made on
         cond = torch.tensor(labels, dtype=torch.long)
