@@ -79,8 +79,10 @@ def main() -> None:
     import yaml
 
     from ddkit.config import load_config, replace
+    from ddkit.data import read_index
     from ddkit.evaluate import evaluate
     from ddkit.io import atomic_write_bytes
+    from ddkit.models.provenance import record
 
     cfg = load_config(args.config, args.sets)
     points = [(i, r) for i in args.ipcs for r in args.ratios if math.ceil(i * r) <= args.max_pool]
@@ -105,8 +107,9 @@ def main() -> None:
             f"{cfg.evaluate.protocol} protocol, {cfg.evaluate.epochs} epochs, student seeds {args.seeds}.\n"
             f"# Made by: python bench/quality.py {args.config} --out {args.out} "
             + " ".join(f"--set {x}" for x in args.sets) + "\n")
-    # {method, rows}: the planner notes in a plan's reason when it plans another method from this table.
-    doc = {"method": "dit", "rows": table}
+    # {method, rows}: the planner notes in a plan's reason when it plans another method from this table;
+    # made_on: the planner refuses the table on other classes (ddkit.models.provenance.check_classes).
+    doc = {"method": "dit", "made_on": record(read_index(cfg.data.shards)), "rows": table}
     atomic_write_bytes(args.out, (head + yaml.safe_dump(doc, sort_keys=False)).encode())
     print(f"{'steps':>5} {'ipc':>4} {'ratio':>5} {'acc':>6}")
     for row in table:

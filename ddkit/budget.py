@@ -149,26 +149,37 @@ class Bounds:
 
 class QualityTable(dict):
     """``{(steps, ipc[, ratio]): accuracy (%)}`` as read by :func:`load_quality_table`, plus
-    ``measured_with``: the generation method whose samples were scored (None: the file does not say)."""
+    ``measured_with``: the generation method whose samples were scored (None: the file does not say), and
+    ``made_on``: the dataset and classes they were scored on (:mod:`ddkit.models.provenance`; None: unsaid)."""
 
     measured_with: str | None = None
+    made_on: dict | None = None
 
 
-def load_quality_table(path) -> QualityTable:
+def load_quality_table(path, *, index: dict | None = None, class_map: str = "auto") -> QualityTable:
     """Read a YAML/JSON table of measured accuracies.
 
     ``path`` is a file, or ``ddkit:NAME/FILE``: a table shipped with a model (:mod:`ddkit.assets`).
     Accepted forms: a list of ``{steps, ipc, accuracy}`` mappings (optionally with ``ratio``, the
     over-generation ratio of a ``+select`` method: ``ratio × ipc`` candidates per class, ``ipc`` kept); a
     mapping ``"steps,ipc": accuracy`` / ``"steps,ipc,ratio": accuracy``; or ``{method: NAME, rows: LIST}``,
-    which also names the method whose samples were scored (``bench/quality.py`` writes this form).
+    which also names the method whose samples were scored (``bench/quality.py`` writes this form), and may
+    carry ``made_on``: the dataset and classes it was measured on (:mod:`ddkit.models.provenance`).
+
+    Args:
+        path: the table (``generate.quality``).
+        index, class_map: the run's shard index (:func:`ddkit.data.read_index`) and ``model.class_map``:
+            when given, a table measured on other classes is refused
+            (:func:`ddkit.models.provenance.check_classes`).
 
     Returns:
         ``{(steps, ipc): accuracy}``, or ``{(steps, ipc, ratio): accuracy}`` when any row gives a ratio,
-        as a :class:`QualityTable` (a dict) whose ``measured_with`` is the named method or None.
+        as a :class:`QualityTable` (a dict) whose ``measured_with`` is the named method or None and
+        ``made_on`` its record or None.
 
     Raises:
-        ConfigError: file missing or malformed (names the file).
+        ConfigError: file missing or malformed (names the file); measured on other classes than ``index``'s
+            with ``class_map`` ``auto`` (one line naming both datasets and ``model.class_map``).
     """
     from pathlib import Path
 
@@ -176,6 +187,7 @@ def load_quality_table(path) -> QualityTable:
 
     from ddkit.assets import asset_path
     from ddkit.errors import ConfigError, WeightsError
+    from ddkit.models.provenance import check_classes, check_record
 
     try:
         p = Path(asset_path(str(path)))
@@ -184,11 +196,15 @@ def load_quality_table(path) -> QualityTable:
     if not p.is_file():
         raise ConfigError(f"generate.quality: table file {p} not found (use 'dsr' or a YAML/JSON table)")
     data = yaml.safe_load(p.read_text())
-    method = None
+    method = made_on = None
     if isinstance(data, dict) and "rows" in data:
-        method, data = data.get("method"), data["rows"]
+        method, made_on, data = data.get("method"), data.get("made_on"), data["rows"]
         if method is not None and not isinstance(method, str):
             raise ConfigError(f"{p}: 'method' must be a method name, got {method!r}")
+        if made_on is not None:
+            check_record(made_on, str(p), ConfigError)
+    if index is not None:
+        check_classes(made_on, index, class_map, what="quality table", where=str(p))
     try:
         rows = _quality_rows(data)
     except (KeyError, ValueError, TypeError, AttributeError):
@@ -202,7 +218,7 @@ def load_quality_table(path) -> QualityTable:
         table = QualityTable({(s, i, 1.0 if r is None else r): a for s, i, r, a in rows})
     else:
         table = QualityTable({(s, i): a for s, i, _, a in rows})
-    table.measured_with = method
+    table.measured_with, table.made_on = method, made_on
     return table
 
 

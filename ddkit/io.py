@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -287,15 +288,40 @@ def mark_done(
     atomic_write_json(Path(stage_dir) / DONE, rec)
 
 
+_WARNED: set[str] = set()  # DONE files read_done has warned about in this process
+
+
 def read_done(stage_dir: str | Path) -> dict[str, Any] | None:
-    """The ``DONE`` record of ``stage_dir`` (:func:`read_record`)."""
-    return read_record(Path(stage_dir) / DONE)
+    """The ``DONE`` record of ``stage_dir``, or None when the stage is not complete.
+
+    A ``DONE`` that is not a readable JSON object (impossible with :func:`mark_done`'s atomic write, but a
+    torn copy, a full disk under an old ddkit or a hand edit) also reads as None, and one warning line
+    naming the file goes to stderr (once per process): the stage counts as not done, so a rerun resumes it
+    from what it holds (a training stage from its checkpoint, a generation from its finished shards) rather
+    than trusting outputs whose completion nothing records. Nothing is deleted; the next :func:`mark_done`
+    replaces the file.
+    """
+    path = Path(stage_dir) / DONE
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        why = f"a JSON {type(rec).__name__}, not an object"
+    except (OSError, ValueError) as e:
+        rec, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if isinstance(rec, dict):
+        return rec
+    if str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        print(f"warning: {path}: unreadable DONE record ({why}); the stage counts as not done and resumes",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:
-    """A small JSON record (``DONE``, ``fingerprint.json``), or None when the file is missing. An unreadable
-    one (impossible with :func:`atomic_write_json`, but an old ddkit or a hand edit) reads as ``{}``: present,
-    contents unknown."""
+    """A small JSON record (``fingerprint.json``), or None when the file is missing. An unreadable one
+    (impossible with :func:`atomic_write_json`, but an old ddkit or a hand edit) reads as ``{}``: present,
+    contents unknown. (``DONE`` records: :func:`read_done`.)"""
     path = Path(path)
     if not path.is_file():
         return None
@@ -307,11 +333,10 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
 
 
 def is_done(stage_dir: str | Path, fingerprint: str | None = None) -> bool:
-    """True when :func:`mark_done` has run for ``stage_dir`` (and, given ``fingerprint``, recorded that one)."""
-    if fingerprint is None:
-        return (Path(stage_dir) / DONE).is_file()
+    """True when :func:`mark_done` has run for ``stage_dir`` (a readable ``DONE``, :func:`read_done`) and,
+    given ``fingerprint``, recorded that one."""
     rec = read_done(stage_dir)
-    return rec is not None and rec.get("fingerprint") == fingerprint
+    return rec is not None and (fingerprint is None or rec.get("fingerprint") == fingerprint)
 
 
 def set_aside(path: str | Path, keep_dir: str | Path) -> Path | None:

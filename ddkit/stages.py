@@ -28,6 +28,7 @@ from typing import Any
 from ddkit.config import TRAIN_STAGES, ExperimentConfig, to_dict
 from ddkit.fingerprint import (
     Decision,
+    code_identity,
     decide,
     file_digest,
     fingerprint,
@@ -119,10 +120,9 @@ def packaged(cfg: ExperimentConfig) -> str:
 
 
 def version() -> str:
-    """ddkit's code identity in every fingerprint."""
-    import ddkit
-
-    return ddkit.__version__
+    """ddkit's code identity in every fingerprint (:func:`ddkit.fingerprint.code_identity`: the version and a
+    digest of the installed sources and assets)."""
+    return code_identity()
 
 
 def node_inputs(node: Node, cfgd: dict[str, Any], fps: dict[str, str], code: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ directory whose DONE records are written by hand (no training)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,13 +119,92 @@ def test_path_identity_changes_when_the_weights_file_does(tmp_path):
     assert path_identity(str(w.parent)) != first
 
 
+def test_a_shipped_asset_is_identified_by_its_files_bytes(tmp_path, monkeypatch):
+    """``ddkit:NAME`` hashed the string: a new shipped checkpoint never reran a stage."""
+    import hashlib
+
+    import ddkit.fingerprint as F
+    from ddkit.assets import asset_path
+
+    folder = Path(asset_path("ddkit:mnist-dit-t4"))
+    ident = path_identity("ddkit:mnist-dit-t4")
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    assert [e[0] for e in ident] == [f.name for f in files]
+    for (_, size, digest), f in zip(ident, files, strict=True):
+        assert size == f.stat().st_size and digest == hashlib.sha256(f.read_bytes()).hexdigest()
+    table = folder / "quality.yaml"
+    assert path_identity("ddkit:mnist-dit-t4/quality.yaml") == [
+        ["quality.yaml", table.stat().st_size, hashlib.sha256(table.read_bytes()).hexdigest()]
+    ]
+    assert path_identity("ddkit:no-such-model") == "ddkit:no-such-model"  # load_backbone names the error
+    # The same name with other bytes (same size, same mtime: a reinstall) is another identity.
+    fake = tmp_path / "shipped"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    w = fake / "w.safetensors"
+    w.write_bytes(b"a" * 8)
+    monkeypatch.setattr(F, "asset_path", lambda ref: str(fake) if ref.startswith("ddkit:") else ref)
+    first = path_identity("ddkit:fake")
+    stamp = w.stat().st_mtime_ns
+    w.write_bytes(b"b" * 8)
+    os.utime(w, ns=(stamp, stamp))
+    F._content_digest.cache_clear()  # a later process: the cache is per process, keyed by (path, size, mtime)
+    assert path_identity("ddkit:fake") != first
+    assert path_identity(str(fake))[1][:2] == ["w.safetensors", 8]  # a local folder: size and mtime
+
+
+def test_path_identity_refuses_more_files_than_it_covers(tmp_path):
+    """The cap cut the list silently: files past the 2,000th could change without a rerun."""
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+    assert len(path_identity(str(tmp_path), max_files=5)) == 5
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: 5 files, more than the 4 "):
+        path_identity(str(tmp_path), max_files=4)
+
+
+def test_code_identity_follows_sources_and_shipped_files(tmp_path):
+    """The version alone (fixed at 0.1.0) never reran a stage after a code change."""
+    import ddkit
+    from ddkit.fingerprint import code_identity, tree_digest
+
+    pkg = tmp_path / "pkg"
+    for rel, text in {"__init__.py": "", "sub/mod.py": "x = 1", "assets/m/w.bin": "w", "notes.txt": "n",
+                      "sub/__pycache__/mod.cpython-311.pyc": "c"}.items():  # fmt: skip
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    base = tree_digest(pkg)
+    (pkg / "sub" / "__pycache__" / "mod.cpython-311.pyc").write_text("recompiled")
+    (pkg / "notes.txt").write_text("not package code")
+    assert tree_digest(pkg) == base
+    (pkg / "sub" / "mod.py").write_text("x = 2")
+    edited = tree_digest(pkg)
+    assert edited != base
+    (pkg / "assets" / "m" / "w.bin").write_text("new weights")
+    assert tree_digest(pkg) not in (base, edited)
+    (pkg / "sub" / "new.py").write_text("")
+    assert tree_digest(pkg) != edited
+    ident = code_identity()
+    assert ident.startswith(f"{ddkit.__version__}+src.") and code_identity() is ident  # once per process
+    assert ident == f"{ddkit.__version__}+src.{tree_digest(Path(ddkit.__file__).parent)[:12]}"
+
+
 def test_done_records_carry_the_fingerprint(tmp_path):
     mark_done(tmp_path, {"step": 3}, fingerprint="abc", inputs={"k": 1})
     assert read_done(tmp_path) == {"step": 3, "fingerprint": "abc", "inputs": {"k": 1}}
     assert is_done(tmp_path) and is_done(tmp_path, "abc") and not is_done(tmp_path, "abd")
-    (tmp_path / "DONE").write_text("{torn")
-    assert read_done(tmp_path) == {} and not is_done(tmp_path, "abc")
     assert read_done(tmp_path / "none") is None
+
+
+def test_an_unreadable_done_is_not_done_and_says_so_once(tmp_path, capsys):
+    """A torn DONE must not count as complete (it did, for is_done without a fingerprint, and for training)."""
+    mark_done(tmp_path, {"step": 3}, fingerprint="abc", inputs={"k": 1})
+    (tmp_path / "DONE").write_text("{torn")
+    assert read_done(tmp_path) is None and not is_done(tmp_path) and not is_done(tmp_path, "abc")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "DONE") in err[0] and "counts as not done" in err[0]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "DONE").write_text("[1, 2]")  # JSON, but not a record
+    assert read_done(tmp_path / "x") is None and "not an object" in capsys.readouterr().err
 
 
 def test_set_aside_keeps_only_the_last_stale_copy(tmp_path):
@@ -177,6 +257,24 @@ def test_plan_of_a_finished_run_skips_everything_but_the_report(finished_run):
         "shard": "skip", "pretrain": "skip", "minimax": "skip", "gen-minimax": "skip", "gen-dit": "skip",
         "gen-d3hr": "skip", "evaluate": "skip", "package": "skip", "report": "run",
     }  # fmt: skip
+
+
+def test_plan_inputs_carry_the_code_identity_and_the_assets_bytes(finished_run):
+    from ddkit import pipeline as P
+    from ddkit.config import replace
+    from ddkit.fingerprint import code_identity
+
+    cfg = replace(finished_run, model=replace(finished_run.model, pretrained="ddkit:mnist-dit-t4"))
+    steps = {s.node.name: s for s in P.plan(cfg)}
+    assert {s.inputs["ddkit"] for s in steps.values() if s.inputs} == {code_identity()}
+    shipped = steps["minimax"].inputs["path.model.pretrained"]
+    assert [e[0] for e in shipped][-1] == "quality.yaml" and all(len(e[2]) == 64 for e in shipped)
+    _stamp(cfg)
+    stale = {**steps["gen-dit"].inputs, "ddkit": "0.1.0"}  # a DONE written by other code
+    mark_done(P.stage_dir(cfg, steps["gen-dit"].node), {}, fingerprint=fingerprint(stale), inputs=stale)
+    d = {s.node.name: s.decision for s in P.plan(cfg)}
+    assert d["gen-dit"].action == "run" and d["gen-dit"].reason == f"changed: ddkit 0.1.0 -> {code_identity()}"
+    assert d["minimax"].action == "skip"
 
 
 def test_plan_of_the_readme_example_reruns_minimax_generation_evaluation(finished_run):

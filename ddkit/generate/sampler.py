@@ -176,6 +176,12 @@ def load_sampler(
     device = torch.device(device) if device is not None else dist.device_for(job.env)
     model, vae, checkpoint = _load_models(cfg, method, model, device)
     names, backbone_labels = class_layout(cfg, model.num_classes)
+    index = shard_index(cfg)
+    if index is not None:  # weights made on other classes need an explicit model.class_map
+        from ddkit.models.provenance import check_classes
+
+        check_classes(getattr(model, "made_on", None), index, cfg.model.class_map, labels=backbone_labels,
+                      where=str(checkpoint))  # fmt: skip
     prepare_plotting()
     chain = method.sampling(cfg.generate, cfg.model.num_train_timesteps)
     precision = _sampling_precision(chain.settings, model, device, gen_dir)
@@ -193,6 +199,16 @@ def load_sampler(
         num_train_timesteps=cfg.model.num_train_timesteps, precision=precision, sampler=chain.sampler,
         cfg_scale=chain.cfg_scale, start_timestep=chain.start_timestep, config=cfg,
     )  # fmt: skip
+
+
+def shard_index(cfg: ExperimentConfig) -> dict | None:
+    """The shard set's ``dataset.json`` (:func:`ddkit.data.read_index`), or None without one (a bundle-less
+    test, a benchmark on random classes)."""
+    if not (Path(cfg.data.shards) / "dataset.json").is_file():
+        return None
+    from ddkit.data import read_index
+
+    return read_index(cfg.data.shards)
 
 
 def _sampling_precision(gcfg, model, device, gen_dir: Path):

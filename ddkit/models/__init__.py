@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ddkit.errors import WeightsError
 from ddkit.models.backbone import (
     REGISTRY,
     ArchSpec,
@@ -30,6 +31,8 @@ from ddkit.models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from ddkit.models.provenance import check_record, folder_record
+from ddkit.models.sources import load_first
 
 __all__ = [
     "REGISTRY",
@@ -86,39 +89,50 @@ def load_backbone(
             ``custom(...)``), and its other keys (VAE, latent scale, timesteps) are kept.
 
     Returns:
-        (Backbone in eval mode, ModelConfig).
+        (Backbone in eval mode, ModelConfig). The Backbone's ``made_on`` is the record of the data the
+        weights were made on (:mod:`ddkit.models.provenance`: a ddkit checkpoint's ``made_on``, a diffusers
+        folder's ``ddkit.json``), None when the source has none; check it with
+        :func:`ddkit.models.provenance.check_classes` before using the weights on a dataset.
 
     Raises:
-        WeightsError: nothing loadable at ``path`` (names it); ConfigError: unknown architecture, or a
-        diffusers DiT that differs from ``expect`` (lists what the folder holds).
+        WeightsError: nothing loadable at ``path``: one line that names it, says whether the weights are
+        missing or present but unreadable, and lists each place tried with its error
+        (:func:`ddkit.models.sources.load_first`); a malformed ``made_on`` record. ConfigError: unknown
+        architecture, or a diffusers DiT that differs from ``expect`` (lists what the folder holds).
     """
     from ddkit.assets import asset_path
 
     path = asset_path(str(path))
     ckpt = resolve_checkpoint(path)
     if ckpt is not None:
-        model, mcfg = _from_checkpoint_file(ckpt, use_ema, difffit_blocks, timestep_shift)
+        model, mcfg, made_on = _from_checkpoint_file(ckpt, use_ema, difffit_blocks, timestep_shift)
     else:
-        model, mcfg = _from_diffusers(str(path), expect)
+        model, mcfg, made_on = _from_diffusers(str(path), expect)
         if difffit_blocks:
             mcfg = dataclasses.replace(mcfg, difffit_blocks=difffit_blocks)
         if timestep_shift is not None:
             mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
         model = Backbone(model, mcfg)
+    model.made_on = made_on
     return model.to(device).eval(), mcfg
 
 
 def _from_checkpoint_file(ckpt: Path, use_ema: bool, difffit_blocks: int | None, timestep_shift: int | None):
-    """(Backbone, ModelConfig) of a ``.pt`` file: an original-DiT checkpoint or a ddkit one (see
-    :func:`load_backbone` for the arguments)."""
-    from ddkit.errors import WeightsError
+    """(Backbone, ModelConfig, ``made_on`` record or None) of a ``.pt`` file: an original-DiT checkpoint or a
+    ddkit one (see :func:`load_backbone` for the arguments)."""
     from ddkit.models.dit_original import load_original, original_state
 
     blob = read_torch_file(ckpt)  # read once: DiT-XL/2 checkpoints are gigabytes
     orig = original_state(blob)
     if orig is not None:
-        return load_original(orig, source=str(ckpt), timestep_shift=timestep_shift, difffit_blocks=difffit_blocks)
+        model, mcfg = load_original(
+            orig, source=str(ckpt), timestep_shift=timestep_shift, difffit_blocks=difffit_blocks
+        )
+        return model, mcfg, None
     state = as_checkpoint(blob, ckpt)
+    made_on = state.get("made_on")  # None: written before ddkit kept records
+    if made_on is not None:
+        check_record(made_on, str(ckpt))
     mcfg = model_config_from_dict(state["model_config"], str(ckpt))
     if timestep_shift is not None:
         mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)
@@ -136,23 +150,22 @@ def _from_checkpoint_file(ckpt: Path, use_ema: bool, difffit_blocks: int | None,
     bad = [k for k in missing if not k.startswith("gammas.")] + list(unexpected)
     if bad:
         raise WeightsError(f"{ckpt}: weights do not match model {mcfg.arch} ({bad[0]} ...)")
-    return model, mcfg
+    return model, mcfg, made_on
 
 
 def _from_diffusers(src: str, expect):
-    """(diffusers ``DiTTransformer2DModel``, ModelConfig) of a diffusers folder (or pipeline folder with
-    ``transformer/``) or a Hugging Face id in the local cache (see :func:`load_backbone`)."""
+    """(diffusers ``DiTTransformer2DModel``, ModelConfig, ``made_on`` record or None) of a diffusers folder
+    (or pipeline folder with ``transformer/``) or a Hugging Face id in the local cache (see
+    :func:`load_backbone`)."""
     import torch
     from diffusers import DiTTransformer2DModel
-
-    from ddkit.errors import WeightsError
 
     p = Path(src)
     if p.is_dir():
         if (p / "config.json").is_file():
-            kws = [{}]
+            subs = [""]
         elif (p / "transformer" / "config.json").is_file():
-            kws = [{"subfolder": "transformer"}]
+            subs = ["transformer"]
         else:
             raise WeightsError(
                 f"{src}: no ddkit checkpoint (ckpt/last.pt) or diffusers DiT (config.json) here"
@@ -160,27 +173,21 @@ def _from_diffusers(src: str, expect):
     elif p.suffix in (".pt", ".pth", ".safetensors") or p.is_absolute() or src.startswith("."):
         raise WeightsError(f"{src}: checkpoint not found")
     else:
-        kws = [{"subfolder": "transformer"}, {}]
-    last = None
-    for kw in kws:
-        try:
-            dit = DiTTransformer2DModel.from_pretrained(
-                src, local_files_only=True, torch_dtype=torch.float32, **kw
-            )
-            break
-        except Exception as e:
-            last = e
-    else:
-        msg = str(last).splitlines()[0] if last else "missing"
-        raise WeightsError(
-            f"{src}: DiT weights not found locally (no network; put them in the HF cache or a dir): {msg}"
-        )
-    if p.is_dir():
+        subs = ["transformer", ""]
+
+    def load(sub: str):
+        kw = {"subfolder": sub} if sub else {}
+        return DiTTransformer2DModel.from_pretrained(src, local_files_only=True, torch_dtype=torch.float32, **kw)
+
+    dit = load_first(src, subs, load, "DiT weights")
+    made_on = None
+    if p.is_dir():  # the record beside the weights, else beside a pipeline's model_index.json
+        made_on = folder_record(p / subs[0]) or (folder_record(p) if subs[0] else None)
         src = str(p.resolve())  # stored in checkpoints and records: independent of the working directory
     mcfg = config_from_diffusers(dict(dit.config), pretrained=src, base=expect)
     if expect is not None:
         check_model_config(mcfg, expect, src)
-    return dit, mcfg
+    return dit, mcfg, made_on
 
 
 def _embedder_copies_equal(weights: dict) -> bool:

@@ -149,7 +149,11 @@ class Backbone(nn.Module):
         config: the :class:`ModelConfig` it was built from.
         in_channels, input_size, num_classes, learn_sigma: as in the config; the CFG null class is
             ``num_classes``.
+        made_on: the record of the data loaded weights were made on (:mod:`ddkit.models.provenance`), set
+            by :func:`ddkit.models.load_backbone`; None for fresh weights or a source without a record.
     """
+
+    made_on: dict | None = None
 
     def __init__(self, dit: nn.Module, config: ModelConfig, *, tie_embedders: bool | str = True) -> None:
         super().__init__()

@@ -7,8 +7,9 @@ minimax memories or None), ``log_acc`` (per rank: loss sums not logged yet), ``d
 (``{"epoch", "batch"}``: the next batch to consume), ``config`` (resolved ExperimentConfig as dict),
 ``model_config`` (ModelConfig dict), ``trainable`` ("all" | "difffit"), ``trainable_names``, ``stage`` and
 ``world_size`` (see :mod:`ddkit.train`), ``precision`` (the run's
-:class:`ddkit.hardware.PrecisionChoice` as dict) and ``scaler`` (the ``GradScaler`` state). Older
-checkpoints may lack the later keys (``log_acc``, ``precision``, ``scaler``); readers treat them as absent.
+:class:`ddkit.hardware.PrecisionChoice` as dict), ``scaler`` (the ``GradScaler`` state) and ``made_on``
+(the dataset and classes it was trained on, :func:`ddkit.models.provenance.record`). Older checkpoints may
+lack the later keys (``log_acc``, ``precision``, ``scaler``, ``made_on``); readers treat them as absent.
 
 Besides the file itself this module holds the training state's two ends: :func:`training_state` (and the
 per-rank :func:`rank_state`) build the dict a stage saves, :func:`resume_state` and :func:`rank_entry` read
@@ -174,17 +175,22 @@ def initial_backbone(cfg: Any, stage: str) -> tuple[Any, Any]:
 
 def start_backbones(cfg: Any, stage: str, state: dict[str, Any] | None, source: str) -> tuple[Any, Any, Any]:
     """(model, EMA, ModelConfig) a training stage starts with: a resumed checkpoint ``state``'s (``source``:
-    its path, for messages), else :func:`initial_backbone` and a copy of it as the EMA."""
+    its path, for messages), else :func:`initial_backbone` and a copy of it as the EMA. The model's
+    ``made_on`` is the record of the weights it starts from (the checkpoint's, or the loaded source's)."""
     if state is None:
         model, mcfg = initial_backbone(cfg, stage)
         return model, clone_backbone(model, mcfg), mcfg
     from ddkit.models import build_backbone, model_config_from_dict
+    from ddkit.models.provenance import check_record
 
     mcfg = model_config_from_dict(state["model_config"], source)
     model = build_backbone(mcfg, init=False)
     model.load_state_dict(state["model"])
     ema = build_backbone(mcfg, init=False)
     ema.load_state_dict(state["ema"])
+    if state.get("made_on") is not None:
+        check_record(state["made_on"], source)
+        model.made_on = state["made_on"]
     return model, ema, mcfg
 
 
@@ -234,6 +240,7 @@ def training_state(
     stage: str,
     world_size: int,
     precision: Any,
+    made_on: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A checkpoint (the module docstring's keys) from the training objects.
 
@@ -244,6 +251,7 @@ def training_state(
         config, model_config: ``ExperimentConfig`` and ``ModelConfig`` (stored as dicts).
         trainable, trainable_names, stage, world_size: stored as given.
         precision: :class:`ddkit.hardware.PrecisionChoice` (stored as dict).
+        made_on: the training data's record (:func:`ddkit.models.provenance.record`); None leaves it out.
     """
     from ddkit.config import to_dict
 
@@ -264,6 +272,7 @@ def training_state(
         "world_size": world_size,
         "precision": precision.to_dict(),
         "scaler": scaler.state_dict(),
+        **({"made_on": made_on} if made_on is not None else {}),
     }
 
 

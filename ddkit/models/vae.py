@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ddkit.errors import DataError, WeightsError
+from ddkit.errors import DataError
+from ddkit.models.sources import load_first
 
 #: SD-VAE latent scaling factor (DiT ``train.py``; Rombach et al. 2022).
 LATENT_SCALE = 0.18215
@@ -26,29 +27,24 @@ def load_vae(
     subfolder (e.g. ``facebook/DiT-XL-2-256``), or a plain VAE id (``stabilityai/sd-vae-ft-ema``).
 
     Raises:
-        WeightsError: nothing loadable at ``name_or_path`` (the message names it).
+        WeightsError: nothing loadable at ``name_or_path``: one line naming it, whether the weights are
+            missing or present but unreadable, and each place tried with its error
+            (:func:`ddkit.models.sources.load_first`).
     """
     from diffusers import AutoencoderKL
 
     src = str(name_or_path)
     p = Path(src)
-    attempts: list[dict] = []
     if p.is_dir():
-        attempts = [{"subfolder": "vae"}] if (p / "vae" / "config.json").is_file() else [{}]
+        subs = ["vae"] if (p / "vae" / "config.json").is_file() else [""]
     else:
-        attempts = [{}, {"subfolder": "vae"}]
-    last = None
-    for kw in attempts:
-        try:
-            vae = AutoencoderKL.from_pretrained(src, local_files_only=True, **kw)
-            break
-        except Exception as e:  # diffusers raises OSError/EnvironmentError/ValueError variants
-            last = e
-    else:
-        raise WeightsError(
-            f"{src}: VAE weights not found locally (no network; download or copy them first): "
-            f"{str(last).splitlines()[0] if last else 'missing'}"
-        )
+        subs = ["", "vae"]
+
+    def load(sub: str):
+        kw = {"subfolder": sub} if sub else {}
+        return AutoencoderKL.from_pretrained(src, local_files_only=True, **kw)
+
+    vae = load_first(src, subs, load, "VAE weights")
     vae = vae.to(device=device, dtype=dtype) if dtype is not None else vae.to(device)
     vae.eval().requires_grad_(False)
     return vae

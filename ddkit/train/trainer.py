@@ -52,6 +52,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.memory = None
+        self.made_on: dict[str, Any] | None = None  # the data's record, stored in checkpoints (setup)
         self._ready = False
         self._in_step = False
         self._last_ckpt: Path | None = None
@@ -67,6 +68,7 @@ class Trainer:
         from ddkit.data import read_index
         from ddkit.data.classmap import backbone_labels
         from ddkit.models.checkpoint import resume_state, start_backbones
+        from ddkit.models.provenance import check_classes, record
         from ddkit.train.step import data_mode
 
         self._setup_dist()
@@ -77,7 +79,12 @@ class Trainer:
         model, ema, mcfg = start_backbones(self.cfg, self.stage, state, str(self.ckpt_path))
         self.data_mode = data_mode(mcfg, index, self.cfg.data.shards)
         # Class mapping: memories use the subset index, conditioning the backbone's index.
-        cond = torch.tensor(backbone_labels(index, mcfg.num_classes, self.cfg.model.class_map), dtype=torch.long)
+        labels = backbone_labels(index, mcfg.num_classes, self.cfg.model.class_map)
+        start = self.tcfg.init or self.cfg.model.pretrained or self.stage_dir.parent / "pretrain"
+        where = (self.ckpt_path if self.resume == "auto" else self.resume) if state else start
+        check_classes(model.made_on, index, self.cfg.model.class_map, labels=labels, where=str(where))
+        self.made_on = record(index, labels)  # what this stage's checkpoints are made on
+        cond = torch.tensor(labels, dtype=torch.long)
         self._init_training(model, ema, mcfg, cond)
         if state is not None:
             self._restore(state)
@@ -228,16 +235,14 @@ class Trainer:
         returns at once under ``resume="auto"`` (unless ``steps`` was raised since: then it continues)."""
         import ddkit.train as api
         from ddkit import dist
-        from ddkit.io import is_done
+        from ddkit.io import read_done
 
-        if self.resume == "auto" and is_done(self.stage_dir) and self.ckpt_path.is_file():
-            from ddkit.io import DONE, read_json
-
-            try:
-                done_step = int(read_json(self.stage_dir / DONE).get("step", self.tcfg.steps))
-            except Exception:
-                done_step = self.tcfg.steps
-            if done_step >= self.tcfg.steps:  # complete; more steps in the config continue from it
+        # An unreadable DONE reads as None (read_done says so): the stage resumes from its checkpoint, which
+        # a complete run has at its last step, so the loop only rewrites the checkpoint and DONE.
+        done = read_done(self.stage_dir) if self.resume == "auto" else None
+        if done is not None and self.ckpt_path.is_file():
+            done_step = done.get("step", self.tcfg.steps)
+            if isinstance(done_step, int) and done_step >= self.tcfg.steps:  # more steps continue from it
                 return self.ckpt_path
         if not self._ready:
             self.setup()
@@ -443,7 +448,7 @@ class Trainer:
             model=self.model, ema=self.ema, optimizer=self.optimizer, scaler=self.scaler, step=self.step,
             data_pos=(self.epoch, self.batch_in_epoch), ranks=ranks, config=self.cfg, model_config=self.model_cfg,
             trainable=self.tcfg.trainable, trainable_names=self.trainable_names, stage=self.stage,
-            world_size=self.env.world_size, precision=self.precision,
+            world_size=self.env.world_size, precision=self.precision, made_on=self.made_on,
         )  # fmt: skip
 
     def _checkpoint(self) -> Path:
