@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,10 @@ def timeout_job(reference, config_file, tmp_path_factory):
     and USR2@20 the warning is due 10 s in and sent within 40 s of each attempt's start. The job gets ~40 s
     of steps (from the reference run's speed) after a start-up of several seconds, so the first attempt is
     still training when warned.
+
+    A thread gives the job 10 minutes as soon as its first time-limit requeue is recorded: the requeued attempt
+    then finishes, instead of spending minute after minute on start-up while the other tests load the machine
+    (each attempt is warned within 40 s; 10 requeues at most, ``max_timeouts``).
     """
     _, ref_ckpt, _ = reference
     if not ref_ckpt.is_file():
@@ -297,7 +302,21 @@ def timeout_job(reference, config_file, tmp_path_factory):
     s = SlurmConfig(
         partition="cpu", gpus_per_node=0, cpus_per_task=1, time="1", signal_delay_s=20, max_timeouts=10
     )
-    return cluster.submit_train(cfg, "pretrain", slurm=s), run / "pretrain", steps
+    job = cluster.submit_train(cfg, "pretrain", slurm=s)
+    extend = threading.Thread(target=_extend_after_first_requeue, args=(job.job_id, run / "pretrain"))
+    extend.daemon = True
+    extend.start()
+    return job, run / "pretrain", steps
+
+
+def _extend_after_first_requeue(job_id: str, stage: Path, minutes: int = 10, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(e["event"] == "requeue" for e in cluster.read_events(stage)):
+            upd = ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"]
+            subprocess.run(upd, capture_output=True)  # fails only once the job finished: nothing to extend
+            return
+        time.sleep(0.1)
 
 
 def test_preempted_job_resumes_from_checkpoint_exactly(reference, timeout_job, config_file, tmp_path):
@@ -565,15 +584,16 @@ def test_time_limit_requeues_and_finishes(timeout_job):
         150,
         "the time-limit requeue",
     )
-    # Every attempt of a 1-minute job is warned within 40 s; give the requeued one room to finish. A
-    # requeued attempt that already finished (a fast machine) makes the update fail: nothing to extend.
+    # Every attempt of a 1-minute job is warned within 40 s; give the requeued one room to finish (the
+    # fixture's thread did so already, if it could). A requeued attempt that already finished (a fast
+    # machine) makes the update fail: nothing to extend.
     upd = subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "TimeLimit=10"], capture_output=True, text=True)
     if upd.returncode != 0:
         # the state SLURM holds now (submitit's `job.state` may be a cached earlier one)
         state = job.watcher.get_state(job.job_id, mode="force")
         assert state in ("COMPLETED", "COMPLETING"), (state, upd.stderr)
     ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=300))
-    # Until the update, every attempt had 1 minute: the last one may get its warning after its last step.
+    # An attempt that finishes within its first minute may get the warning after its last step (issue 23).
     _assert_completed(job.job_id)
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["step"] == steps
     assert (stage / "DONE").is_file()
