@@ -350,6 +350,40 @@ def test_train_checkpoint_saves_through_the_running_trainer_and_resubmits_itself
     assert ev["event"] == "requeue" and ev["step"] == 17
 
 
+def test_finished_job_on_slurm_ignores_late_stop_signals(monkeypatch):
+    """Once a job's work is done, SLURM's stop signals (USR2: the time-limit warning; SIGTERM) must neither
+    reach submitit's handler (which requeues the finished job) nor Python's shutdown (which kills the process
+    on them: SLURM then reads FAILED, ExitCode 12:0): ignored on SLURM. A stop (an exception) and in-process
+    executors get the previous handlers back."""
+    import signal
+
+    from ddkit.cluster import jobs
+
+    sigs = (signal.SIGTERM, signal.SIGUSR2)
+    saved = {s: signal.getsignal(s) for s in sigs}
+
+    def submitit_handler(signum, frame):  # stands for submitit's checkpoint-and-requeue handler
+        pass
+
+    try:
+        for s in sigs:
+            signal.signal(s, submitit_handler)
+        monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+        with jobs._stop_on_signals() as requeue:
+            assert requeue is submitit_handler and signal.getsignal(signal.SIGUSR2) is not submitit_handler
+        assert all(signal.getsignal(s) is submitit_handler for s in sigs)
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        with pytest.raises(RuntimeError), jobs._stop_on_signals():
+            raise RuntimeError("stopped on a signal")
+        assert all(signal.getsignal(s) is submitit_handler for s in sigs)
+        with jobs._stop_on_signals():
+            pass  # the training finished
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in sigs)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
 def test_generate_checkpoint_records_the_budget_restart(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     job = cluster.GenerateJob(cfg, "dit", 60.0, shard=1, num_shards=3)

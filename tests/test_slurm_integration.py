@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,39 @@ def _wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(poll_s)
+
+
+def _warn_until_gone(job, timeout_s: float = 120) -> int:
+    """Send USR2, the warning SLURM sends before a time limit, every 50 ms until the job runs no more
+    (``scancel`` refuses then): the warning lands after the last step, while the result is pickled and in
+    Python's shutdown. Returns the number sent."""
+    deadline = time.monotonic() + timeout_s
+    sent = 0
+    while subprocess.run(["scancel", "--signal", "USR2", job.job_id], capture_output=True).returncode == 0:
+        sent += 1
+        assert time.monotonic() < deadline, f"job {job.job_id} still running after {timeout_s:.0f}s"
+        time.sleep(0.05)
+    return sent
+
+
+def _assert_completed(job_id: str) -> None:
+    """A finished job reads COMPLETED (exit 0:0) in sacct (its latest record, as submitit and ``ddkit jobs``
+    read it), in ``scontrol show job`` while slurmctld still holds it, and in ``ddkit jobs``."""
+
+    def sacct() -> str | None:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"],
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        running = ("RUNNING", "COMPLETING", "PENDING", "REQUEUED")
+        return out if out and out.split("|")[0] not in running else None
+
+    assert _wait_for(sacct, 60, f"job {job_id} to leave the accounting's running states") == "COMPLETED|0:0"
+    info = subprocess.run(["scontrol", "show", "job", job_id, "-o"], capture_output=True, text=True).stdout
+    if info:  # slurmctld forgets a job MinJobAge (600 s here) after its end; sacct keeps it
+        assert re.search(r"\bJobState=COMPLETED\b", info) and re.search(r"\bExitCode=0:0\b", info), info
+    listing = ddkit("jobs")
+    assert listing.returncode == 0, listing.stderr
+    rows = [[c.strip() for c in ln.split("│")] for ln in listing.stdout.splitlines()]
+    assert [r[3] for r in rows if len(r) > 3 and r[1] == job_id] == ["COMPLETED"], listing.stdout
 
 
 def _params(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -254,6 +288,10 @@ def timeout_job(reference, config_file, tmp_path_factory):
     and USR2@20 the warning is due 10 s in and sent within 40 s of each attempt's start. The job gets ~40 s
     of steps (from the reference run's speed) after a start-up of several seconds, so the first attempt is
     still training when warned.
+
+    A thread gives the job 10 minutes as soon as its first time-limit requeue is recorded: the requeued attempt
+    then finishes, instead of spending minute after minute on start-up while the other tests load the machine
+    (each attempt is warned within 40 s; 10 requeues at most, ``max_timeouts``).
     """
     _, ref_ckpt, _ = reference
     if not ref_ckpt.is_file():
@@ -265,7 +303,21 @@ def timeout_job(reference, config_file, tmp_path_factory):
     s = SlurmConfig(
         partition="cpu", gpus_per_node=0, cpus_per_task=1, time="1", signal_delay_s=20, max_timeouts=10
     )
-    return cluster.submit_train(cfg, "pretrain", slurm=s), run / "pretrain", steps
+    job = cluster.submit_train(cfg, "pretrain", slurm=s)
+    extend = threading.Thread(target=_extend_after_first_requeue, args=(job.job_id, run / "pretrain"))
+    extend.daemon = True
+    extend.start()
+    return job, run / "pretrain", steps
+
+
+def _extend_after_first_requeue(job_id: str, stage: Path, minutes: int = 10, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(e["event"] == "requeue" for e in cluster.read_events(stage)):
+            upd = ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"]
+            subprocess.run(upd, capture_output=True)  # fails only once the job finished: nothing to extend
+            return
+        time.sleep(0.1)
 
 
 def test_preempted_job_resumes_from_checkpoint_exactly(reference, timeout_job, config_file, tmp_path):
@@ -278,7 +330,13 @@ def test_preempted_job_resumes_from_checkpoint_exactly(reference, timeout_job, c
     )
     _wait_for(lambda: any(r["step"] >= 10 for r in _log_steps(stage)), 120, "10 training steps")
     job._interrupt()  # submitit's preemption path: SIGTERM, then USR2 -> stop, checkpoint, scontrol requeue
+    # Issue 23: the requeued attempt finishes, and a time-limit warning still comes after its last step. It
+    # must neither requeue the finished job nor kill it at shutdown (which read FAILED, ExitCode 12:0).
+    _wait_for(lambda: (stage / "DONE").is_file(), 180, "the requeued attempt to finish")
+    sent = _warn_until_gone(job)
     ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=180))
+    _assert_completed(job.job_id)
+    print(f"\nrequeued job finished with {sent} USR2 warning(s) after its last step: COMPLETED")
     events = cluster.read_events(stage)
     assert [e["event"] for e in events] == ["start", "stop", "requeue", "start"], events
     assert events[0]["resume_step"] is None and events[3]["restart"] == "1"
@@ -527,12 +585,17 @@ def test_time_limit_requeues_and_finishes(timeout_job):
         150,
         "the time-limit requeue",
     )
-    # Every attempt of a 1-minute job is warned within 40 s; give the requeued one room to finish. A
-    # requeued attempt that already finished (a fast machine) makes the update fail: nothing to extend.
+    # Every attempt of a 1-minute job is warned within 40 s; give the requeued one room to finish (the
+    # fixture's thread did so already, if it could). A requeued attempt that already finished (a fast
+    # machine) makes the update fail: nothing to extend.
     upd = subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "TimeLimit=10"], capture_output=True, text=True)
     if upd.returncode != 0:
-        assert job.state in ("COMPLETED", "COMPLETING"), (job.state, upd.stderr)
+        # the state SLURM holds now (submitit's `job.state` may be a cached earlier one)
+        state = job.watcher.get_state(job.job_id, mode="force")
+        assert state in ("COMPLETED", "COMPLETING"), (state, upd.stderr)
     ckpt = Path(cluster.wait_result(job, poll_s=0.2, timeout_s=300))
+    # An attempt that finishes within its first minute may get the warning after its last step (issue 23).
+    _assert_completed(job.job_id)
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["step"] == steps
     assert (stage / "DONE").is_file()
     events = cluster.read_events(stage)

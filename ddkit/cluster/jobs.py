@@ -5,6 +5,10 @@ the limit (or at preemption); submitit calls the job's ``checkpoint`` on global 
 atomic checkpoint and returns the job to resubmit; submitit then runs ``scontrol requeue``. The requeued
 training job restarts with ``resume="auto"``; a requeued generation job skips its completed shards and
 starts a fresh time budget, recorded in ``slurm_events.jsonl`` and in the merged ``manifest.json``.
+
+A job whose work is done ignores those signals from then on (:func:`_ignore_stop_signals`): a warning that
+arrives after the last step must neither requeue a finished job nor kill it while Python shuts down,
+which SLURM records as ``FAILED`` (signal 12) although the job completed.
 """
 
 from __future__ import annotations
@@ -73,10 +77,33 @@ def _job_ending() -> bool:
     return state != "RUNNING"
 
 
+def _ignore_stop_signals() -> bool:
+    """Ignore SLURM's stop signals (SIGTERM, USR2) from now on, in a submitit job on SLURM whose work is
+    done (every rank past its last barrier); returns whether it did (False: in-process executors, threads).
+
+    Why: until the process exits, submitit's USR2 handler would checkpoint and ``scontrol requeue`` the
+    finished job and exit 255 (before its result is pickled: one more attempt); and once Python shuts down
+    it puts the default action back on every signal it handles, so a time-limit warning sent then kills
+    the process: SLURM records the step ``CANCELLED`` by signal 12 and the job ``FAILED`` (``ExitCode
+    12:0``), although the job completed. An ignored signal stays ignored through the shutdown, so the
+    process exits 0 and the job reads ``COMPLETED``.
+    """
+    import signal
+    import threading
+
+    if not dist.submitit_on_slurm() or threading.current_thread() is not threading.main_thread():
+        return False
+    for s in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+    return True
+
+
 @contextlib.contextmanager
 def _stop_on_signals():
     """Route SIGTERM and USR2 to :func:`ddkit.train.request_stop` while training; yield the handler USR2
-    had (submitit's checkpoint-and-requeue) and put the old handlers back afterwards."""
+    had (submitit's checkpoint-and-requeue). Afterwards the old handlers come back, except after a job
+    on SLURM that finished: those signals are then ignored (:func:`_ignore_stop_signals`), with no moment
+    in between at which submitit's handler could requeue the finished job."""
     import signal
     import threading
 
@@ -89,11 +116,14 @@ def _stop_on_signals():
     old = {s: signal.getsignal(s) for s in sigs}
     for s in sigs:
         signal.signal(s, lambda signum, _frame: request_stop(signum))
+    finished = False
     try:
         yield old[signal.SIGUSR2]
+        finished = True
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        if not (finished and _ignore_stop_signals()):
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 class TrainJob(Checkpointable):
@@ -223,7 +253,9 @@ class GenerateJob(Checkpointable):
                 num_shards=self.num_shards,
                 time_limit=self.time_limit,
             )
-        return str(generate(self.cfg, **kwargs))
+        out = generate(self.cfg, **kwargs)
+        _ignore_stop_signals()  # done (every rank past the merge barrier): a late warning must not requeue
+        return str(out)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         # Completed shards are on disk (atomic dirs + DONE); the requeued job skips them.
@@ -252,4 +284,5 @@ def merge_job(gen_dir: str) -> str:
             "budget": "each SLURM attempt counts the time limit from its own start; completed shards are kept",
         }
         atomic_write_json(manifest, data)
+    _ignore_stop_signals()  # merged: a late warning must neither requeue nor fail the job
     return str(out)
