@@ -208,7 +208,7 @@ def enter(cfg: ExperimentConfig, node: Node, sdir: Path, *, force: bool = False,
         d = decide(inputs, done, started, forced=force, growable=node.growable, has_output=has_output(),
                    has_partial=partial)  # fmt: skip
         if d.runs:
-            if d.action == "run" and sdir.exists():
+            if d.action == "run" and (done is not None or started is not None or partial):
                 _set_aside_keeping(sdir, Path(cfg.run_dir) / STALE)
             sdir.mkdir(parents=True, exist_ok=True)
             write_start(sdir, inputs)
