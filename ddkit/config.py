@@ -274,6 +274,9 @@ class EvaluateConfig:
     precision: Precision = "auto"  # auto: bf16 where native and faster, else fp32 (ddkit.hardware)
     seed: int = 0  # repeat r trains with seed + r, the same for every set
     device: str = "auto"  # auto: cuda when available
+    # Train the students of one evaluation as batched models (ddkit.evaluate.batched) where the protocol and
+    # network allow it (eccv2024, idc; ConvNet-D, ResNetAP); false: one student at a time, the reference loop.
+    batched: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "repeats", "epochs", "batch_size", "full_epochs", "ipc", "teacher_epochs")

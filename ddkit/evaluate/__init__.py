@@ -9,7 +9,10 @@
 - :mod:`ddkit.evaluate.trainer`: ``train_student`` (one loop per protocol over shared epoch / step / test
   parts) / ``train_teacher`` / ``test_accuracy``.
 - :mod:`ddkit.evaluate.runner`: :func:`evaluate` itself (set-up, loading the distilled sets, the baselines).
-- :mod:`ddkit.evaluate.runs`: each set's repeats, cached in ``runs.jsonl``; the ``random_real`` draw.
+- :mod:`ddkit.evaluate.runs`: every set's repeats, cached in ``runs.jsonl``, the missing ones trained under one
+  progress bar (batched in groups or one by one); the ``random_real`` draw; ``TrainSet``.
+- :mod:`ddkit.evaluate.batched`: ``train_students`` — K students as one ``vmap``-ped model, each with its own
+  seed, data order, augmentation draws and data (``evaluate.batched``).
 - :mod:`ddkit.evaluate.teacher`: the rded teacher, trained once per real set and cached.
 - :mod:`ddkit.evaluate.results`: per-set summaries, DD-Ranking, the scorer's printout, ``results.json`` and
   the tables.

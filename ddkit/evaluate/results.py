@@ -17,7 +17,7 @@ import numpy as np
 from ddkit.evaluate.protocols import ECCV2024Protocol, Protocol
 
 if TYPE_CHECKING:
-    from ddkit.evaluate.runner import TrainSet
+    from ddkit.evaluate.runs import TrainSet
 
 _CONSOLE = None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +21,13 @@ from ddkit.dist import device_for
 from ddkit.errors import DataError
 from ddkit.evaluate.protocols import Protocol, RDEDProtocol, get_protocol
 from ddkit.evaluate.results import Report
-from ddkit.evaluate.runs import Bench, RunCache, random_real_subset, run_key
+from ddkit.evaluate.runs import Bench, RunCache, TrainSet, random_real_subset, run_key
 from ddkit.evaluate.teacher import teacher_for
 from ddkit.evaluate.trainer import student_precision
 
 __all__ = ["BASELINES", "TrainSet", "check_real_counts", "evaluate", "load_distilled", "random_real_subset"]
 
 BASELINES = ("random_real", "full")
-
-
-@dataclass
-class TrainSet:
-    """One thing to train on. ``images``: ``[N, C, H, W]`` uint8, or float32 in [0, 1] units; ``labels`` int64 ``[N]``."""
-
-    name: str
-    kind: str  # "distilled" | "random_real" | "full"
-    images: torch.Tensor | None
-    labels: torch.Tensor | None
-    ipc: int
-    fingerprint: str  # identifies the data (file sha256, or how it was drawn)
-    source: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,7 +95,7 @@ def evaluate(
             (and the rded teacher), its test split scores every student.
         cfg: :class:`ddkit.config.EvaluateConfig` (protocol, network, epochs, repeats, baselines, seed, ...).
         out_dir: where ``results.json``, ``table.md``, ``runs.jsonl``, ``config.yaml`` and ``DONE`` go.
-        progress: show a rich progress bar per run and print the table.
+        progress: show one progress bar over the whole evaluation (with its ETA) and print the table.
 
     Returns:
         ``{set name: {"mean", "std", "runs", "ipc", "protocol", "network", "epochs", "images", "last_mean",
@@ -138,7 +124,9 @@ def evaluate(
     train_u8, train_y = load_tensors(real, "train")
     real_fp = run_key({"real": str(Path(real).resolve()), "sha": index.get("sha256", {})})
     precision = _precision(out, cfg, protocol, network, index, ipc, device)
-    cfg = dataclasses.replace(cfg, precision=precision.precision)  # run keys and students use the resolved one
+    cfg = dataclasses.replace(
+        cfg, precision=precision.precision
+    )  # run keys and students use the resolved one
     sets += _baselines(cfg, ipc, train_u8, train_y, len(index["classes"]), real_fp)
     bench = Bench(protocol, network, cfg, index, ipc, train_u8, train_y, test_u8, test_y, device)
     if isinstance(protocol, RDEDProtocol):
@@ -146,8 +134,8 @@ def evaluate(
 
     cache = RunCache(out / "runs.jsonl")
     report = Report(protocol, network, int(test_y.shape[0]), progress)
-    for s in sets:
-        report.add(s, bench.epochs_for(s), cache.repeats(bench, s, progress))
+    for s, runs in zip(sets, cache.runs(bench, sets, progress), strict=True):
+        report.add(s, bench.epochs_for(s), runs)
     report.rank()
     report.write(out, _meta(bench, precision, real, report), index.get("dataset"))
     mark_done(out, {"sets": list(report.results)})
@@ -204,6 +192,7 @@ def _meta(bench: Bench, precision, real: str | Path, report: Report) -> dict[str
         "ipc": bench.ipc,
         "repeats": cfg.repeats,
         "seed": cfg.seed,
+        "batched": bench.batched,  # students trained batched (ddkit.evaluate.batched), else one by one
         "device": str(bench.device),
         "precision": precision.to_dict(),
         "real": str(real),

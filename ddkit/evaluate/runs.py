@@ -11,21 +11,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ddkit.config import EvaluateConfig, to_dict
 from ddkit.errors import DataError
+from ddkit.evaluate.batched import Student, group_size, supports, train_students
 from ddkit.evaluate.protocols import ECCV2024Protocol, Protocol
 from ddkit.evaluate.trainer import RunResult, train_student
 from ddkit.progress import bar
 
-if TYPE_CHECKING:
-    from ddkit.evaluate.runner import TrainSet
+
+@dataclass
+class TrainSet:
+    """One thing to train on. ``images``: ``[N, C, H, W]`` uint8, or float32 in [0, 1] units; ``labels`` int64 ``[N]``."""
+
+    name: str
+    kind: str  # "distilled" | "random_real" | "full"
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    ipc: int
+    fingerprint: str  # identifies the data (file sha256, or how it was drawn)
+    source: str = ""
 
 
 def run_key(obj: dict) -> str:
@@ -71,6 +81,11 @@ class Bench:
     teacher_fp: str | None = None  # its cache key (part of every run's key)
 
     @property
+    def batched(self) -> bool:
+        """Students train batched: ``evaluate.batched`` and a protocol/network/precision that supports it."""
+        return bool(self.cfg.batched) and supports(self.protocol, self.network, self.cfg.precision)
+
+    @property
     def num_classes(self) -> int:
         return len(self.index["classes"])
 
@@ -86,6 +101,26 @@ class Bench:
         return self.cfg.batch_size or self.protocol.batch_size_for(s.ipc, self.num_classes)
 
 
+@dataclass
+class _Run:
+    """One repeat of one training set: its key, data, seed and (once cached or trained) its result."""
+
+    name: str
+    repeat: int
+    seed: int
+    key: str
+    x: torch.Tensor
+    y: torch.Tensor
+    epochs: int
+    batch: int
+    result: dict | None = None
+
+    def student_epochs(self, bench: Bench) -> int:
+        """Epochs this run trains (the eccv2024 scorer runs one more than it names): the progress unit."""
+        p = bench.protocol
+        return self.epochs + 1 if isinstance(p, ECCV2024Protocol) and p.extra_epoch else self.epochs
+
+
 class RunCache:
     """``runs.jsonl``: the finished runs by key (read once, at construction); new runs are appended."""
 
@@ -95,50 +130,103 @@ class RunCache:
         self.path = path
         self.done = {r["key"]: r for r in read_jsonl(path) if "key" in r}
 
-    def repeats(self, bench: Bench, s: TrainSet, progress: bool) -> Iterator[tuple[dict, int]]:
-        """Each repeat of ``s`` in order: ``(RunResult.to_dict(), training images)``, read from the cache or
-        trained (under a progress bar when ``progress``) and appended to it."""
-        from ddkit.io import append_jsonl
+    def runs(self, bench: Bench, sets: list[TrainSet], progress: bool) -> list[list[tuple[dict, int]]]:
+        """Every repeat of every set: per set, in repeat order, ``(RunResult.to_dict(), training images)``.
 
+        Cached runs are read; the missing ones are trained (batched in groups when ``bench.batched``, see
+        :mod:`ddkit.evaluate.batched`, else one by one) under one progress bar over all their epochs, and
+        each group's runs are appended to ``runs.jsonl`` as soon as it finishes.
+        """
+        planned = [self._plan(bench, s) for s in sets]
+        todo = [r for runs in planned for r in runs if r.result is None]
+        total = sum(r.student_epochs(bench) for r in todo)
+        with bar("evaluate", total, enabled=progress, fields="{task.fields[now]}", now="") as update:
+            for group in _groups(bench, todo):
+                update(0, now=_describe(group))
+                for r, res in zip(group, _train(bench, group, update), strict=True):
+                    r.result = res.to_dict()
+                    self._append(r)
+        return [[(r.result, int(r.x.shape[0])) for r in runs] for runs in planned]
+
+    def _plan(self, bench: Bench, s: TrainSet) -> list[_Run]:
         cfg = bench.cfg
         epochs, bs = bench.epochs_for(s), bench.batch_for(s)
+        out = []
         for r in range(cfg.repeats):
             seed = cfg.seed + r
-            key = run_key(
-                {
-                    "set": s.fingerprint,
-                    "protocol": to_dict(bench.protocol),
-                    "network": bench.network,
-                    "epochs": epochs,
-                    "batch": bs,
-                    "seed": seed,
-                    "precision": cfg.precision,
-                    "teacher": bench.teacher_fp,
-                }
-            )
+            what = {
+                "set": s.fingerprint,
+                "protocol": to_dict(bench.protocol),
+                "network": bench.network,
+                "epochs": epochs,
+                "batch": bs,
+                "seed": seed,
+                "precision": cfg.precision,
+                "teacher": bench.teacher_fp,
+            }
+            if bench.batched:  # sequential runs keep the keys they always had
+                what["batched"] = True
+            key = run_key(what)
             if s.kind == "random_real":
                 xs, ys = random_real_subset(bench.train_u8, bench.train_y, bench.ipc, seed, bench.num_classes)
             else:
                 xs, ys = s.images, s.labels
-            if key in self.done:
-                res = self.done[key]["result"]
-            else:
-                desc = f"{s.name} run {r + 1}/{cfg.repeats}"
-                res = _train(bench, xs, ys, epochs, bs, seed, desc, progress).to_dict()
-                append_jsonl(self.path, {"key": key, "set": s.name, "repeat": r, "seed": seed, "result": res})
-            yield res, int(xs.shape[0])
+            done = self.done.get(key)
+            out.append(_Run(s.name, r, seed, key, xs, ys, epochs, bs, done["result"] if done else None))
+        return out
+
+    def _append(self, r: _Run) -> None:
+        from ddkit.io import append_jsonl
+
+        append_jsonl(
+            self.path, {"key": r.key, "set": r.name, "repeat": r.repeat, "seed": r.seed, "result": r.result}
+        )
+        self.done[r.key] = {"key": r.key, "result": r.result}
 
 
-def _train(
-    bench: Bench, xs, ys, epochs: int, batch_size: int, seed: int, desc: str, progress: bool
-) -> RunResult:
-    """One student on ``(xs, ys)`` under a progress bar of its epochs (none without ``progress``)."""
-    protocol = bench.protocol
-    total = epochs + 1 if isinstance(protocol, ECCV2024Protocol) and protocol.extra_epoch else epochs
-    with bar(desc, total, enabled=progress, fields="epochs") as update:
-        return train_student(
-            protocol, bench.network, xs, ys, bench.test_x, bench.test_y, mean=list(bench.index["mean"]),
-            std=list(bench.index["std"]), num_classes=bench.num_classes, epochs=epochs, batch_size=batch_size,
-            seed=seed, device=bench.device, precision=bench.cfg.precision, teacher=bench.teacher,
+def _groups(bench: Bench, todo: list[_Run]) -> list[list[_Run]]:
+    """The runs to train together, in first-appearance order: batched, runs sharing epochs, batch and set
+    shape, at most :func:`ddkit.evaluate.batched.group_size` of them; else one run per group."""
+    if not bench.batched:
+        return [[r] for r in todo]
+    groups: dict[tuple, list[list[_Run]]] = {}
+    for r in todo:
+        chunks = groups.setdefault((r.epochs, r.batch, tuple(r.x.shape)), [[]])
+        if len(chunks[-1]) >= group_size(r.batch, int(r.x.shape[0])):
+            chunks.append([])
+        chunks[-1].append(r)
+    return [c for chunks in groups.values() for c in chunks]
+
+
+def _describe(group: list[_Run]) -> str:
+    names = list(dict.fromkeys(r.name for r in group))
+    head = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+    return f"{head} ({len(group)} student{'s' if len(group) > 1 else ''})"
+
+
+def _train(bench: Bench, group: list[_Run], update) -> list[RunResult]:
+    """Train ``group`` (one run, or runs sharing epochs/batch/shape when batched); ``update(n)`` advances
+    the evaluation's bar by ``n`` student-epochs."""
+    r0 = group[0]
+    common = dict(
+        mean=list(bench.index["mean"]), std=list(bench.index["std"]), num_classes=bench.num_classes,
+        epochs=r0.epochs, batch_size=r0.batch, device=bench.device, precision=bench.cfg.precision,
+    )  # fmt: skip
+    if bench.batched:
+        students = [Student(r.x, r.y, r.seed) for r in group]
+        return train_students(bench.protocol, bench.network, students, bench.test_x, bench.test_y,
+                              on_epoch=update, **common)  # fmt: skip
+    return [
+        train_student(
+            bench.protocol,
+            bench.network,
+            r0.x,
+            r0.y,
+            bench.test_x,
+            bench.test_y,
+            seed=r0.seed,
+            teacher=bench.teacher,
             on_epoch=lambda _epochs_done: update(),
+            **common,
         )  # fmt: skip
+    ]
