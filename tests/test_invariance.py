@@ -1,11 +1,12 @@
 """The promise to cluster users, tested over every registered method × every way of cutting a run up.
 
-A distilled set does not depend on how the work was cut up: one process, a two-task array in either order,
-or an interruption at any phase (then a rerun, as a requeued SLURM job reruns) all give the same
+A distilled set does not depend on how the work was cut up: one process, two ranks of one process group
+(torchrun's environment, gloo), a two-task array in either order, or an interruption at any phase (then a
+rerun, as a requeued SLURM job reruns) all give the same
 ``dataset.pt`` and the same generation record as one uninterrupted process. The methods come from
 :mod:`ddkit.methods.registry` (every base and every ``<base>+select``), so a new method is covered without
 editing this file. Precision and plan are pinned (two runs would otherwise time ``auto`` separately).
-Real multi-process ranks and real SLURM requeues are ``tests/test_slurm_integration.py``'s.
+Real SLURM requeues (srun ranks and arrays) are ``tests/test_slurm_integration.py``'s.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ddkit.methods import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("start", "prepare", "calibrate", "plan", "batch", "shard", "merge")
-WAYS = ("array-01", "array-10", *(f"requeue-{p}" for p in PHASES))
+WAYS = ("ranks-2", "array-01", "array-10", *(f"requeue-{p}" for p in PHASES))
 
 
 class Killed(Exception):
@@ -113,11 +114,52 @@ def reference(pinned, model, tmp_path_factory):
     return get
 
 
+def _two_rank_worker(rank: int, port: int, cfg, state: dict, root: str, methods: list[str]) -> None:
+    """One of two torchrun-style ranks (env rendezvous, gloo): every method into ``root/<method>``."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from ddkit.generate import generate
+    from ddkit.models import build_backbone
+
+    model = build_backbone(cfg.model, seed=0).eval()
+    model.load_state_dict(state)
+    for m in methods:
+        generate(cfg, method=m, time_limit=600, out_dir=Path(root) / m, progress=False, model=model)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(pinned, model, tmp_path_factory):
+    """Every method generated once by two ranks of one process group (spawned once for all methods)."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("ranks")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (port, pinned, model.state_dict(), str(root), list(registry.names()))
+    ctx = mp.start_processes(_two_rank_worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 900
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("two ranks still running after 900 s: their collectives do not pair")
+    return root
+
+
 @pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("method", registry.names())
-def test_the_same_set_however_the_run_is_cut(pinned, reference, tmp_path, method, way):
+def test_the_same_set_however_the_run_is_cut(pinned, reference, tmp_path, method, way, request):
     out = tmp_path / "gen"
-    if way.startswith("array"):
+    if way == "ranks-2":
+        out = request.getfixturevalue("two_ranks") / method
+    elif way.startswith("array"):
         order = (0, 1) if way == "array-01" else (1, 0)
         for r in order:  # two array tasks, one after the other: the second merges
             _run(pinned, method, out, rank=r, world_size=2)
