@@ -42,7 +42,7 @@ def run(
     """Run shard -> pretrain -> minimax -> generate -> evaluate -> package -> report on one config.
 
     A stage runs when the fingerprint of its inputs (the config keys it reads, upstream stages, shard index,
-    ddkit version) differs from its DONE record, and then everything downstream runs too.
+    ddkit code identity) differs from its DONE record, and then everything downstream runs too.
     """
     from rich.table import Table
 
