@@ -93,17 +93,7 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
     """
     from ddkit.errors import ConfigError
 
-    pre = "model.pretrained given" if cfg.model.pretrained else None
-    from_pre = () if cfg.model.pretrained else ("pretrain",)  # the weights minimax starts from
-    nodes = [Node("shard", "shard", ("data",))]
-    for st in TRAIN_STAGES:
-        up = from_pre if st == "minimax" and cfg.minimax.init is None else ()
-        nodes.append(
-            Node(
-                st, st, ("seed", "model", st, "data.num_workers"), tuple(f"{st}.{k}" for k in _CADENCE),
-                ("shard", *up), (f"{st}.init", "model.pretrained"), f"{st}.steps", pre if st == "pretrain" else None,
-            )
-        )  # fmt: skip
+    nodes = graph_base(cfg)
     nodes += [generation_node(cfg, m) for m in cfg.methods]
     gens = tuple(f"gen-{m}" for m in cfg.methods)
     nodes.append(Node("evaluate", "evaluate", ("evaluate", "methods"), upstream=("shard", *gens)))
@@ -169,13 +159,18 @@ def inputs_on_disk(cfg: ExperimentConfig, node: Node) -> dict[str, Any]:
 
 def graph_base(cfg: ExperimentConfig) -> list[Node]:
     """The shard and training stages of ``cfg`` (what any generation or training stage reads from)."""
-    return [n for n in graph(_no_methods(cfg)) if n.group in ("shard", *TRAIN_STAGES)]
-
-
-def _no_methods(cfg: ExperimentConfig) -> ExperimentConfig:
-    from ddkit.config import replace
-
-    return replace(cfg, methods=("dit",), package=replace(cfg.package, method=None))
+    pre = "model.pretrained given" if cfg.model.pretrained else None
+    from_pre = () if cfg.model.pretrained else ("pretrain",)  # the weights minimax starts from
+    nodes = [Node("shard", "shard", ("data",))]
+    for st in TRAIN_STAGES:
+        up = from_pre if st == "minimax" and cfg.minimax.init is None else ()
+        nodes.append(
+            Node(
+                st, st, ("seed", "model", st, "data.num_workers"), tuple(f"{st}.{k}" for k in _CADENCE),
+                ("shard", *up), (f"{st}.init", "model.pretrained"), f"{st}.steps", pre if st == "pretrain" else None,
+            )
+        )  # fmt: skip
+    return nodes
 
 
 @contextlib.contextmanager
