@@ -34,12 +34,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ddkit.assets import asset_path
 
 # The shared types and the executor have their own modules (the runner does not import the planner: no
 # cycle); re-exported so ``from ddkit.budget import Runner, CostModel, ...`` keeps working.
 from ddkit.budget_runner import Event, Runner
 from ddkit.budget_types import Batch, Clock, CostModel, Plan
-from ddkit.errors import BudgetError
+from ddkit.errors import BudgetError, ConfigError, WeightsError
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,12 +186,8 @@ def load_quality_table(path, *, index: dict | None = None, class_map: str = "aut
         ConfigError: file missing or malformed (names the file); measured on other classes than ``index``'s
             with ``class_map`` ``auto`` (one line naming both datasets and ``model.class_map``).
     """
-    from pathlib import Path
 
-    import yaml
 
-    from ddkit.assets import asset_path
-    from ddkit.errors import ConfigError, WeightsError
     from ddkit.models.provenance import check_classes, check_record
 
     try:

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from ddkit import dist
+from ddkit.config import ExperimentConfig, from_dict, load_config, to_dict
+from ddkit.errors import DdkitError, PackageError
+from ddkit.generate import generate
+from ddkit.io import atomic_file
+from ddkit.writecost import measure
 
 # The budget clock starts when Python has imported this module, the earliest point ddkit controls.
 # CLOCK_MONOTONIC on Linux, the same clock as time.perf_counter.
@@ -43,9 +51,7 @@ def write_reserve(spec, out: Path) -> float:
     """Seconds needed after generation, measured now in ``out`` with the real writers
     (:func:`ddkit.writecost.measure`): reading ``dataset.pt`` (uint8), then writing and reading back the
     scorer's float32 tensor (``spec.shape``: CIFAR-100 12 MB, Tiny-ImageNet 98 MB)."""
-    import math
 
-    from ddkit.writecost import measure
 
     f32 = 4 * math.prod(spec.shape)
     return measure(out, f32).seconds(tensor_bytes=(f32 // 4, f32, f32))
@@ -60,7 +66,6 @@ def challenge_config(args: argparse.Namespace, work: Path, reserve: float = 0.0)
     Raises:
         ConfigError: the config is missing or invalid.
     """
-    from ddkit.config import ExperimentConfig, from_dict, load_config, to_dict
     from ddkit.package import IPC
     from ddkit.package.contents import BUNDLE_PATHS
 
@@ -80,7 +85,6 @@ def challenge_config(args: argparse.Namespace, work: Path, reserve: float = 0.0)
 def budget_start() -> float:
     """``time.monotonic()`` at which the budget started (:func:`ddkit.dist.budget_start`): ``DDKIT_T0`` if
     set, else the process start (interpreter start-up counts), at the latest this module's import time."""
-    from ddkit import dist
 
     return dist.budget_start(min(_T0, dist.process_start_monotonic()))
 
@@ -95,9 +99,6 @@ def run(args: argparse.Namespace, t0: float | None = None) -> Path:
     """
     import torch
 
-    from ddkit.errors import PackageError
-    from ddkit.generate import generate
-    from ddkit.io import atomic_file
     from ddkit.package import ECCV2024, check_tensor_file, load_distilled, make_readable, scorer_tensor
 
     spec = ECCV2024[args.dataset]
@@ -125,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point; see the module docstring for exit codes. As the process's own entry point
     (``argv`` None) the budget starts at the process start; called with ``argv`` from a running program
     (tests, a driver) it starts now."""
-    from ddkit.errors import DdkitError, PackageError
 
     t0 = None if argv is None else time.monotonic()
     args = parse_args(argv)

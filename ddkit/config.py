@@ -12,6 +12,7 @@ checkpoint (:func:`ddkit.io.write_run_config`), so a run can always be reproduce
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,7 +421,6 @@ def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Exp
     ...) only when that path exists, since a missing one is a Hugging Face id (``facebook/DiT-XL-2-256``).
     The CLI applies this to every config it loads; library calls keep paths as given.
     """
-    import os
 
     root = Path.cwd() if base is None else Path(base)
 

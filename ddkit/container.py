@@ -24,8 +24,10 @@ import re
 import shlex
 import shutil
 import subprocess
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 from ddkit.errors import ContainerError
@@ -50,7 +52,6 @@ def default_definition() -> Path:
     source = ROOT / "containers" / "ddkit.def"
     if source.is_file():
         return source
-    from importlib.resources import files
 
     return Path(str(files("ddkit") / "resources" / "ddkit.def"))
 
@@ -364,6 +365,5 @@ def run(image: str | Path, args: Sequence[str], *, echo: Callable[[str], None] =
 
 
 def _dedent(text: str) -> str:
-    import textwrap
 
     return textwrap.dedent(text).strip("\n")

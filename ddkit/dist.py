@@ -8,7 +8,11 @@ group when the world has more than one rank (NCCL on GPU, gloo on CPU).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from ddkit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,6 @@ def _positive_env(env, name: str) -> int | None:
     except ValueError:
         value = 0
     if value < 1:
-        from ddkit.errors import ConfigError
 
         raise ConfigError(f"{name}={raw!r}: expected a positive integer")
     return value
@@ -231,7 +234,6 @@ def cuda_visible_devices() -> str | None:
 
 def hf_cache_dir() -> str:
     """The Hugging Face cache folder: ``$HF_HUB_CACHE``, else ``$HF_HOME``, else ``~/.cache/huggingface``."""
-    from pathlib import Path
 
     return (
         os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or str(Path.home() / ".cache/huggingface")
@@ -244,7 +246,6 @@ def jobs_index():
     Returns:
         A :class:`pathlib.Path` (``$XDG_STATE_HOME/ddkit/jobs.jsonl`` when ``XDG_STATE_HOME`` is set).
     """
-    from pathlib import Path
 
     env = os.environ.get("DDKIT_JOBS_INDEX")
     if env:
@@ -267,7 +268,6 @@ def process_start_monotonic() -> float:
     Linux: from ``/proc/self/stat`` (start time in clock ticks since boot) and ``/proc/uptime``; elsewhere
     the current time.
     """
-    import time
 
     try:
         with open("/proc/self/stat") as f:
@@ -299,12 +299,10 @@ def budget_start(start: float | None = None, clock=None, environ: dict[str, str]
     Raises:
         ConfigError: ``DDKIT_T0`` is not a number.
     """
-    import time
 
     clock = time.monotonic if clock is None else clock
     env = (os.environ if environ is None else environ).get("DDKIT_T0")
     if env:
-        from ddkit.errors import ConfigError
 
         try:
             epoch = float(env)

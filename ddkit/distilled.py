@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ddkit.errors import DistilledSetError
 from ddkit.io import read_json, sha256_file
 
@@ -111,7 +113,6 @@ def load_distilled(
             set that does not match ``index``. One line naming the file.
     """
     import torch
-    import yaml
 
     p = Path(path)
     f = p if p.is_file() else resolve_gen_dir(p, method) / DATASET_FILE

@@ -26,6 +26,7 @@ from typing import Any
 from ddkit.budget import Bounds, CostModel, plan
 from ddkit.config import ExperimentConfig
 from ddkit.errors import BudgetError, ConfigError
+from ddkit.methods.registry import build
 
 #: Dense bf16 tensor-core peak, FLOP/s per device (NVIDIA data sheets; no sparsity). bench/gpu.py keeps the
 #: same figures keyed by ``torch.cuda.get_device_name`` substrings.
@@ -285,7 +286,6 @@ def dataset_size(cfg: ExperimentConfig, classes: int | None, train_images: int |
 def _gen_stage(cfg: ExperimentConfig, method: str, k: int, fwd: float, tp: Throughput, devices: int) -> StageEstimate:
     """One ``gen-METHOD``: planned by :func:`ddkit.budget.plan` on the FLOP cost model at the config's
     bounds and time limit, so DSR spends the budget as the run would; a plan that does not fit says so."""
-    from ddkit.methods.registry import build
 
     meth = build(method, cfg)
     chain = meth.sampling(cfg.generate, cfg.model.num_train_timesteps)
@@ -402,7 +402,6 @@ def estimate_run(
     ))  # fmt: skip
     if not m.pretrained:
         est.stages.append(_train_stage("pretrain", cfg.pretrain, fwd, tp["train"], devices))
-    from ddkit.methods.registry import build
 
     methods = [build(x, cfg) for x in cfg.methods]
     if any(x.weights == "minimax" for x in methods):

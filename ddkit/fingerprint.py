@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ddkit
 from ddkit.assets import PREFIX, asset_path
 from ddkit.errors import ConfigError, WeightsError
+from ddkit.io import atomic_write_json, read_done, read_record
 
 START = "fingerprint.json"  # written into a stage directory when the stage starts
 _SHORT = 12  # hex digits of a fingerprint shown in reasons
@@ -143,7 +145,6 @@ def code_identity() -> str:
     directory), so new code or a new shipped checkpoint reruns the stages. Computed once per process: ~25 ms
     of CPU for 97 files / 9.3 MB (the 8.5 MB demo checkpoint dominates) on a 2-core AMD EPYC.
     """
-    import ddkit
 
     # 12 hex digits: enough to tell code apart, short enough that a rerun reason shows both whole.
     return f"{ddkit.__version__}+src.{tree_digest(Path(ddkit.__file__).resolve().parent)[:12]}"
@@ -269,14 +270,12 @@ def _changed(
 
 def read_records(stage_dir: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(``DONE`` record, ``fingerprint.json``) of a stage directory; None for a missing one."""
-    from ddkit.io import read_done, read_record
 
     return read_done(stage_dir), read_record(Path(stage_dir) / START)
 
 
 def write_start(stage_dir: str | Path, inputs: Mapping[str, Any]) -> None:
     """Record, atomically, the inputs a stage is being started with (``stage_dir/fingerprint.json``)."""
-    from ddkit.io import atomic_write_json
 
     atomic_write_json(Path(stage_dir) / START, {"fingerprint": fingerprint(inputs), "inputs": dict(inputs)})
 

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from ddkit.dist import thread_request, usable_cpus
 
 Role = Literal["train", "generate", "evaluate"]
 Timer = Callable[[str], float]  # precision ("fp32" | "bf16" | "fp16") -> seconds per step
@@ -210,7 +213,6 @@ def cpu_bf16_features(flags: frozenset[str] | None = None) -> tuple[str, ...]:
 
 def detect_capabilities(device: Any) -> Capabilities:
     """Query torch about ``device`` (a ``torch.device`` or string)."""
-    import platform
 
     import torch
 
@@ -379,7 +381,6 @@ def configure_threads() -> int:
     """
     import torch
 
-    from ddkit.dist import thread_request, usable_cpus
 
     n = thread_request() or usable_cpus()
     if torch.get_num_threads() != n:

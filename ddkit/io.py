@@ -24,6 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ddkit.config import dump_yaml
+from ddkit.dist import usable_cpus
+from ddkit.errors import DataError
+
 DONE = "DONE"
 
 
@@ -227,7 +231,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; raises :class:`ddkit.errors.DataError` naming the file when missing or corrupt."""
-    from ddkit.errors import DataError
 
     p = Path(path)
     try:
@@ -262,7 +265,6 @@ def tensor_digest(module) -> str:
 
 def write_run_config(run_dir: str | Path, cfg: Any, name: str = "config.yaml") -> Path:
     """Write the resolved config (a dataclass from :mod:`ddkit.config`) into ``run_dir/name``."""
-    from ddkit.config import dump_yaml
 
     return atomic_write_text(Path(run_dir) / name, dump_yaml(cfg))
 
@@ -362,7 +364,6 @@ def set_aside(path: str | Path, keep_dir: str | Path) -> Path | None:
 
 def hardware_info() -> dict[str, Any]:
     """What ran this: host, usable CPUs, torch threads and version, accelerator name (for manifests)."""
-    from ddkit.dist import usable_cpus
 
     info: dict[str, Any] = {
         "host": platform.node(),

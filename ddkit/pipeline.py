@@ -23,9 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from ddkit.config import TRAIN_STAGES, ExperimentConfig, check_stages, load_config, to_dict
+from ddkit.errors import ConfigError, DdkitError
+from ddkit.eta import RunClock
 from ddkit.fingerprint import Decision, decide, file_digest, fingerprint, read_records, write_start
+from ddkit.generate import generate
+from ddkit.hardware import configure_threads
 from ddkit.io import atomic_write_json, mark_done, read_done, read_json, set_aside, write_run_config
+from ddkit.methods import registry
+from ddkit.report import write_report
 from ddkit.stages import STALE, Node, graph, node_inputs, packaged, remember, stage_dir, version
+from ddkit.train import train
 
 # Names for --stage and --force, in order; "generate" stands for every gen-METHOD node.
 STAGES = ("shard", "pretrain", "minimax", "generate", "evaluate", "package", "report")
@@ -104,7 +111,6 @@ def plan(
         ConfigError: ``--force shard`` (a shard set is shared between runs: delete it to rebuild it).
     """
     if "shard" in force:
-        from ddkit.errors import ConfigError
 
         raise ConfigError(
             f"--force shard: shard sets are shared between runs; delete {cfg.data.shards} to rebuild it"
@@ -212,8 +218,6 @@ def run_pipeline(
         ConfigError: an unknown ``stages`` or ``force`` name (:func:`check_selection`).
         DdkitError: from any stage (bad data, missing weights, budget too short, ...); completed stages stay.
     """
-    from ddkit.eta import RunClock
-    from ddkit.hardware import configure_threads
 
     check_selection(cfg, stages, force)
     log(f"threads: {configure_threads()} (usable CPUs or OMP_NUM_THREADS)")
@@ -279,7 +283,6 @@ def _execute(cfg: ExperimentConfig, node: Node, d: Decision, inputs: dict[str, A
     if inputs:
         rec = read_done(sdir)
         if rec is None and node.name != "package":
-            from ddkit.errors import DdkitError
 
             raise DdkitError(f"{sdir}: stage {node.name} returned without writing DONE")
         mark_done(
@@ -312,15 +315,12 @@ def _shard(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 
 
 def _train(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
-    from ddkit.train import train
 
     train(cfg, node.name, resume="auto", progress=progress)
     return stage_dir(cfg, node)
 
 
 def _generate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
-    from ddkit.generate import generate
-    from ddkit.methods import registry
 
     method = node.name.removeprefix("gen-")
     # What a method computes once from real data before any budget (D^3HR's statistics, the selection
@@ -347,7 +347,6 @@ def _package(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 
 
 def _report(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
-    from ddkit.report import write_report
 
     return write_report(cfg)
 

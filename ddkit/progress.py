@@ -12,6 +12,16 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 _CONSOLE = None
 
 
@@ -19,7 +29,6 @@ def console():
     """The shared stderr ``rich.console.Console`` (created on first use)."""
     global _CONSOLE
     if _CONSOLE is None:
-        from rich.console import Console
 
         _CONSOLE = Console(stderr=True)
     return _CONSOLE
@@ -53,14 +62,6 @@ def bar(
     if not enabled:
         yield lambda advance=1, **kw: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()] + ([TextColumn(fields)] if fields else [])  # fmt: skip

@@ -11,7 +11,8 @@ from typing import Any
 
 from ddkit.config import TRAIN_STAGES, ExperimentConfig
 from ddkit.errors import ConfigError
-from ddkit.io import atomic_write_text, read_json
+from ddkit.io import DONE, atomic_write_text, read_json
+from ddkit.methods import registry
 
 BASELINES = {"random_real": "random real", "full": "full real data"}
 
@@ -19,7 +20,6 @@ BASELINES = {"random_real": "random real", "full": "full real data"}
 def label(name: str) -> str:
     """The row label of a set: a method's own (:attr:`ddkit.methods.base.GenerationMethod.label`), a
     baseline's, else the name."""
-    from ddkit.methods import registry
 
     if name in BASELINES:
         return BASELINES[name]
@@ -39,7 +39,6 @@ def results_table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Rows (label, IPC, accuracy "mean ± std" in %, runs): the registry's methods in order, then other sets,
     then the baselines."""
     sets = result_sets(results)
-    from ddkit.methods import registry
 
     known = [k for k in registry.names() if k in sets]
     order = known + [k for k in sets if k not in known and k not in BASELINES] + [k for k in BASELINES if k in sets]
@@ -146,7 +145,6 @@ def _generation_lines(run: Path, cfg: ExperimentConfig) -> tuple[list[str], list
 def _precision_lines(run: Path, cfg: ExperimentConfig) -> list[str]:
     """The "Precision and threads" table: each stage's resolved precision, why, the measured fp32/bf16
     step-time ratio (:mod:`ddkit.hardware`) and its torch thread count, read from the stage records."""
-    from ddkit.io import DONE
 
     rows = []
     sources = [(s, run / s / DONE, ("precision",), ("hardware",)) for s in TRAIN_STAGES]

@@ -41,6 +41,8 @@ from typing import Literal
 
 import torch
 
+from ddkit.methods.modes import guide as mode_guide
+from ddkit.methods.modes import guided_steps
 from ddkit.schedule import scheduler_config
 
 Sampler = Literal["ddpm", "ddim"]
@@ -449,8 +451,6 @@ def step_std(sched, t: int, out: torch.Tensor) -> torch.Tensor:
 def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, generators, autocast_dtype,
           step_callback, final_step, guide=None):  # fmt: skip
     """The denoising loop of :func:`sample` (see there); ``guide`` = (modes, λ, stop, clip): mode guidance."""
-    from ddkit.methods.modes import guide as mode_guide
-    from ddkit.methods.modes import guided_steps
 
     C = model.in_channels
     i = 0

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ddkit.config import TRAIN_STAGES, ExperimentConfig, to_dict
+from ddkit.dist import dist_env
+from ddkit.errors import ConfigError
 from ddkit.fingerprint import (
     Decision,
     code_identity,
@@ -91,7 +94,6 @@ def graph(cfg: ExperimentConfig) -> list[Node]:
     Raises:
         ConfigError: an unknown method in ``methods`` or ``package.method``.
     """
-    from ddkit.errors import ConfigError
 
     nodes = graph_base(cfg)
     nodes += [generation_node(cfg, m) for m in cfg.methods]
@@ -214,7 +216,6 @@ def enter(cfg: ExperimentConfig, node: Node, sdir: Path, *, force: bool = False,
 
 def _set_aside_keeping(sdir: Path, stale: Path) -> None:
     """:func:`ddkit.io.set_aside`, then the :data:`BOOKKEEPING` files copied back into a fresh ``sdir``."""
-    import shutil
 
     moved = set_aside(sdir, stale)
     sdir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,6 @@ def outside_run(cfg: ExperimentConfig, name: str, *, force: bool = False) -> Ite
     """Around a training stage run by its own command (``ddkit train``, ``submit train``; rank 0 decides):
     :func:`enter`, then the fingerprint stamped into the new ``DONE``, so ``ddkit run`` and the command
     answer a config change alike. Yields the decision (None on other ranks, which follow rank 0's directory)."""
-    from ddkit.dist import dist_env
     from ddkit.models.checkpoint import checkpoint_path
 
     node = next((n for n in graph_base(cfg) if n.name == name and not n.off), None)

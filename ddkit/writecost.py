@@ -10,10 +10,14 @@ turns that into the time a list of future writes will take. Used for generation'
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ddkit import io
+from ddkit.figures import write_grid
 
 #: Largest probe tensor written (bytes); bigger outputs are charged linearly from it. 16 MB is a tenth
 #: of a second on a local disk and shows a parallel filesystem's bandwidth without costing much budget.
@@ -51,7 +55,6 @@ def measure(directory: str | Path, nbytes: int, clock: Callable[[], float] = tim
     """
     import torch
 
-    from ddkit import io
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,11 +95,9 @@ def finish_seconds(
     Returns:
         Seconds (the runner's ``reserve_seconds``).
     """
-    import math
 
     import torch
 
-    from ddkit.figures import write_grid
 
     gen_dir = Path(gen_dir)
     wc = measure(gen_dir, max(shard_bytes, merged_bytes if merges else 0), clock)

@@ -338,7 +338,7 @@ def test_train_checkpoint_saves_through_the_running_trainer_and_resubmits_itself
         def save_checkpoint(self):
             saved.append(self.step)
 
-    monkeypatch.setattr(ddkit.train, "_CURRENT", Running())
+    monkeypatch.setattr(ddkit.train.stop, "_CURRENT", Running())
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     job = cluster.TrainJob(cfg, "minimax", max_steps=30)
     delayed = job.checkpoint()

@@ -12,9 +12,7 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import time
-import types
 import zipfile
 from pathlib import Path
 
@@ -445,12 +443,7 @@ def test_challenge_entry_point_writes_a_scorer_file(cifar_run, tmp_path, monkeyp
         (gen / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "cifar100"}}))
         return gen
 
-    fake = types.SimpleNamespace(generate=fake_generate)
-    monkeypatch.setitem(sys.modules, "ddkit.generate", fake)
-    # `import ddkit.generate as g` reads the package attribute once the real module has been imported
-    import ddkit
-
-    monkeypatch.setattr(ddkit, "generate", fake, raising=False)
+    monkeypatch.setattr(challenge, "generate", fake_generate)
     rc = challenge.main(["--dataset", "cifar100", "--out", str(tmp_path / "out"), "--time-limit", "600",
                          "--bundle", str(bundle)])
     assert rc == 0

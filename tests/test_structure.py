@@ -123,3 +123,105 @@ def test_no_method_name_is_compared_outside_ddkit_methods():
             if pattern.search(line.split("#")[0]):
                 hits.append(f"{p.relative_to(PKG.parent)}:{i}: {line.strip()}")
     assert hits == []
+
+
+# Third-party packages whose import costs tenths of a second or more (torch ~1-2 s, diffusers ~1 s, sklearn,
+# matplotlib, numpy ~0.1 s): a function-level import is kept only to keep one of them out of its module.
+HEAVY = frozenset({"torch", "torchvision", "diffusers", "sklearn", "matplotlib", "submitit", "webdataset",
+                   "timm", "scipy", "numpy", "PIL", "transformers", "safetensors", "huggingface_hub"})  # fmt: skip
+
+
+def _imported(node: ast.AST, module: str, is_pkg: bool) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        parts = module.split(".") if is_pkg else module.split(".")[:-1]
+        base = ".".join(parts[: len(parts) - (node.level - 1)] + ([base] if base else []))
+    return [f"{base}.{a.name}" for a in node.names] + [base]
+
+
+def _top_level(tree: ast.Module) -> list[ast.AST]:
+    """The module's import statements that run at import time (``if TYPE_CHECKING`` blocks excluded)."""
+    out: list[ast.AST] = []
+
+    def walk(body):
+        for n in body:
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                out.append(n)
+            elif isinstance(n, ast.If) and not (isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"):
+                walk(n.body + n.orelse)
+            elif isinstance(n, ast.Try):
+                walk(n.body + [s for h in n.handlers for s in h.body])
+
+    walk(tree.body)
+    return out
+
+
+def heavy_at_import() -> dict[str, set[str]]:
+    """module -> the :data:`HEAVY` packages that importing it loads (its top-level imports, transitively,
+    with the parent packages that Python imports first)."""
+    mods = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    direct: dict[str, tuple[set[str], set[str]]] = {}
+    for m, p in mods.items():
+        ddk = {".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)}
+        ext: set[str] = set()
+        for node in _top_level(ast.parse(p.read_text())):
+            for t in _imported(node, m, p.name == "__init__.py"):
+                if t.split(".")[0] == "ddkit":
+                    r = resolve(t)
+                    ddk |= {".".join(r.split(".")[: i + 1]) for i in range(r.count(".") + 1)} if r else set()
+                elif t.split(".")[0] in HEAVY:
+                    ext.add(t.split(".")[0])
+        direct[m] = (ddk & set(mods), ext)
+    out = {}
+    for m in mods:
+        seen, todo, heavy = {m}, [m], set()
+        while todo:
+            ddk, ext = direct[todo.pop()]
+            heavy |= ext
+            todo += [d for d in ddk - seen]
+            seen |= ddk
+        out[m] = heavy
+    return out
+
+
+def test_function_level_imports_only_keep_a_heavy_library_out_of_their_module():
+    """A function-level import is there to keep its module free of a heavy library at import time (so
+    ``ddkit --help``, config validation and ``ddkit submit`` on a login node stay torch-free); one that
+    loads nothing heavy the module lacks belongs at the top."""
+    mods, heavy = _modules(), heavy_at_import()
+
+    def brings(node, m):
+        out = set()
+        for t in _imported(node, m, mods[m].name == "__init__.py"):
+            if t.split(".")[0] == "ddkit":
+                name = t
+                while name and name not in mods:
+                    name = name.rpartition(".")[0]
+                out |= heavy.get(name, set())
+            elif t.split(".")[0] in HEAVY:
+                out.add(t.split(".")[0])
+        return out
+
+    bad = []
+    for m, p in mods.items():
+        tree = ast.parse(p.read_text())
+        for f in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in (n for stmt in f.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))):
+                if not brings(node, m) - heavy[m]:
+                    bad.append(f"{p.relative_to(PKG.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "move to the top of the module:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_the_cli_loads_no_heavy_library():
+    """``ddkit --help`` imports every command module: none of them may load torch (or another heavy
+    library) at import time."""
+    heavy = heavy_at_import()
+    assert {m: sorted(h) for m, h in heavy.items() if m.startswith("ddkit.cli") and h} == {}

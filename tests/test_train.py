@@ -362,9 +362,13 @@ def _ddp_worker(rank: int, world: int, port: int, run: str, shards: str, out: st
         return wrapper
 
     ddkit.models.checkpoint.save_checkpoint = counted("checkpoint", ddkit.models.checkpoint.save_checkpoint)
-    ddkit.io.append_jsonl = counted("log", ddkit.io.append_jsonl)
-    ddkit.io.write_run_config = counted("config", ddkit.io.write_run_config)
-    ddkit.io.mark_done = counted("done", ddkit.io.mark_done)
+    import ddkit.train.trainer
+
+    # the trainer binds ddkit.io's writers at import: count the calls where they are made
+    for fn, key in (("append_jsonl", "log"), ("write_run_config", "config"), ("mark_done", "done")):
+        wrapped = counted(key, getattr(ddkit.io, fn))
+        for mod in (ddkit.io, ddkit.train.trainer):
+            setattr(mod, fn, wrapped)
     cfg = _cfg(
         Path(run),
         Path(shards),
@@ -440,7 +444,7 @@ def _ddp_stop_worker(rank: int, world: int, port: int, tmp: str, shards: str) ->
     except T.Preempted as p:
         out = {"step": p.step, "signals": p.signals}
     T.Trainer.train_step = original
-    T._STOP.clear()
+    T.stop.STOP.clear()
     out["on_disk"] = torch.load(Path(tmp) / "int/pretrain/ckpt/last.pt", weights_only=False)["step"]
     T.train(cfg("int"), "pretrain", progress=False)
     torch.save(out, Path(tmp) / f"stop{rank}.pt")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ddkit.errors import WeightsError
+
 PREFIX = "ddkit:"
 
 
@@ -29,7 +31,6 @@ def asset_path(ref: str) -> str:
     name, _, rest = str(ref)[len(PREFIX):].partition("/")
     here = Path(__file__).resolve().parent
     path = here / name
-    from ddkit.errors import WeightsError
 
     if not name or not (path / "config.json").is_file():
         known = sorted(p.name for p in here.iterdir() if (p / "config.json").is_file())

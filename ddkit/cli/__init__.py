@@ -11,6 +11,7 @@ import typer
 
 from ddkit import __version__
 from ddkit.cli import container, data, evaluate, generate, jobs, package, run, submit, train
+from ddkit.dist import process_start_monotonic
 
 # Taken at import (CLI start-up); main() prefers the process start time from /proc when it can.
 _ENTRY = time.monotonic()
@@ -52,7 +53,6 @@ def main() -> None:
     """The ``ddkit`` console script. As the process's own command a budget (``ddkit generate``) starts at
     the process start, so interpreter start-up and imports count; in-process callers of ``app`` (tests,
     another program) pass no start, and the budget starts at the call."""
-    from ddkit.dist import process_start_monotonic
 
     app(obj={"process_start": min(_ENTRY, process_start_monotonic())})
 

@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 
 from ddkit import progress
+from ddkit.config import absolute_paths, load_config
 from ddkit.errors import DdkitError
+from ddkit.hardware import configure_threads
 
 console = Console()
 #: The one stderr console (:func:`ddkit.progress.console`): CLI errors and the library's bars and notes.
@@ -54,8 +56,6 @@ def load(config: Optional[Path], sets: Optional[list[str]]):
     """Load the experiment config (``ddkit.config.load_config``) from CLI arguments, its relative paths made
     absolute (``ddkit.config.absolute_paths``) so the records it writes work from any directory, and size
     torch's thread pool for the stage command about to run (:func:`ddkit.hardware.configure_threads`)."""
-    from ddkit.config import absolute_paths, load_config
-    from ddkit.hardware import configure_threads
 
     cfg = absolute_paths(load_config(config, tuple(sets or ())))
     configure_threads()

@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 
 from ddkit.cli.common import console, handle_errors
+from ddkit.container import DEFAULT_DEF, lint_definition
+from ddkit.container import build as do_build
+from ddkit.container import run as do_run
 
 app = typer.Typer(no_args_is_help=True, help="Build and run the Apptainer image (containers/ddkit.def).")
 
@@ -25,8 +28,6 @@ def build(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing image."),
 ) -> None:
     """Lint the definition and run `apptainer build [--fakeroot] IMAGE DEF` from the repository root."""
-    from ddkit.container import DEFAULT_DEF
-    from ddkit.container import build as do_build
 
     do_build(definition or DEFAULT_DEF, out.resolve(), fakeroot=fakeroot, force=force, echo=_echo)
 
@@ -43,7 +44,6 @@ def run(
     nv: bool = typer.Option(True, "--nv/--no-nv", help="Bind the NVIDIA driver (apptainer --nv)."),
 ) -> None:
     """Run `ddkit ARGS...` inside the image: `ddkit container run --data D --out R -- generate -c cfg.yaml`."""
-    from ddkit.container import run as do_run
 
     def absolute(p: Path | None) -> str | None:
         return str(p.resolve()) if p is not None else None
@@ -57,7 +57,6 @@ def run(
 @handle_errors
 def lint(definition: Path = typer.Argument(None, help="Definition file (default: containers/ddkit.def).")) -> None:
     """Strict lint: Apptainer section names and header keys, `sh -n` on script sections, %files sources."""
-    from ddkit.container import DEFAULT_DEF, lint_definition
 
     problems = lint_definition(definition or DEFAULT_DEF)
     for p in problems:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, is_tty, load
+from ddkit.config import replace
 
 app = typer.Typer(no_args_is_help=True, help="Datasets -> WebDataset shards; inspect shard sets.")
 
@@ -32,7 +34,6 @@ def shard(
     sets: list[str] | None = SetOption,
 ) -> None:
     """Write DATASET's train and test splits as tar shards plus dataset.json and classes.json (skipped when complete)."""
-    from ddkit.config import replace
     from ddkit.data import get_reader, read_index, shard_dataset
 
     cfg = load(config, sets).data
@@ -69,7 +70,6 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="Recompute every shard's sha256."),
 ) -> None:
     """Print a shard set's index (dataset.json) as a table: classes and images per split."""
-    from rich.table import Table
 
     from ddkit.data import read_index, verify_shards
     from ddkit.data.shards import human_size

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ddkit.cli.common import ConfigArg, SetOption, handle_errors, load
+from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, load
 
 
 def _named(items: list[str]) -> dict[str, str]:
@@ -67,6 +67,5 @@ def evaluate(
         out_dir=out_dir,
         progress=not no_progress,
     )
-    from ddkit.cli.common import console
 
     console.print(f"[green]evaluate[/] results: {out_dir / 'results.json'}")

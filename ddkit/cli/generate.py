@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ddkit import generate as lib
 from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, load
+from ddkit.io import read_json
 
 
 def _find_config(run: Optional[Path], config: Optional[Path]) -> Optional[Path]:
@@ -22,7 +26,6 @@ def _find_config(run: Optional[Path], config: Optional[Path]) -> Optional[Path]:
 
 def _report(gen_dir: Path) -> None:
     if (gen_dir / "manifest.json").is_file():
-        from ddkit.io import read_json
 
         man = read_json(gen_dir / "manifest.json")
         console.print(
@@ -69,8 +72,6 @@ def generate(
     last rank to finish merges by itself too). Like `ddkit run`, it skips a generation whose inputs are
     unchanged and reruns a changed one (the old directory goes to RUN/.stale/); --force reruns anyway.
     """
-    import os
-    import sys
 
     # As the process's own command (ddkit.cli.main passes its start) the budget starts when the process
     # started, so interpreter start-up and imports count; called in-process (tests, another command) now.
@@ -81,7 +82,6 @@ def generate(
     if run is not None and not any(s.startswith("run_dir=") for s in sets):
         sets.insert(0, f"run_dir={run}")
     cfg = load(config, sets)
-    from ddkit import generate as lib
 
     m = method or cfg.generate.method
     gen_dir = out or lib.gen_dir_for(cfg, m)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import typer
+from rich.table import Table
 
 from ddkit.cli.common import console, handle_errors
+from ddkit.errors import ClusterError
 
 app = typer.Typer(invoke_without_command=True)
 
@@ -18,7 +20,6 @@ def jobs(
     """List this user's ddkit jobs (names ddkit-*) and their states as a table."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.table import Table
 
     from ddkit import cluster
 
@@ -48,7 +49,6 @@ def logs(
 ) -> None:
     """Print a job's log (task 0): stdout, or stderr with --err."""
     from ddkit import cluster
-    from ddkit.errors import ClusterError
 
     out, errp = cluster.log_paths(job_id)
     path = errp if err else out

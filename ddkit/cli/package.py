@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors
+from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, load
 
 
 @handle_errors
@@ -43,7 +43,6 @@ def package(
         if not report.ok:
             raise typer.Exit(1)
         return
-    from ddkit.cli.common import load
 
     cfg = load(config, sets)
     targets = list(runs) if runs else [Path(cfg.run_dir)]

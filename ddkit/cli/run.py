@@ -6,8 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from ddkit.cli.common import SetOption, console, handle_errors
+from ddkit.config import absolute_paths, load_config
+from ddkit.estimate import estimate_run, format_seconds, load_gpu_bench, peak_flops
+from ddkit.pipeline import QUICK, STAGES, run_pipeline
+from ddkit.report import results_table
 
 
 @handle_errors
@@ -44,16 +49,11 @@ def run(
     A stage runs when the fingerprint of its inputs (the config keys it reads, upstream stages, shard index,
     ddkit code identity) differs from its DONE record, and then everything downstream runs too.
     """
-    from rich.table import Table
 
-    from ddkit.config import absolute_paths, load_config
-    from ddkit.pipeline import QUICK, STAGES, run_pipeline
-    from ddkit.report import results_table
 
     overrides = (*QUICK, *(sets or ())) if quick else tuple(sets or ())
     cfg = absolute_paths(load_config(config, overrides))
     if dry_run:  # a bad --accelerator fails before the stage plan
-        from ddkit.estimate import peak_flops
 
         peak_flops(accelerator)
     stages = tuple(stage) if stage else STAGES
@@ -85,9 +85,7 @@ def run(
 
 def _print_estimate(cfg, accelerator: str, gpus: int, gpu_bench: Optional[Path]) -> None:
     """The per-stage estimate of :func:`ddkit.estimate.estimate_run` as a table, then its assumptions."""
-    from rich.table import Table
 
-    from ddkit.estimate import estimate_run, format_seconds, load_gpu_bench
 
     bench = load_gpu_bench(gpu_bench) if gpu_bench else None
     est = estimate_run(cfg, accelerator, gpus, bench=bench)

@@ -13,6 +13,8 @@ from typing import Any
 import typer
 
 from ddkit.cli.common import ConfigArg, SetOption, handle_errors, load
+from ddkit.config import check_stages, replace
+from ddkit.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -72,8 +74,6 @@ def train(
     On preemption or near the time limit the job checkpoints and requeues itself; the restart resumes.
     """
     from ddkit import cluster
-    from ddkit.config import check_stages, replace
-    from ddkit.errors import ConfigError
 
     if config_arg is not None and config is not None and config_arg != config:
         raise ConfigError(f"CONFIG {config_arg} and --config {config}: give one")
@@ -145,7 +145,6 @@ def generate(
     A requeued task skips its completed shards; its budget restarts from its own start (see manifest.json).
     """
     from ddkit import cluster
-    from ddkit.config import replace
 
     cfg = load(config or _run_config(run), sets)
     cfg = replace(cfg, run_dir=str(run))

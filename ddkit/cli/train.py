@@ -6,7 +6,11 @@ from pathlib import Path
 
 import typer
 
+from ddkit import train as lib
 from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, load
+from ddkit.config import check_stages
+from ddkit.dist import dist_env
+from ddkit.stages import outside_run
 
 
 @handle_errors
@@ -28,16 +32,12 @@ def train(
 
     Runs as one process, under `torchrun --nproc-per-node N` or under SLURM `srun` (DDP, rank 0 writes).
     """
-    from ddkit.config import check_stages
 
     check_stages((stage,))
     cfg = load(config, sets)
-    from ddkit import train as lib
-    from ddkit.stages import outside_run
 
     with outside_run(cfg, stage):  # so a later `ddkit run` skips or resumes this stage
         path = lib.train(cfg, stage, resume=resume, max_steps=max_steps, progress=not no_progress)  # type: ignore[arg-type]
-    from ddkit.dist import dist_env
 
     if dist_env().is_main:
         console.print(f"[green]{stage}[/] checkpoint: {path}")

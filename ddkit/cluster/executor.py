@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import submitit
+from submitit.slurm import slurm as sl
+
 from ddkit import dist
 from ddkit.config import ExperimentConfig, SlurmConfig
 
@@ -148,7 +151,6 @@ def make_executor(
     ``cluster`` is submitit's: ``None``/"slurm" on a cluster, "local" or "debug" in unit tests (which
     ignore the ``slurm_`` parameters). ``python`` is the command that runs the job's Python (containers).
     """
-    import submitit
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,6 @@ def sbatch_script(folder: str | Path, params: dict[str, Any], python: str | None
 
     Built by submitit's own renderer, so it is byte-for-byte what ``sbatch`` receives; no SLURM needed.
     """
-    from submitit.slurm import slurm as sl
 
     # slurm_<name> parameters are the renderer's own keyword arguments (slurm_ntasks_per_node -> ntasks_per_node)
     kwargs = {k[len("slurm_") :]: v for k, v in params.items()}

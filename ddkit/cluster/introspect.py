@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -231,7 +232,6 @@ def preflight(
 def task_info() -> dict[str, Any]:
     """What one task of a job sees: rank, world size, master address/port (:func:`ddkit.dist.dist_env`),
     its GPUs and host. Submitted as a job it checks how ``srun`` lays out the ranks (tests, debugging)."""
-    import socket
 
     env = dist.dist_env()
     return {

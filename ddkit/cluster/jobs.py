@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,18 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from ddkit import dist
 from ddkit.cluster.introspect import run_slurm
 from ddkit.config import ExperimentConfig
+from ddkit.dist import process_start_monotonic
 from ddkit.errors import ClusterError
+from ddkit.generate import generate, merge
+from ddkit.io import append_jsonl, atomic_write_json, is_done, read_jsonl
+from ddkit.stages import outside_run
+from ddkit.train import Preempted, current_trainer, request_stop, train
 
 EVENTS = "slurm_events.jsonl"  # per stage/gen dir: requeues and restarts, appended by the jobs
 
 
 def record_event(directory: str | Path, event: str, **info: Any) -> None:
     """Append one line to ``directory/slurm_events.jsonl`` (start, requeue, ...), with SLURM's ids."""
-    from ddkit.io import append_jsonl
 
     append_jsonl(
         Path(directory) / EVENTS, {"event": event, "time": time.time(), **dist.slurm_job_ids(), **info}
@@ -42,7 +48,6 @@ def record_event(directory: str | Path, event: str, **info: Any) -> None:
 
 def read_events(directory: str | Path) -> list[dict[str, Any]]:
     """The events :func:`record_event` appended (empty when none)."""
-    from ddkit.io import read_jsonl
 
     return read_jsonl(Path(directory) / EVENTS)
 
@@ -88,8 +93,6 @@ def _ignore_stop_signals() -> bool:
     12:0``), although the job completed. An ignored signal stays ignored through the shutdown, so the
     process exits 0 and the job reads ``COMPLETED``.
     """
-    import signal
-    import threading
 
     if not dist.submitit_on_slurm() or threading.current_thread() is not threading.main_thread():
         return False
@@ -104,10 +107,7 @@ def _stop_on_signals():
     had (submitit's checkpoint-and-requeue). Afterwards the old handlers come back, except after a job
     on SLURM that finished: those signals are then ignored (:func:`_ignore_stop_signals`), with no moment
     in between at which submitit's handler could requeue the finished job."""
-    import signal
-    import threading
 
-    from ddkit.train import request_stop
 
     if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
         yield None
@@ -148,8 +148,6 @@ class TrainJob(Checkpointable):
         return Path(self.cfg.run_dir) / self.stage
 
     def __call__(self) -> str:
-        from ddkit.stages import outside_run
-        from ddkit.train import Preempted, train
 
         if _is_rank0():
             record_event(self.stage_dir, "start", resume_step=_checkpoint_step(self.stage_dir))
@@ -165,7 +163,6 @@ class TrainJob(Checkpointable):
     def _leave(self, p: Any, requeue_handler: Any) -> None:
         """After a stop on a signal (checkpoint written by every rank's loop): rank 0 requeues through
         submitit when SLURM does not end the attempt itself; every rank exits without a result pickle."""
-        import signal
 
         if not dist.submitit_on_slurm():
             return  # in-process executors (tests): let Preempted propagate
@@ -187,7 +184,6 @@ class TrainJob(Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         step = None
         with contextlib.suppress(ImportError):
-            from ddkit.train import current_trainer
 
             trainer = current_trainer()
             if trainer is not None:
@@ -226,8 +222,6 @@ class GenerateJob(Checkpointable):
         return Path(self.cfg.run_dir) / f"gen-{self.method}"
 
     def __call__(self) -> str:
-        from ddkit.dist import process_start_monotonic
-        from ddkit.generate import generate
 
         # The budget clock starts with this process (interpreter start-up and imports count), never with
         # an earlier attempt of the same job, nor with a DDKIT_T0 exported from the submitting shell.
@@ -269,8 +263,6 @@ class GenerateJob(Checkpointable):
 def merge_job(gen_dir: str) -> str:
     """Merge the shards of ``gen_dir`` (:func:`ddkit.generate.merge`) and add the SLURM history
     (job ids, restarts, requeues) to ``manifest.json`` under ``"slurm"``. Returns the ``dataset.pt`` path."""
-    from ddkit.generate import merge
-    from ddkit.io import atomic_write_json, is_done
 
     # A multi-rank job merges itself when its last rank finishes; merging again would only rewrite.
     out = Path(gen_dir) / "dataset.pt" if is_done(gen_dir) else merge(Path(gen_dir))

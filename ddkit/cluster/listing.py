@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from submitit.core.utils import JobPaths
+
 from ddkit.cluster.introspect import require_slurm, run_slurm
 from ddkit.dist import jobs_index
 from ddkit.errors import ClusterError
+from ddkit.io import append_jsonl, read_jsonl
 
 # ----------------------------------------------------------------------------------------------------------
 # The jobs index (written at submission)
@@ -31,7 +34,6 @@ def register_job(job_id: str, name: str, folder: Path, run_dir: str, kind: str, 
 
     Jobs of a local/debug ``executor`` (tests) are not recorded; a failing write (read-only home) is ignored.
     """
-    from ddkit.io import append_jsonl
 
     if executor is not None and getattr(executor, "cluster", "slurm") != "slurm":
         return  # local/debug executors (tests) leave the user's index alone
@@ -67,7 +69,6 @@ class JobRow:
 
 
 def _index_rows() -> dict[str, dict[str, Any]]:
-    from ddkit.io import read_jsonl
 
     return {r["job_id"]: r for r in read_jsonl(jobs_index()) if "job_id" in r}
 
@@ -122,7 +123,6 @@ def log_paths(job_id: str) -> tuple[Path, Path]:
     Raises:
         ClusterError: the job is unknown to both.
     """
-    from submitit.core.utils import JobPaths
 
     job_id = str(job_id)
     index = _index_rows()

@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
 from ddkit.cluster.executor import job_folder, job_python, make_executor, slurm_parameters
 from ddkit.cluster.introspect import parse_time, preflight, run_slurm
 from ddkit.cluster.jobs import GenerateJob, TrainJob, merge_job
 from ddkit.cluster.listing import JOB_PREFIX, register_job
-from ddkit.config import ExperimentConfig, SlurmConfig
+from ddkit.config import ExperimentConfig, SlurmConfig, check_stages, replace
 from ddkit.errors import ClusterError
 
 _SUBMITIT_FILES = ("_submitted.pkl", "_result.pkl")
@@ -69,7 +71,6 @@ def _active_job_ids() -> set[str]:
 
 
 def _resolve(cfg: ExperimentConfig, slurm: SlurmConfig | None) -> ExperimentConfig:
-    from ddkit.config import replace
 
     return replace(cfg, slurm=slurm) if slurm is not None else cfg
 
@@ -99,7 +100,6 @@ def submit_train(
         ClusterError: preflight failed or sbatch refused the job (one line).
         ConfigError: ``stage`` is not a training stage.
     """
-    from ddkit.config import check_stages
 
     check_stages((stage,))  # here, not on the compute node after a SLURM job was spent
     cfg = _resolve(cfg, slurm)
@@ -209,7 +209,6 @@ def _sbatch_refusal(e: Exception) -> ClusterError:
 
 
 def _submit(ex, fn, *args):
-    from submitit.core.utils import FailedJobError
 
     try:
         return ex.submit(fn, *args)
@@ -218,7 +217,6 @@ def _submit(ex, fn, *args):
 
 
 def _submit_array(ex, fns: list) -> list:
-    from submitit.core.utils import FailedJobError
 
     try:
         with ex.batch():
@@ -241,7 +239,6 @@ def wait_result(job, *, poll_s: float = 0.5, timeout_s: float | None = None) -> 
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f}s (state {job.state})")
         time.sleep(poll_s)
-    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     try:
         return job.results()[0]  # task 0's (rank 0's) result; every task of a multi-GPU job returns one

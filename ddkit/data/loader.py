@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,6 @@ class _WorkerSamples:
         return iter(self)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        import random
 
         import webdataset as wds
 

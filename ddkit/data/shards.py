@@ -19,6 +19,7 @@ complete set is recognised by its ``DONE`` marker and skipped on rerun.
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ddkit import __version__
+from ddkit import progress as progress_bar
 from ddkit.data.registry import Listing, get_reader, list_dataset
 from ddkit.dist import usable_cpus
 from ddkit.errors import DataError
@@ -359,7 +362,6 @@ def _write(
     progress: bool,
 ) -> dict[str, Any]:
     """Write both splits' tars into ``tmp``; return the ``dataset.json`` record."""
-    from ddkit import progress as progress_bar
 
     tally = _Tally({s: {name: 0 for name in listing.classes} for s in SPLITS}, listing.channels)
     total = sum(len(listing.splits[s]) for s in SPLITS)
@@ -424,7 +426,6 @@ def _write_split(listing, cfg, tmp: Path, split: str, encoder, pool, tally: _Tal
 
 def _index_record(listing: Listing, cfg: Any, tmp: Path, tally: _Tally) -> dict[str, Any]:
     """The ``dataset.json`` of a written set (keys: :func:`read_index`)."""
-    from ddkit import __version__
 
     if listing.mean is not None:
         mean, std, stats = list(listing.mean), list(listing.std or ()), "official"
@@ -467,7 +468,6 @@ def _index_record(listing: Listing, cfg: Any, tmp: Path, tally: _Tally) -> dict[
 
 
 def _meta(listing: Listing, it: Any, split: str) -> bytes:
-    import json
 
     return json.dumps(
         {

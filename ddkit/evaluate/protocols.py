@@ -14,6 +14,7 @@ picks one, ``--epochs`` shortens it, nothing else changes it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -167,7 +168,6 @@ class RDEDProtocol:
 
     def lr_factor(self, epoch: int, epochs: int) -> float:
         """LambdaLR factor at 0-based ``epoch``: ``0.5 (1 + cos(π epoch / (2 E)))`` (RDED ``--cos``)."""
-        import math
 
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs / 2)) if epoch <= epochs else 0.0
 

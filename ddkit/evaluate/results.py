@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from ddkit.evaluate.protocols import ECCV2024Protocol, Protocol
+from ddkit.io import atomic_write_json, atomic_write_text
+from ddkit.package import SCORES_FILE, write_official_scores
 
 if TYPE_CHECKING:
     from ddkit.evaluate.runs import TrainSet
@@ -25,7 +29,6 @@ _CONSOLE = None
 def _console():
     """One shared stdout console for the scorer's lines and the table (stdout stays the report)."""
     global _CONSOLE
-    from rich.console import Console
 
     if _CONSOLE is None:
         _CONSOLE = Console()
@@ -106,7 +109,6 @@ class Report:
     def write(self, out: Path, meta: dict, dataset: str | None) -> None:
         """Write ``results.json`` (with ``meta``), ``table.md``, the scorer's files (``dataset``: the name in
         ``scores.txt``), and print the table when ``progress``."""
-        from ddkit.io import atomic_write_json, atomic_write_text
 
         atomic_write_json(out / "results.json", {"sets": self.results, "meta": meta})
         atomic_write_text(out / "table.md", table_markdown(self.results, self.protocol, self.network))
@@ -115,7 +117,6 @@ class Report:
             # printout (per-round fractions, per-set lines) goes to scorer_log.txt.
             atomic_write_text(out / "scorer_log.txt", "\n".join(self.scorer_lines) + "\n")
         if self.scorer_perf is not None:
-            from ddkit.package import SCORES_FILE, write_official_scores
 
             write_official_scores(out / SCORES_FILE, {str(dataset): self.scorer_perf})
         if self.progress:
@@ -183,7 +184,6 @@ def table_markdown(results: dict[str, dict], protocol: Protocol, network: str) -
 
 def rich_table(results: dict[str, dict], protocol: Protocol, network: str):
     """The results as a :class:`rich.table.Table`."""
-    from rich.table import Table
 
     head, rows = _rows(results, protocol, with_runs=False)
     t = Table(title=f"ddkit evaluate — {protocol.name}, {network}")

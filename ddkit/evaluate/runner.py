@@ -10,6 +10,7 @@ with the same settings only re-reads.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,16 @@ from typing import Any
 import torch
 
 from ddkit.config import EvaluateConfig, to_dict
+from ddkit.data import load_tensors, read_index
 from ddkit.dist import device_for
+from ddkit.distilled import load_distilled as read_distilled
 from ddkit.errors import DataError
 from ddkit.evaluate.protocols import Protocol, RDEDProtocol, get_protocol
 from ddkit.evaluate.results import Report
 from ddkit.evaluate.runs import Bench, RunCache, TrainSet, random_real_subset, run_key
 from ddkit.evaluate.teacher import teacher_for
 from ddkit.evaluate.trainer import student_precision
+from ddkit.io import atomic_write_json, hardware_info, mark_done, write_run_config
 
 __all__ = ["BASELINES", "TrainSet", "check_real_counts", "evaluate", "load_distilled", "random_real_subset"]
 
@@ -44,7 +48,6 @@ def load_distilled(path: str | Path, index: dict[str, Any], name: str | None = N
     Raises:
         DataError: (a :class:`~ddkit.errors.DistilledSetError`) one line naming the file.
     """
-    from ddkit.distilled import load_distilled as read_distilled
 
     d = read_distilled(path, index=index, balanced=False)  # a student trains on any set, in its own order
     p = d.file or d.gen_dir / "dataset.pt"
@@ -106,8 +109,6 @@ def evaluate(
         DataError: unreadable real shards or distilled sets (one line naming the file).
         ConfigError: unknown protocol or network.
     """
-    from ddkit.data import load_tensors, read_index
-    from ddkit.io import mark_done, write_run_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +150,7 @@ def _precision(out: Path, cfg: EvaluateConfig, protocol: Protocol, network: str,
     A rerun keeps the recorded choice (its cached runs are keyed by it); see
     :func:`ddkit.hardware.choose_precision`. Returns a :class:`ddkit.hardware.PrecisionChoice`.
     """
-    import json
 
-    from ddkit.io import atomic_write_json
 
     k = len(index["classes"])
     shape = (int(index["channels"]), int(index["resolution"]), int(index["resolution"]))
@@ -183,7 +182,6 @@ def _baselines(cfg: EvaluateConfig, ipc: int, train_u8: torch.Tensor, train_y: t
 
 def _meta(bench: Bench, precision, real: str | Path, report: Report) -> dict[str, Any]:
     """``results.json``'s ``meta``: the settings, the precision record, the table's order, the hardware."""
-    from ddkit.io import hardware_info
 
     cfg, index = bench.cfg, bench.index
     return {

@@ -22,6 +22,7 @@ from ddkit.errors import DataError
 from ddkit.evaluate.batched import Student, group_size, supports, train_students
 from ddkit.evaluate.protocols import ECCV2024Protocol, Protocol
 from ddkit.evaluate.trainer import RunResult, train_student
+from ddkit.io import append_jsonl, read_jsonl
 from ddkit.progress import bar
 
 
@@ -125,7 +126,6 @@ class RunCache:
     """``runs.jsonl``: the finished runs by key (read once, at construction); new runs are appended."""
 
     def __init__(self, path: Path) -> None:
-        from ddkit.io import read_jsonl
 
         self.path = path
         self.done = {r["key"]: r for r in read_jsonl(path) if "key" in r}
@@ -176,7 +176,6 @@ class RunCache:
         return out
 
     def _append(self, r: _Run) -> None:
-        from ddkit.io import append_jsonl
 
         append_jsonl(
             self.path, {"key": r.key, "set": r.name, "repeat": r.repeat, "seed": r.seed, "result": r.result}

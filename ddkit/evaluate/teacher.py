@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 
 from ddkit.config import to_dict
+from ddkit.evaluate.networks import build
 from ddkit.evaluate.protocols import RDEDProtocol
 from ddkit.evaluate.runs import Bench, run_key
 from ddkit.evaluate.trainer import train_teacher
+from ddkit.io import atomic_torch_save
 from ddkit.progress import bar
 
 
@@ -30,8 +32,6 @@ def teacher_for(bench: Bench, out: Path, progress: bool, real_fp: str) -> tuple[
     Returns:
         ``(teacher in eval mode on bench.device, its key)``.
     """
-    from ddkit.evaluate.networks import build
-    from ddkit.io import atomic_torch_save
 
     protocol: RDEDProtocol = bench.protocol  # type: ignore[assignment]
     cfg, index, device = bench.cfg, bench.index, bench.device

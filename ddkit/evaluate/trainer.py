@@ -8,6 +8,7 @@ reproducible and every training set sees the same seed for repeat r ("same seeds
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddkit import hardware as hw
 from ddkit.evaluate import augment
 from ddkit.evaluate.networks import build
 from ddkit.evaluate.protocols import ECCV2024Protocol, IDCProtocol, Protocol, RDEDProtocol
@@ -46,7 +48,6 @@ class RunResult:
 
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA) and Python's ``random`` for one run."""
-    import random
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -79,7 +80,6 @@ def student_precision(requested: str, network: str, shape: tuple[int, int, int],
     Returns:
         A :class:`ddkit.hardware.PrecisionChoice`.
     """
-    from ddkit import hardware as hw
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):

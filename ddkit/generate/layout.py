@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ddkit.config import ExperimentConfig
 from ddkit.io import is_done
+from ddkit.methods.registry import build
 
 SHARD_FILE = "images.pt"
 
@@ -27,7 +28,6 @@ def checkpoint_for(cfg: ExperimentConfig, method: str) -> str:
     Raises:
         ConfigError: an unknown method.
     """
-    from ddkit.methods.registry import build
 
     return build(method, cfg).checkpoint()
 

@@ -19,8 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ddkit import budget
 from ddkit.errors import DataError
-from ddkit.io import publish_json_once, read_done
+from ddkit.fingerprint import START
+from ddkit.io import mark_done, publish_json_once, read_done, read_record
 
 RECORD = "record.json"
 #: Keys a rank adopts from a published record (the layout and the chains); the rest must simply agree.
@@ -73,7 +75,6 @@ def bounds(gcfg, record: dict[str, Any] | None, ratios: tuple[float, ...]):
     Returns:
         (:class:`ddkit.budget.Bounds`, ratios).
     """
-    from ddkit import budget
 
     steps_max, ipc_max, ipc_min = gcfg.steps_max, gcfg.ipc_max, gcfg.ipc_min
     if record is not None:
@@ -113,8 +114,6 @@ def mark_done_stamped(out_dir: str | Path, info: dict[str, Any], first: dict[str
     ``fingerprint.json``) with the fingerprint the record carries, stamp that fingerprint and its inputs, so
     whichever process merges (a rank, an array's merge job, ``ddkit generate --merge``) leaves a DONE that
     ``ddkit run`` and the next command skip."""
-    from ddkit.fingerprint import START
-    from ddkit.io import mark_done, read_record
 
     start = read_record(Path(out_dir) / START) or {}
     fp = (first or {}).get("fingerprint")

@@ -15,13 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ddkit import budget, dist, stages, writecost
 from ddkit.config import ExperimentConfig, replace
+from ddkit.errors import ConfigError
+from ddkit.fingerprint import fingerprint
 from ddkit.generate import record
 from ddkit.generate.layout import all_shards_done, gen_dir_for
 from ddkit.generate.sampler import Sampler, load_sampler, shard_index
 from ddkit.generate.shards import merge, save_shard
 from ddkit.io import is_done, write_run_config
 from ddkit.methods import registry
+from ddkit.progress import bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,6 @@ def _settings(cfg: ExperimentConfig, method: str | None, time_limit: float | Non
     Raises:
         ConfigError: invalid method or a time limit <= 0.
     """
-    from ddkit.errors import ConfigError
 
     gcfg = cfg.generate
     method = registry.check(method or gcfg.method)
@@ -67,8 +70,6 @@ def _join(cfg: ExperimentConfig, gen_dir: Path, rank: int | None, world_size: in
     Raises:
         ConfigError: ``rank`` outside ``[0, world_size)``.
     """
-    from ddkit import dist
-    from ddkit.errors import ConfigError
 
     env = dist.dist_env()
     explicit = rank is not None or world_size is not None
@@ -104,7 +105,6 @@ def _join(cfg: ExperimentConfig, gen_dir: Path, rank: int | None, world_size: in
 def _merge_when_complete(gen_dir: Path, job: Rank, merge_when_done: bool, phase, **merge_kw) -> None:
     """Under a process group rank 0 merges and every rank meets one barrier after it; otherwise whichever
     process sees every shard done merges."""
-    from ddkit import dist
 
     if job.group:
         if job.rank == 0 and merge_when_done:
@@ -171,7 +171,6 @@ def generate(
         WeightsError: the checkpoint is missing.
         ConfigError: invalid method or ``DDKIT_T0``.
     """
-    from ddkit import dist
 
     t0 = dist.budget_start(t0, clock)
     cfg = _settings(cfg, method, time_limit)
@@ -184,7 +183,6 @@ def generate(
             return gen_dir
     elif is_done(gen_dir):
         return gen_dir
-    from ddkit.fingerprint import fingerprint
 
     fp = fingerprint(inputs) if inputs is not None else None
     phase = on_phase or (lambda name: None)
@@ -228,7 +226,6 @@ def merge_generation(cfg: ExperimentConfig, method: str | None = None, gen_dir: 
 
 def _follow(cfg: ExperimentConfig, name: str, gen_dir: Path, force: bool, log):
     """:func:`ddkit.stages.enter` for generation ``name`` in ``gen_dir`` (its output: ``dataset.pt``)."""
-    from ddkit import stages
 
     log = log or (lambda line: None)
     node = stages.generation_node(cfg, name)
@@ -239,7 +236,6 @@ def _follow(cfg: ExperimentConfig, name: str, gen_dir: Path, force: bool, log):
 def _sample(cfg, meth, gen_dir: Path, *, rank, world_size, t0, clock, model, device, progress, fp, phase,
             merge: bool) -> None:  # fmt: skip
     """One sharded, budgeted sampling of ``meth.base`` into ``gen_dir`` (module docstring), then the merge."""
-    from ddkit import dist
 
     if is_done(gen_dir):
         return
@@ -286,7 +282,6 @@ def calibrate(
     """
     import torch
 
-    from ddkit import budget, writecost
 
     gcfg, K = sampler.settings, len(sampler.classes)
     mark = clock()
@@ -327,7 +322,6 @@ def plan(
     Raises:
         BudgetError: even ``steps_min`` × ``ipc_min`` does not fit (before any sampling).
     """
-    from ddkit import budget
 
     gcfg, K, B = sampler.settings, len(sampler.classes), cost.batch_size
     quality: Any = gcfg.quality
@@ -384,7 +378,6 @@ def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int, phase=Non
     """
     import torch
 
-    from ddkit.progress import bar
     from ddkit.sampling import SamplingAborted
 
     device, clock, deadline = sampler.device, runner.clock, runner.deadline

@@ -15,10 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ddkit import dist
+from ddkit import hardware as hw
 from ddkit.config import ExperimentConfig
 from ddkit.errors import WeightsError
 from ddkit.figures import prepare_plotting
 from ddkit.generate.layout import class_layout, image_seed
+from ddkit.io import publish_json_once
 
 
 @dataclasses.dataclass
@@ -170,7 +173,6 @@ def load_sampler(
     """
     import torch
 
-    from ddkit import dist
 
     mark = clock()
     device = torch.device(device) if device is not None else dist.device_for(job.env)
@@ -216,8 +218,6 @@ def _sampling_precision(gcfg, model, device, gen_dir: Path):
     of the CFG-doubled batch), once per generation: the first rank to decide publishes its choice in
     ``gen_dir/precision.json`` and every rank and every requeued restart adopts it. A timed check is noisy
     under load, and a set sampled partly in bf16 and partly in fp32 would differ from an uninterrupted run."""
-    from ddkit import hardware as hw
-    from ddkit.io import publish_json_once
 
     record = gen_dir / "precision.json"
     previous = json.loads(record.read_text()) if record.is_file() else None

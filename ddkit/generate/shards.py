@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddkit.errors import DataError
+from ddkit.errors import BudgetError, DataError
 from ddkit.figures import write_budget_plot, write_grid
 from ddkit.generate import record as rec
 from ddkit.generate.layout import SHARD_FILE, shard_dirs
@@ -255,7 +255,6 @@ def merge(
     manifest = _manifest(shards, dataset, cut, plots_s, elapsed)
     atomic_write_json(gen_dir / "manifest.json", manifest)
     if ipc == 0:
-        from ddkit.errors import BudgetError
 
         raise BudgetError(
             f"{gen_dir}: the budget ended before every class had one image ({manifest['images_generated']} "

@@ -8,11 +8,15 @@ restart guides towards the same modes. Each guided DDPM step then pulls image i 
 
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 from typing import Any
 
 from ddkit.errors import ConfigError, DataError, PackageError
+from ddkit.io import publish_bytes_once, sha256_file
 from ddkit.methods.base import GenerationMethod, Sampling
+from ddkit.methods.d3hr.statistics import backbone_inputs
 
 MODES_FILE = "modes.pt"
 
@@ -41,7 +45,6 @@ class MGD3(GenerationMethod):
         self.modes = class_modes_for(sampler, kept or ipc, gen_dir)
         src = Path(self.cfg.generate.modes.file or Path(gen_dir) / MODES_FILE)
         if src.is_file():
-            from ddkit.io import sha256_file
 
             self.prepared["modes"] = sha256_file(src)
         phases["mgd3_modes"] = clock() - mark
@@ -96,12 +99,9 @@ def class_modes_for(sampler, k: int, gen_dir: Path | None):
         ConfigError: ``generate.modes.file`` missing or unreadable.
         DataError: a modes file for other classes or another number of modes, or unreadable shards.
     """
-    import io
-    import pickle
 
     import torch
 
-    from ddkit.io import publish_bytes_once
     from ddkit.methods.modes import class_modes
 
     gcfg = sampler.config.generate
@@ -143,7 +143,6 @@ def _real_inputs(sampler, per_class: int | None):
     import torch
 
     from ddkit.data import load_tensors
-    from ddkit.methods.d3hr.statistics import backbone_inputs
 
     cfg = sampler.config
     images, labels = load_tensors(cfg.data.shards, "train")

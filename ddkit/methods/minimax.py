@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ddkit.schedule import alphas_cumprod
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Schedule tables
@@ -47,7 +49,6 @@ class DiffusionTables:
     @classmethod
     def create(cls, num_train_timesteps: int = 1000, device: torch.device | str = "cpu") -> DiffusionTables:
         """Tables for ``ddkit.schedule`` (DiT: linear betas 1e-4..0.02)."""
-        from ddkit.schedule import alphas_cumprod
 
         ac = alphas_cumprod(num_train_timesteps).to(torch.float64)
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])

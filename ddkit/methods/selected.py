@@ -22,11 +22,15 @@ from typing import Any
 
 import torch
 
+from ddkit.budget import load_quality_table
 from ddkit.config import ExperimentConfig
 from ddkit.errors import DataError
+from ddkit.figures import write_grid, write_selection_grid
+from ddkit.generate.record import mark_done_stamped
 from ddkit.io import atomic_torch_save, atomic_write_json, read_json
 from ddkit.methods.base import GenerationMethod, Sampling
 from ddkit.methods.registry import label
+from ddkit.methods.select import encode, select_per_class, train_encoder
 
 POOL = "pool"
 SECONDS_PER_CANDIDATE = 0.002  # encode + greedy choice on a CPU (charged as work before the pool's budget)
@@ -62,7 +66,6 @@ class Selected(GenerationMethod):
         gcfg, scfg = self.cfg.generate, self.cfg.generate.select
         ratios = {1.0, float(scfg.ratio)}
         if gcfg.quality != "dsr":
-            from ddkit.budget import load_quality_table
 
             ratios |= {float(k[2]) for k in load_quality_table(gcfg.quality) if len(k) > 2 and k[2] <= scfg.ratio}
         return tuple(sorted(ratios))
@@ -127,7 +130,6 @@ def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, s
     """
     from ddkit.data import load_tensors, read_index
     from ddkit.evaluate.networks import ConvNet
-    from ddkit.methods.select import encode, train_encoder
 
     scfg = cfg.generate.select
     index = read_index(cfg.data.shards)
@@ -162,9 +164,6 @@ def select_pool(cfg: ExperimentConfig, method: str, out: Path) -> Path:
     Raises:
         DataError: the pool is not merged.
     """
-    from ddkit.figures import write_grid, write_selection_grid
-    from ddkit.generate.record import mark_done_stamped
-    from ddkit.methods.select import encode, select_per_class
 
     scfg = cfg.generate.select
     pool = out / POOL

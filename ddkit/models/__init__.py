@@ -7,8 +7,13 @@ Public API: :data:`REGISTRY`, :func:`build_backbone`, :func:`load_backbone`, :cl
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
+import torch
+
+from ddkit.assets import asset_path
+from ddkit.config import ModelConfig, from_dict
 from ddkit.errors import WeightsError
 from ddkit.models.backbone import (
     REGISTRY,
@@ -21,6 +26,7 @@ from ddkit.models.backbone import (
     check_model_config,
     config_from_diffusers,
     init_dit_weights,
+    make_dit,
     tie_conditioning,
 )
 from ddkit.models.checkpoint import (
@@ -31,6 +37,7 @@ from ddkit.models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from ddkit.models.dit_original import load_original, original_state
 from ddkit.models.provenance import check_record, folder_record
 from ddkit.models.sources import load_first
 
@@ -57,7 +64,6 @@ __all__ = [
 
 def model_config_from_dict(d: dict, source: str = "<checkpoint>"):
     """A :class:`ddkit.config.ModelConfig` from its dict form (as stored in checkpoints)."""
-    from ddkit.config import ModelConfig, from_dict
 
     return from_dict(ModelConfig, d, source)
 
@@ -100,7 +106,6 @@ def load_backbone(
         (:func:`ddkit.models.sources.load_first`); a malformed ``made_on`` record. ConfigError: unknown
         architecture, or a diffusers DiT that differs from ``expect`` (lists what the folder holds).
     """
-    from ddkit.assets import asset_path
 
     path = asset_path(str(path))
     ckpt = resolve_checkpoint(path)
@@ -120,7 +125,6 @@ def load_backbone(
 def _from_checkpoint_file(ckpt: Path, use_ema: bool, difffit_blocks: int | None, timestep_shift: int | None):
     """(Backbone, ModelConfig, ``made_on`` record or None) of a ``.pt`` file: an original-DiT checkpoint or a
     ddkit one (see :func:`load_backbone` for the arguments)."""
-    from ddkit.models.dit_original import load_original, original_state
 
     blob = read_torch_file(ckpt)  # read once: DiT-XL/2 checkpoints are gigabytes
     orig = original_state(blob)
@@ -143,7 +147,6 @@ def _from_checkpoint_file(ckpt: Path, use_ema: bool, difffit_blocks: int | None,
     if _embedder_copies_equal(weights):
         model = build_backbone(mcfg, init=False)
     else:  # fine-tuned from an untied source: tying would keep only one block's copy
-        from ddkit.models.backbone import make_dit
 
         model = Backbone(make_dit(mcfg, init=False), mcfg, tie_embedders=False)
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -157,7 +160,6 @@ def _from_diffusers(src: str, expect):
     """(diffusers ``DiTTransformer2DModel``, ModelConfig, ``made_on`` record or None) of a diffusers folder
     (or pipeline folder with ``transformer/``) or a Hugging Face id in the local cache (see
     :func:`load_backbone`)."""
-    import torch
     from diffusers import DiTTransformer2DModel
 
     p = Path(src)
@@ -193,9 +195,7 @@ def _from_diffusers(src: str, expect):
 def _embedder_copies_equal(weights: dict) -> bool:
     """Whether every block's conditioning-embedder weights in a state dict equal block 0's (see
     :func:`ddkit.models.backbone.tie_conditioning`)."""
-    import re
 
-    import torch
 
     pat = re.compile(r"dit\.transformer_blocks\.(\d+)\.norm1\.emb\.(.+)")
     copies = [(m.group(1), m.group(2), v) for k, v in weights.items() if (m := pat.fullmatch(k))]

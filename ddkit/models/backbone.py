@@ -21,6 +21,8 @@ Three deliberate deviations from a bare ``DiTTransformer2DModel`` make it behave
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -254,7 +256,6 @@ def tie_conditioning(dit: nn.Module, force: bool = False) -> bool:
 def make_dit(cfg: ModelConfig, *, init: bool = True, class_embed_std: float = 0.02):
     """A fresh ``DiTTransformer2DModel`` for ``cfg.arch``: DiT's random init (:func:`init_dit_weights`), or
     with ``init=False`` uninitialised memory (fast; DiT-XL/2 init takes seconds) for weights loaded next."""
-    import contextlib
 
     from diffusers import DiTTransformer2DModel
     from diffusers.models.modeling_utils import no_init_weights
@@ -346,7 +347,6 @@ def config_from_diffusers(
     """The :class:`ModelConfig` of a diffusers DiT config (``config.json``): a registry name when the
     depth/width/heads/patch match one, else a ``custom(...)`` name (:func:`arch_name`). The remaining keys
     (VAE, DiffFit blocks, ...) come from ``base``."""
-    import dataclasses
 
     heads, head_dim = dit_config["num_attention_heads"], dit_config["attention_head_dim"]
     spec = ArchSpec(dit_config["num_layers"], heads * head_dim, heads, dit_config["patch_size"])

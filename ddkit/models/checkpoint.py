@@ -23,7 +23,11 @@ import random
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ddkit.config import to_dict
 from ddkit.errors import WeightsError
+from ddkit.io import atomic_torch_save
 
 CKPT_NAME = "last.pt"
 
@@ -47,7 +51,6 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` atomically (temp file + rename, :func:`ddkit.io.atomic_torch_save`)."""
-    from ddkit.io import atomic_torch_save
 
     return atomic_torch_save(state, path)
 
@@ -78,7 +81,6 @@ def read_torch_file(path: str | Path) -> Any:
     Raises:
         WeightsError: missing or unreadable (names the path).
     """
-    import torch
 
     p = Path(path)
     if not p.is_file():
@@ -118,89 +120,6 @@ def resume_state(resume: str, ckpt_path: Path, stage: str) -> dict[str, Any] | N
     if state.get("stage") not in (None, stage):
         raise WeightsError(f"--resume {resume}: a {state.get('stage')} checkpoint, not {stage}")
     return state
-
-
-def initial_backbone(cfg: Any, stage: str) -> tuple[Any, Any]:
-    """(Backbone on the CPU, ModelConfig) a training stage starts from when it does not resume.
-
-    ``<stage>.init`` when set; else for ``minimax`` ``model.pretrained``, else ``RUN/pretrain``'s
-    checkpoint; for ``pretrain`` ``model.pretrained``, else DiT's random init seeded with ``cfg.seed``.
-    With ``trainable: difffit`` the model gets DiffFit gammas on ``difffit_blocks`` blocks. A loaded source
-    keeps its own ModelConfig except the VAE choice, taken from ``cfg.model`` when the source has none.
-
-    Args:
-        cfg: the ExperimentConfig; stage: ``"pretrain"`` or ``"minimax"``.
-
-    Raises:
-        WeightsError: a minimax stage with no initial weights, or :func:`ddkit.models.load_backbone`'s.
-        ConfigError: the source differs from ``cfg.model`` (:func:`ddkit.models.load_backbone`).
-    """
-    import dataclasses
-
-    from ddkit.models import build_backbone, load_backbone
-
-    tcfg = getattr(cfg, stage)
-    blocks = tcfg.difffit_blocks if tcfg.trainable == "difffit" else 0
-    init = tcfg.init
-    if init is None and stage == "minimax":
-        # model.pretrained first: the weights dit/d3hr sample (generate.checkpoint_for), and a stale
-        # RUN/pretrain of an earlier run without them must not be fine-tuned instead.
-        pre = Path(cfg.run_dir) / "pretrain"
-        if cfg.model.pretrained:
-            init = cfg.model.pretrained
-        elif resolve_checkpoint(pre) is not None:
-            init = str(pre)
-        else:
-            raise WeightsError(
-                f"minimax: no initial weights (no {pre}/ckpt/last.pt; set minimax.init or model.pretrained)"
-            )
-    if init is None and cfg.model.pretrained and stage == "pretrain":
-        init = cfg.model.pretrained
-    if init is None:
-        mcfg = dataclasses.replace(cfg.model, difffit_blocks=blocks)
-        return build_backbone(mcfg, seed=cfg.seed, class_embed_std=tcfg.class_embed_std), mcfg
-    model, mcfg = load_backbone(
-        init, use_ema=True, device="cpu", difffit_blocks=blocks or None,
-        timestep_shift=cfg.model.timestep_shift, expect=cfg.model,
-    )  # fmt: skip
-    # Data-side settings (VAE choice) come from this run's config when the source does not say.
-    mcfg = dataclasses.replace(
-        mcfg,
-        vae=mcfg.vae or cfg.model.vae,
-        vae_decoder=mcfg.vae_decoder or cfg.model.vae_decoder,
-    )
-    model.config = mcfg
-    return model, mcfg
-
-
-def start_backbones(cfg: Any, stage: str, state: dict[str, Any] | None, source: str) -> tuple[Any, Any, Any]:
-    """(model, EMA, ModelConfig) a training stage starts with: a resumed checkpoint ``state``'s (``source``:
-    its path, for messages), else :func:`initial_backbone` and a copy of it as the EMA. The model's
-    ``made_on`` is the record of the weights it starts from (the checkpoint's, or the loaded source's)."""
-    if state is None:
-        model, mcfg = initial_backbone(cfg, stage)
-        return model, clone_backbone(model, mcfg), mcfg
-    from ddkit.models import build_backbone, model_config_from_dict
-    from ddkit.models.provenance import check_record
-
-    mcfg = model_config_from_dict(state["model_config"], source)
-    model = build_backbone(mcfg, init=False)
-    model.load_state_dict(state["model"])
-    ema = build_backbone(mcfg, init=False)
-    ema.load_state_dict(state["ema"])
-    if state.get("made_on") is not None:
-        check_record(state["made_on"], source)
-        model.made_on = state["made_on"]
-    return model, ema, mcfg
-
-
-def clone_backbone(model: Any, mcfg: Any) -> Any:
-    """A second Backbone with the same weights (the EMA; reference ``deepcopy`` + ``update_ema(decay=0)``)."""
-    from ddkit.models import build_backbone
-
-    ema = build_backbone(mcfg, init=False)
-    ema.load_state_dict(model.state_dict())
-    return ema
 
 
 def rank_entry(state: dict[str, Any], key: str, rank: int, world_size: int) -> Any:
@@ -253,7 +172,6 @@ def training_state(
         precision: :class:`ddkit.hardware.PrecisionChoice` (stored as dict).
         made_on: the training data's record (:func:`ddkit.models.provenance.record`); None leaves it out.
     """
-    from ddkit.config import to_dict
 
     return {
         "model": model.state_dict(),
@@ -284,7 +202,6 @@ def seed_rank(seed: int, device) -> Any:
     torch's global (CPU and CUDA), numpy's (``seed % 2**32``) and Python's; return a new
     ``torch.Generator`` on ``device`` seeded alike, which draws t, ε, flips, label dropout and VAE samples."""
     import numpy as np
-    import torch
 
     generator = torch.Generator(device).manual_seed(seed)
     torch.manual_seed(seed)
@@ -297,7 +214,6 @@ def rng_state(generator, device) -> dict[str, Any]:
     """The RNG states :func:`set_rng_state` restores: ``generator`` (the rank's device generator),
     ``torch`` (CPU global), ``numpy``, ``python``, and ``cuda`` (this device's) when ``device`` is CUDA."""
     import numpy as np
-    import torch
 
     s = {
         "generator": generator.get_state(),
@@ -314,7 +230,6 @@ def set_rng_state(generator, s: dict[str, Any], device) -> None:
     """Restore :func:`rng_state`'s ``s`` into ``generator`` and the global streams (``cuda`` only when
     both the state and ``device`` have it)."""
     import numpy as np
-    import torch
 
     generator.set_state(s["generator"])
     torch.set_rng_state(s["torch"])

@@ -20,12 +20,15 @@ in both and is not copied. MinimaxDiffusion's DiffFit scales (``blocks.i.attn.ga
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
+from ddkit.config import ModelConfig
 from ddkit.errors import WeightsError
+from ddkit.models.backbone import REGISTRY, build_backbone
 
 #: Keys every original-DiT state dict has (used to recognise one).
 _MARKERS = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight")
@@ -50,8 +53,6 @@ def original_model_config(state: dict[str, torch.Tensor], *, pretrained: str | N
     Raises:
         WeightsError: no registry architecture has this depth/width/patch.
     """
-    from ddkit.config import ModelConfig
-    from ddkit.models.backbone import REGISTRY
 
     w = state["x_embedder.proj.weight"]  # [hidden, C, p, p]
     hidden, in_ch, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
@@ -135,9 +136,7 @@ def load_original(
     Raises:
         WeightsError: unknown architecture, or keys that do not match it.
     """
-    import dataclasses
 
-    from ddkit.models.backbone import build_backbone
 
     mcfg = original_model_config(state, pretrained=source)
     if timestep_shift is not None:

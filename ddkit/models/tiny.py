@@ -22,7 +22,13 @@ stand-in for ``configs/imagewoof.yaml`` (``--imagefolder DIR --wnids imagewoof``
 from __future__ import annotations
 
 import argparse
+import random
+from importlib.util import find_spec
 from pathlib import Path
+
+import torch
+
+from ddkit.errors import DataError
 
 #: The ``model.*`` settings that describe the tiny pipeline (``--set model.<key>=<value>``).
 TINY_MODEL_SETTINGS = {
@@ -45,7 +51,6 @@ def build_tiny_pipeline(out: str | Path, *, sample_size: int = 8, seed: int = 0)
     Returns:
         ``Path(out)``, loadable as ``model.pretrained``, ``model.vae`` and ``data.encode_latents``.
     """
-    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     out = Path(out)
@@ -108,11 +113,9 @@ def foolbox_images() -> list:
     Raises:
         DataError: foolbox is not installed (``pip install foolbox``; ddkit's ``dev`` extra has it).
     """
-    from importlib.util import find_spec
 
     from PIL import Image
 
-    from ddkit.errors import DataError
 
     spec = find_spec("foolbox")
     if spec is None or not spec.submodule_search_locations:
@@ -130,7 +133,6 @@ def make_wnid_imagefolder(
     """ImageNet-style ``root/{train,val}/<wnid>/*.JPEG``: class ``c`` holds random crops (55-100 % of the
     shorter side, random position, random mirror; seeded) of the foolbox photos ``c, c+K, c+2K, ...`` resized
     to ``size`` px, so every file is a real photograph (not of that class). Returns ``Path(root)``."""
-    import random
 
     from PIL import ImageOps
 

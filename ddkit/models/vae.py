@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ddkit.dist import device_for
 from ddkit.errors import DataError
+from ddkit.io import tensor_digest
 from ddkit.models.sources import load_first
 
 #: SD-VAE latent scaling factor (DiT ``train.py``; Rombach et al. 2022).
@@ -60,7 +62,6 @@ def vae_source(name_or_path: str | Path) -> str:
 def encoder_digest(vae) -> str:
     """sha256 hex of the encoder side (``encoder.*``, ``quant_conv.*``): what fixes the latent space. The SD
     decoders fine-tuned from one encoder (sd-vae-ft-ema / -mse) share it, so either may decode."""
-    from ddkit.io import tensor_digest
 
     return tensor_digest(torch.nn.ModuleList([vae.encoder, vae.quant_conv]))
 
@@ -101,7 +102,6 @@ def moments_encoder(name_or_path: str | Path, *, device: str | torch.device | No
     """
     import numpy as np
 
-    from ddkit.dist import device_for
 
     vae = load_vae(name_or_path)
     digest = encoder_digest(vae)

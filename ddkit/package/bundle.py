@@ -11,9 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ddkit.distilled import load_distilled
 from ddkit.errors import PackageError
 from ddkit.io import atomic_dir, sha256_file
+from ddkit.package.contents import check_bundle, pack_weights
 from ddkit.package.eccv2024 import challenge_dataset
 from ddkit.package.manifest import MANIFEST, _find_index, _manifest
 
@@ -65,9 +68,7 @@ def package_generator(
             cannot be found (an HF id missing from the local cache names the key and the id); a bundle
             that fails its check.
     """
-    import yaml
 
-    from ddkit.package.contents import check_bundle, pack_weights
 
     sets = [load_distilled(r, method) for r in runs]
     out = Path(out) if out else sets[0].gen_dir.parent / "generator"

@@ -4,47 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ddkit.errors import PackageError
 from ddkit.io import sha256_file
-from ddkit.package.manifest import MANIFEST, _read_optional_json, _sha256_bytes
+from ddkit.package.contents import check_bundle
+from ddkit.package.manifest import MANIFEST, CheckReport, Verdict, _read_optional_json, _sha256_bytes
 from ddkit.package.scorer import ECCV2024, IPC, ScorerSpec
-
-
-@dataclass
-class Verdict:
-    """One line of ``ddkit package --check``."""
-
-    name: str
-    ok: bool
-    message: str
-
-    def line(self) -> str:
-        return f"{'OK  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
-
-
-@dataclass
-class CheckReport:
-    """All verdicts for one submission; ``ok`` when none failed."""
-
-    path: Path
-    kind: str
-    verdicts: list[Verdict] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.verdicts) and all(v.ok for v in self.verdicts)
-
-    def first_failure(self) -> str:
-        bad = [v for v in self.verdicts if not v.ok]
-        return f"{bad[0].name}: {bad[0].message}" if bad else ""
-
-    def lines(self) -> list[str]:
-        return [v.line() for v in self.verdicts]
 
 
 def check_submission(path: str | Path, *, allow_partial: bool = False, tolerance: float = 0.02) -> CheckReport:
@@ -81,7 +50,6 @@ def check_submission(path: str | Path, *, allow_partial: bool = False, tolerance
         if man.get("format") in ("folder", "webdataset"):
             return _check_folder(path, man) if man["format"] == "folder" else _check_wds(path, man)
         if man.get("format") == "eccv2024-generator":
-            from ddkit.package.contents import check_bundle
 
             return check_bundle(path, man)
         blobs = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.suffix in (".pt", ".json")}
@@ -188,7 +156,6 @@ def _check_folder(path: Path, man: dict[str, Any]) -> CheckReport:
 
 
 def _check_wds(path: Path, man: dict[str, Any]) -> CheckReport:
-    import tarfile
 
     report = CheckReport(path, "webdataset")
     classes = _read_optional_json(path / "classes.json") or []

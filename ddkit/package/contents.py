@@ -40,7 +40,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ddkit.assets import asset_path
+from ddkit.config import ExperimentConfig, from_dict, load_config
 from ddkit.errors import ConfigError, DdkitError, PackageError
+from ddkit.io import sha256_file
+from ddkit.methods.registry import build
+from ddkit.package.manifest import MANIFEST, CheckReport, Verdict
+from ddkit.schedule import scheduler_config
 
 #: Config keys that name weights or other files a bundle holds (dotted; relative to the bundle).
 BUNDLE_PATHS = ("generate.checkpoint", "model.pretrained", "model.vae", "model.vae_decoder", "data.shards",
@@ -83,8 +89,6 @@ def method_of(d):
     Raises:
         ConfigError: an unknown method.
     """
-    from ddkit.config import ExperimentConfig, from_dict
-    from ddkit.methods.registry import build
 
     cfg = from_dict(ExperimentConfig, d.config, str(d.gen_dir / "config.yaml"))
     return build(d.manifest.get("method") or d.gen_dir.name.removeprefix("gen-"), cfg)
@@ -114,7 +118,6 @@ def local_source(value: str, key: str, run_dir: Path) -> Path:
     Raises:
         PackageError: none of these exists (an id missing from the cache names ``key`` and the id).
     """
-    from ddkit.assets import asset_path
 
     value = str(asset_path(value))
     for cand in (Path(value).expanduser(), run_dir / value):
@@ -197,7 +200,6 @@ def vae_folder(value: str, key: str, run_dir: Path) -> Path:
 
 def write_scheduler(pretrained: str | None, run_dir: Path, num_train_timesteps: int, dest: Path) -> None:
     """``dest/scheduler_config.json``: the pipeline's own when ``pretrained`` is one, else ddkit's schedule."""
-    from ddkit.schedule import scheduler_config
 
     dest.mkdir(parents=True)
     if pretrained:
@@ -238,7 +240,6 @@ def pack_weights(d, cfg_dict: dict[str, Any], tmp: Path, name: str) -> dict[str,
         PackageError: weights missing (an HF id not in the local cache names the key and the id), no
             D^3HR statistics for a D^3HR run, or no class modes for an MGD^3 run.
     """
-    from ddkit.config import ExperimentConfig, from_dict
 
     run_dir = d.gen_dir.parent
     cfg = from_dict(ExperimentConfig, d.config, str(d.gen_dir / "config.yaml"))
@@ -286,8 +287,6 @@ def check_bundle(path: str | Path, man: dict[str, Any], *, require_image: bool =
     :data:`BUNDLE_PATHS` it names lies inside the bundle and exists (no Hugging Face id, no absolute
     path), the shard index ``dataset.json`` is there, and a D^3HR config names its statistics file.
     """
-    from ddkit.io import sha256_file
-    from ddkit.package import MANIFEST, CheckReport, Verdict
 
     path = Path(path)
     report = CheckReport(path, "eccv2024-generator")
@@ -318,8 +317,6 @@ def check_bundle(path: str | Path, man: dict[str, Any], *, require_image: bool =
 
 
 def _check_dataset(bundle: Path, name: str, entry: dict[str, Any]):
-    from ddkit.config import load_config
-    from ddkit.package import Verdict
 
     where = f"configs/{name}.yaml"
     if not (bundle / where).is_file():
@@ -344,7 +341,6 @@ def _check_dataset(bundle: Path, name: str, entry: dict[str, Any]):
     shards = values["data.shards"]
     if not shards or not (root / shards / "dataset.json").is_file():
         return Verdict(where, False, "data.shards: no shard index (dataset.json) in the bundle")
-    from ddkit.methods.registry import build
 
     problem = build(cfg.generate.method, cfg).bundle_problem(cfg, values)
     if problem:

@@ -8,7 +8,9 @@ packaging hardware.
 
 from __future__ import annotations
 
+import hashlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,38 @@ from ddkit import __version__
 from ddkit.distilled import MANIFEST, Distilled
 from ddkit.io import hardware_info, read_json
 from ddkit.package.scorer import IPC, ScorerSpec
+
+
+@dataclass
+class Verdict:
+    """One line of ``ddkit package --check``."""
+
+    name: str
+    ok: bool
+    message: str
+
+    def line(self) -> str:
+        return f"{'OK  ' if self.ok else 'FAIL'} {self.name}: {self.message}"
+
+
+@dataclass
+class CheckReport:
+    """All verdicts for one submission; ``ok`` when none failed."""
+
+    path: Path
+    kind: str
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.verdicts) and all(v.ok for v in self.verdicts)
+
+    def first_failure(self) -> str:
+        bad = [v for v in self.verdicts if not v.ok]
+        return f"{bad[0].name}: {bad[0].message}" if bad else ""
+
+    def lines(self) -> list[str]:
+        return [v.line() for v in self.verdicts]
 
 
 def _entry(d: Distilled, spec: ScorerSpec | None, perm: list[int]) -> dict[str, Any]:
@@ -85,7 +119,6 @@ def _read_optional_json(p: Path) -> Any:
 
 
 def _sha256_bytes(b: bytes) -> str:
-    import hashlib
 
     return hashlib.sha256(b).hexdigest()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ddkit.data.registry import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 from ddkit.errors import PackageError
-from ddkit.io import read_json
+from ddkit.io import atomic_write_text, read_json
 
 IPC = 10  # the scorer's hard-coded images per class (evaluate.py: assert data.shape[0] == 10 * num_classes)
 
@@ -164,7 +164,6 @@ def official_scores(perf: dict[str, float]) -> str:
 
 def write_official_scores(path: str | Path, perf: dict[str, float]) -> Path:
     """Write :func:`official_scores` to ``path`` atomically; returns the path."""
-    from ddkit.io import atomic_write_text
 
     atomic_write_text(Path(path), official_scores(perf))
     return Path(path)

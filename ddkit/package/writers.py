@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -16,15 +17,14 @@ from ddkit.distilled import Distilled
 from ddkit.errors import PackageError
 from ddkit.io import atomic_dir, sha256_file
 from ddkit.package.checks import check_submission
+from ddkit.package.contents import method_of
 from ddkit.package.manifest import MANIFEST, _entry, _manifest
 
 
 def saved_images(d: Distilled) -> Distilled:
     """The set as image files hold it: as the method saves it (:meth:`ddkit.methods.base.GenerationMethod.saved_images`:
     D^3HR resizes 256 px images to 224 with PIL LANCZOS, as its reference saves them)."""
-    import dataclasses
 
-    from ddkit.package.contents import method_of
 
     return dataclasses.replace(d, images=method_of(d).saved_images(d.images))
 

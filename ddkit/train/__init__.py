@@ -31,37 +31,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddkit.config import ExperimentConfig
+from ddkit.train.stop import Preempted, current_trainer, request_stop
 from ddkit.train.trainer import Stage, Trainer
-
-#: The Trainer whose run is executing in this process (set and cleared by :meth:`Trainer.run`).
-_CURRENT: Trainer | None = None
-#: Signal numbers received since the process started (appended by :func:`request_stop`, from a handler).
-_STOP: list[int] = []
-
-
-def current_trainer() -> Trainer | None:
-    """The :class:`Trainer` whose :meth:`Trainer.run` is executing in this process, or None (used by the
-    SLURM checkpoint hook to save on preemption)."""
-    return _CURRENT
-
-
-def request_stop(signum: int) -> None:
-    """Ask the training loop of this process to stop at the next step boundary (safe in a signal handler:
-    it only appends ``signum``). Every rank's loop then agrees on the step (:meth:`Trainer._agree_stop`),
-    writes one complete checkpoint and raises :class:`Preempted`."""
-    _STOP.append(int(signum))
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after writing a complete checkpoint at ``step`` (all ranks).
-
-    Attributes: ``step`` (optimizer steps in the checkpoint), ``signals`` (signal numbers any rank had
-    received, sorted), ``checkpoint`` (its path).
-    """
-
-    def __init__(self, step: int, signals: tuple[int, ...], checkpoint: Path) -> None:
-        super().__init__(f"stopped on signal(s) {list(signals)} at step {step}; checkpoint {checkpoint}")
-        self.step, self.signals, self.checkpoint = step, signals, checkpoint
 
 
 def train(

@@ -28,6 +28,8 @@ import torch
 
 from ddkit.config import ModelConfig
 from ddkit.errors import ConfigError
+from ddkit.methods.minimax import diffusion_losses, timestep_weights
+from ddkit.models.vae import check_latent_vae, encode
 
 
 def data_mode(mcfg: ModelConfig, index: dict, shards: str) -> str:
@@ -46,7 +48,6 @@ def data_mode(mcfg: ModelConfig, index: dict, shards: str) -> str:
         return "pixels"
     if mcfg.in_channels == 4 and mcfg.input_size * 8 == res:
         if index.get("latents"):
-            from ddkit.models.vae import check_latent_vae
 
             check_latent_vae(index.get("latent"), mcfg.vae, f"{shards}/dataset.json")
             return "latents"
@@ -98,7 +99,6 @@ def prepare_batch(
         # Flipping a cached latent approximates encoding the flipped image (as fast-DiT's caches).
         x0 = maybe_flip(batch[2].to(device, non_blocking=True).float(), flip)
     elif mode == "encode":
-        from ddkit.models.vae import encode
 
         x = maybe_flip(images.to(device, non_blocking=True), flip)
         x0 = encode(vae, x, generator=generator).float()
@@ -139,7 +139,6 @@ def diffusion_loss(
     Returns:
         (loss float32 scalar with gradient, terms).
     """
-    from ddkit.methods.minimax import diffusion_losses, timestep_weights
 
     terms = diffusion_losses(out, x0, x_t, t, noise, tables, learn_sigma)
     w = timestep_weights(t, tables, weight_cap)

@@ -11,8 +11,25 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from ddkit.config import ExperimentConfig, ModelConfig, TrainConfig
+from ddkit import dist, progress
+from ddkit import hardware as hw
+from ddkit.config import ExperimentConfig, ModelConfig, TrainConfig, check_stages
+from ddkit.dist import DistEnv
 from ddkit.errors import ConfigError, DataError
+from ddkit.hardware import autocast
+from ddkit.io import (
+    DONE,
+    append_jsonl,
+    atomic_write_text,
+    hardware_info,
+    mark_done,
+    read_done,
+    read_jsonl,
+    write_run_config,
+)
+from ddkit.schedule import scheduler_config
+from ddkit.train import ranks
+from ddkit.train.stop import STOP, Preempted, set_current
 
 Stage = Literal["pretrain", "minimax"]
 
@@ -35,7 +52,6 @@ class Trainer:
         max_steps: int | None = None,
         progress: bool = True,
     ) -> None:
-        from ddkit.config import check_stages
 
         check_stages((stage,))
         self.cfg = cfg
@@ -67,8 +83,9 @@ class Trainer:
 
         from ddkit.data import read_index
         from ddkit.data.classmap import backbone_labels
-        from ddkit.models.checkpoint import resume_state, start_backbones
+        from ddkit.models.checkpoint import resume_state
         from ddkit.models.provenance import check_classes, record
+        from ddkit.train.backbones import start_backbones
         from ddkit.train.step import data_mode
 
         self._setup_dist()
@@ -100,8 +117,6 @@ class Trainer:
         """Rank, device, this rank's batch, the stop vote's process group, TF32 on CUDA."""
         import torch
 
-        from ddkit import dist
-        from ddkit.train import ranks
 
         self.env = dist.init_distributed(dist.dist_env())
         self.device = dist.device_for(self.env)
@@ -149,7 +164,6 @@ class Trainer:
 
         from ddkit.methods.minimax import DiffusionTables, MinimaxMemory
         from ddkit.models.checkpoint import seed_rank
-        from ddkit.schedule import scheduler_config
 
         tcfg = self.tcfg
         self.model_cfg = mcfg
@@ -195,8 +209,7 @@ class Trainer:
         (batch[0] is x0), "latents" (batch[2] is x0) or "encode" (batch[0] goes through ``vae``)."""
         import torch
 
-        from ddkit.dist import DistEnv
-        from ddkit.models.checkpoint import clone_backbone
+        from ddkit.train.backbones import clone_backbone
 
         tr = cls(cfg, stage, resume="never", progress=False)
         tr.env = DistEnv()
@@ -216,7 +229,6 @@ class Trainer:
         this model's step) and ``self.scaler`` (a GradScaler, active for fp16; restored on resume)."""
         import torch
 
-        from ddkit import hardware as hw
 
         inputs = hw.backbone_inputs(self.model, self.local_batch, self.device)
         step = hw.model_step(self.model, inputs, backward=True)
@@ -233,9 +245,6 @@ class Trainer:
     def run(self) -> Path:
         """Train until ``steps`` (or ``max_steps``); return the checkpoint path. Idempotent: a DONE stage
         returns at once under ``resume="auto"`` (unless ``steps`` was raised since: then it continues)."""
-        import ddkit.train as api
-        from ddkit import dist
-        from ddkit.io import read_done
 
         # An unreadable DONE reads as None (read_done says so): the stage resumes from its checkpoint, which
         # a complete run has at its last step, so the loop only rewrites the checkpoint and DONE.
@@ -246,17 +255,16 @@ class Trainer:
                 return self.ckpt_path
         if not self._ready:
             self.setup()
-        api._CURRENT = self
+        set_current(self)
         try:
             self._prepare_dir()
             dist.barrier()
             self._loop()
         finally:
-            api._CURRENT = None
+            set_current(None)
         return self.ckpt_path
 
     def _prepare_dir(self) -> None:
-        from ddkit.io import DONE, read_jsonl, write_run_config
 
         if not self.is_main:
             return
@@ -269,7 +277,6 @@ class Trainer:
             self.ckpt_path.unlink(missing_ok=True)
         elif log.exists():
             # Lines logged after the checkpoint we resume from would be logged again: drop them.
-            from ddkit.io import atomic_write_text
 
             keep = [r for r in read_jsonl(log) if int(r.get("step", 0)) <= self.step]
             atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in keep))
@@ -278,9 +285,6 @@ class Trainer:
     def _loop(self) -> None:
         """Epochs until ``steps`` (or ``max_steps``) or an agreed stop; then the checkpoint, and ``DONE``
         when all ``steps`` are made (:class:`ddkit.train.Preempted` on a stop)."""
-        from ddkit import dist, progress
-        from ddkit.io import hardware_info, mark_done
-        from ddkit.train import Preempted
 
         total = self.tcfg.steps
         stop = total if self.max_steps is None else min(total, self.max_steps)
@@ -309,7 +313,6 @@ class Trainer:
         """The current epoch's steps from the data position on, until its end, ``stop`` or an agreed stop
         signal; returns the signals (``()`` when none)."""
         from ddkit.data import ShardLoader
-        from ddkit.train import ranks
 
         loader = ShardLoader(
             self.cfg.data.shards, "train", self.local_batch, seed=self.cfg.seed, epoch=self.epoch,
@@ -345,7 +348,6 @@ class Trainer:
     def _after_step(self, stop: int, bar) -> None:
         """A log line every ``log_every`` steps and at the last; a checkpoint every ``ckpt_every`` steps
         (not at ``stop``: the loop's end writes that one)."""
-        from ddkit.io import append_jsonl
 
         if self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.steps:
             now = time.perf_counter()
@@ -364,7 +366,6 @@ class Trainer:
         """The bar's speed and loss text; without a terminal (batch logs: no live bar) one plain line."""
         if not self.progress:
             return
-        from ddkit import progress
         from ddkit.train.step import terms_text
 
         txt, sps = terms_text(rec), rec.get("steps_per_s")
@@ -386,7 +387,6 @@ class Trainer:
         Returns float64 [6] on the device: loss (w·L_simple + L_vb, mean), mse, vb, L_r, L_d, total
         (no host sync).
         """
-        from ddkit.hardware import autocast
         from ddkit.methods.minimax import minimax_objective
         from ddkit.train import step as S
 
@@ -419,7 +419,6 @@ class Trainer:
     def _reduce_log(self, acc, n: int, seconds: float) -> dict[str, Any]:
         """The log record of the interval: ``acc`` (float64 [6] sums over ``n`` steps) averaged over steps
         and ranks (:func:`ddkit.train.ranks.mean_over_ranks`)."""
-        from ddkit.train import ranks
         from ddkit.train.step import log_record
 
         vals = ranks.mean_over_ranks(acc / max(n, 1), self.env)
@@ -430,9 +429,8 @@ class Trainer:
     def _agree_stop(self) -> tuple[int, ...]:
         """The stop vote at a step boundary (:func:`ddkit.train.ranks.agree_stop` over this process's
         :func:`ddkit.train.request_stop` signals)."""
-        from ddkit.train import _STOP, ranks
 
-        return ranks.agree_stop(_STOP, self.env, self._ctl_group)
+        return ranks.agree_stop(STOP, self.env, self._ctl_group)
 
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks (:func:`ddkit.models.checkpoint.rank_state`)."""
@@ -454,9 +452,7 @@ class Trainer:
     def _checkpoint(self) -> Path:
         """Collective periodic checkpoint: gather every rank's RNG state and memories to rank 0, which
         writes ``ckpt/last.pt`` atomically; barrier."""
-        from ddkit import dist
         from ddkit.models.checkpoint import save_checkpoint
-        from ddkit.train import ranks
 
         gathered = ranks.gather_to_main(self._rank_state(), self.env)
         if self.is_main:
@@ -486,7 +482,6 @@ class Trainer:
 
     def _log_console(self, msg: str) -> None:
         if self.is_main:
-            from ddkit import progress
 
             progress.console().print(f"[yellow]{msg}[/]")
 

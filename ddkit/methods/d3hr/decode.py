@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from ddkit.errors import ConfigError
@@ -29,7 +30,6 @@ def decode_settings(gcfg, num_train_timesteps: int = 1000):
     ``len(decode_grid)`` (so the planner's largest choice is the reference's stride-20 chain, which
     ``ddkit.sampling.timestep_spacing("ddim", 32, start_timestep=620)`` reproduces exactly) and
     ``guided_channels`` = :data:`GUIDED_CHANNELS` (all channels, as the reference)."""
-    import dataclasses
 
     n = len(decode_grid(gcfg.d3hr, num_train_timesteps))
     return dataclasses.replace(

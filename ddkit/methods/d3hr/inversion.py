@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ddkit.errors import ConfigError
+from ddkit.schedule import scheduler_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -60,7 +61,6 @@ def start_timestep(cfg: D3HRConfig, num_train_timesteps: int = 1000) -> int:
 def _inverse_scheduler(num_train_timesteps: int, steps: int):
     from diffusers import DDIMInverseScheduler
 
-    from ddkit.schedule import scheduler_config
 
     sch = DDIMInverseScheduler(
         **scheduler_config(num_train_timesteps), steps_offset=0, timestep_spacing="leading"

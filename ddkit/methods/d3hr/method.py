@@ -12,11 +12,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from ddkit.errors import PackageError
 from ddkit.methods.base import GenerationMethod, Sampling
+from ddkit.methods.d3hr.decode import SAVE_SIZE, decode_settings, reference_save_resize
+from ddkit.methods.d3hr.groups import select_latents
+from ddkit.methods.d3hr.inversion import start_timestep, stored_timesteps
+from ddkit.methods.d3hr.statistics import class_statistics, precompute_statistics, tensor_digest
 
 
 class D3HR(GenerationMethod):
@@ -32,8 +37,6 @@ class D3HR(GenerationMethod):
         self.latents: dict[int, Any] = {}
 
     def sampling(self, gcfg, num_train_timesteps: int) -> Sampling:
-        from ddkit.methods.d3hr.decode import decode_settings
-        from ddkit.methods.d3hr.inversion import start_timestep
 
         d = gcfg.d3hr
         settings = decode_settings(gcfg, num_train_timesteps)  # reference grid, all channels guided
@@ -42,12 +45,10 @@ class D3HR(GenerationMethod):
         return Sampling(settings, "ddim", cfg_scale, start_timestep(d, num_train_timesteps))
 
     def precompute(self, progress: bool) -> None:
-        from ddkit.methods.d3hr.statistics import precompute_statistics
 
         precompute_statistics(self.cfg, progress)
 
     def precompute_work(self, train_per_class: int) -> tuple[int, int]:
-        import math
 
         d, T = self.cfg.generate.d3hr, self.cfg.model.num_train_timesteps
         if d.statistics:  # shipped statistics: nothing to invert
@@ -56,7 +57,6 @@ class D3HR(GenerationMethod):
         return min(d.max_images_per_class or train_per_class, train_per_class), steps * (1 if d.inversion_cfg_scale == 1.0 else 2)
 
     def prepare(self, sampler, job, *, progress, phases, clock) -> None:
-        from ddkit.methods.d3hr.statistics import class_statistics
 
         mark = clock()
         self.stats = class_statistics(
@@ -67,7 +67,6 @@ class D3HR(GenerationMethod):
         phases["d3hr_statistics"] = clock() - mark
 
     def on_plan(self, sampler, batches, ipc, kept, *, gen_dir, progress, phases, clock) -> None:
-        from ddkit.methods.d3hr.groups import select_latents
 
         d = self.cfg.generate.d3hr
         mark = clock()
@@ -98,7 +97,6 @@ class D3HR(GenerationMethod):
         return None
 
     def saved_images(self, images):
-        from ddkit.methods.d3hr.decode import SAVE_SIZE, reference_save_resize
 
         if tuple(images.shape[-2:]) != (256, 256):
             return images
@@ -118,8 +116,6 @@ def find_statistics(d, cfg, weights: Path) -> Path:
     import torch
 
     from ddkit.data import read_index
-    from ddkit.methods.d3hr.inversion import stored_timesteps
-    from ddkit.methods.d3hr.statistics import tensor_digest
     from ddkit.models import load_backbone
 
     cache = d.gen_dir.parent / "d3hr-cache"

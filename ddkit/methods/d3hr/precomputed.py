@@ -16,6 +16,7 @@ from typing import Any
 
 from ddkit.config import ExperimentConfig
 from ddkit.errors import ConfigError, DataError
+from ddkit.methods.d3hr.inversion import stored_timesteps
 
 
 def checked_statistics(model, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def checked_statistics(model, cfg: ExperimentConfig) -> dict[str, Any]:
     import torch
 
     from ddkit.data import read_index
-    from ddkit.methods import d3hr
+    from ddkit.data.classmap import backbone_labels
 
     d = cfg.generate.d3hr
     path = Path(d.statistics)
@@ -57,7 +58,7 @@ def checked_statistics(model, cfg: ExperimentConfig) -> dict[str, Any]:
         diff = next((i for i, (a, b) in pairs if a != b), min(len(classes), len(theirs)))
         raise DataError(f"{path}: statistics for {len(theirs)} classes, {cfg.data.shards} has {len(classes)}; "
                         f"they differ at index {diff}")
-    store = d3hr.stored_timesteps(d, cfg.model.num_train_timesteps)
+    store = stored_timesteps(d, cfg.model.num_train_timesteps)
     if [int(t) for t in blob["timesteps"]] != store:
         raise ConfigError(f"generate.d3hr: {path} stores timesteps {list(blob['timesteps'])}, the settings ask for "
                           f"{store} (store_from, store_to, inversion_steps)")
@@ -66,7 +67,7 @@ def checked_statistics(model, cfg: ExperimentConfig) -> dict[str, Any]:
     if inputs.get("model_attrs", attrs) != attrs:
         raise DataError(f"{path}: made for a backbone with (in_channels, input_size, num_classes, learn_sigma) = "
                         f"{inputs['model_attrs']}, this one has {attrs}")
-    labels = d3hr.backbone_labels(index, model, cfg.model.class_map)
+    labels = backbone_labels(index, model.num_classes, cfg.model.class_map)
     if inputs.get("labels", labels) != labels:
         raise DataError(f"{path}: classes conditioned on other backbone labels than model.class_map="
                         f"{cfg.model.class_map!r} gives")

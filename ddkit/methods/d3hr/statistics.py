@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ddkit import dist
 from ddkit.errors import ConfigError, DataError, WeightsError
-from ddkit.io import tensor_digest
+from ddkit.io import atomic_torch_save, tensor_digest
 from ddkit.methods.d3hr.decode import reference_input_resize
 from ddkit.methods.d3hr.groups import group_seed
 from ddkit.methods.d3hr.inversion import ddim_invert, stored_timesteps
+from ddkit.methods.d3hr.precomputed import checked_statistics as checked
+from ddkit.methods.registry import build
+from ddkit.progress import bar
+from ddkit.schedule import scheduler_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -83,7 +88,6 @@ def backbone_labels(index: dict[str, Any], model, class_map: str = "auto") -> li
 
 def statistics_inputs(model, cfg: ExperimentConfig, index: dict[str, Any], vae=None) -> dict[str, Any]:
     """Everything the statistics depend on (JSON-safe); its sha256 is the cache key."""
-    from ddkit.schedule import scheduler_config
 
     d = cfg.generate.d3hr
     train = {Path(f).name for f in index.get("shards", {}).get("train", [])}
@@ -205,14 +209,12 @@ def class_statistics(
             non-finite latents.
     """
     if cfg.generate.d3hr.statistics:  # precomputed (the generator bundle ships them): no inversion
-        from ddkit.methods.d3hr.precomputed import checked_statistics as checked
 
         d = cfg.generate.d3hr
         return _stats_from_blob(checked(model, cfg), d.timestep, Path(d.statistics), computed=False)
     import torch
 
     from ddkit.data import read_index
-    from ddkit.io import atomic_torch_save
 
     d = cfg.generate.d3hr
     store = stored_timesteps(d, cfg.model.num_train_timesteps)
@@ -265,10 +267,7 @@ def _fit_classes(
     finish. Returns float32 ``mean``/``var`` [S, K, C, H, W] and int64 ``counts`` [K]."""
     import torch
 
-    from ddkit import dist
     from ddkit.data import load_tensors
-    from ddkit.io import atomic_torch_save
-    from ddkit.progress import bar
 
     d = cfg.generate.d3hr
     store = stored_timesteps(d, cfg.model.num_train_timesteps)
@@ -344,8 +343,6 @@ def precompute_statistics(cfg: ExperimentConfig, progress: bool = False) -> D3HR
     Raises:
         WeightsError: the backbone or VAE cannot be loaded; as :func:`class_statistics` otherwise.
     """
-    from ddkit import dist
-    from ddkit.methods.registry import build
     from ddkit.models import load_backbone
 
     device = dist.device_for(dist.dist_env())
