@@ -179,7 +179,7 @@ def class_statistics(
 ) -> D3HRStats:
     """Per-class Gaussian statistics of DDIM-inverted training latents, cached on disk.
 
-    Reads ``ddkit.data.load_tensors(cfg.data.shards, "train")``, encodes with ``cfg.model.vae`` for latent
+    Reads the train split one class at a time (:class:`ddkit.data.ClassReader`), encodes with ``cfg.model.vae`` for latent
     models (``ddkit.models.vae.encode``), inverts every image (at most ``max_images_per_class`` per class,
     the first ones in the loader's deterministic order) with :func:`ddim_invert` under its class label and
     fits mean/unbiased variance per class and stored timestep.
@@ -266,29 +266,29 @@ def _fit_classes(
     import torch
 
     from ddkit import dist
-    from ddkit.data import load_tensors
+    from ddkit.data import ClassReader
     from ddkit.io import atomic_torch_save
     from ddkit.progress import bar
 
     d = cfg.generate.d3hr
     store = stored_timesteps(d, cfg.model.num_train_timesteps)
-    images, labels = load_tensors(cfg.data.shards, "train")
     classes = list(index["classes"])
     ylab = backbone_labels(index, model, cfg.model.class_map)
     parts.mkdir(parents=True, exist_ok=True)
+    reader: list[ClassReader] = []  # built on the first class to fit: a resumed run with every part reads nothing
 
     def fit(k: int) -> None:
         part = parts / f"class-{k:05d}.pt"
         if part.is_file():
             return
-        idx = (labels == k).nonzero().flatten()
-        if d.max_images_per_class is not None:
-            idx = idx[: d.max_images_per_class]
-        if len(idx) < 2:
+        if not reader:
+            reader.append(ClassReader(cfg.data.shards, "train"))
+        images = reader[0].images(k, d.max_images_per_class)  # one class in memory, in key order
+        if len(images) < 2:
             raise DataError(
-                f"{cfg.data.shards}: class {classes[k]!r} has {len(idx)} training images, need >= 2"
+                f"{cfg.data.shards}: class {classes[k]!r} has {len(images)} training images, need >= 2"
             )
-        fitted = _class_fit(model, vae, images[idx], ylab[k], cfg, device, store)
+        fitted = _class_fit(model, vae, images, ylab[k], cfg, device, store)
         if not (torch.isfinite(fitted["mean"]).all() and torch.isfinite(fitted["var"]).all()):
             raise WeightsError(
                 f"DDIM inversion of class {classes[k]!r} gave non-finite latents (check the backbone)"
