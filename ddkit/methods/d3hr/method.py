@@ -62,6 +62,7 @@ class D3HR(GenerationMethod):
         self.stats = class_statistics(
             sampler.model, self.cfg, device=sampler.device, cache_dir=Path(self.cfg.run_dir) / "d3hr-cache",
             rank=job.rank, world_size=job.world, progress=progress,
+            budget=(clock, job.t0 + sampler.config.generate.time_limit),
         )  # fmt: skip
         self.prepared["d3hr_statistics"] = self.stats.key
         phases["d3hr_statistics"] = clock() - mark
