@@ -298,6 +298,9 @@ def calibrate(
         cost = budget.calibrate(run_steps, clock=clock, batch_size=B, fixed=fixed)
         out_px = math.prod(sampler.image_shape)
         ipc_w = math.ceil(gcfg.ipc_max * max(select_ratios))  # a selection pool writes all its candidates
+        # work on_plan does per image (D^3HR's group search) is charged with each batch, so the plan holds it
+        per_image = sampler.method.planned_image_seconds(sampler, ipc_w)
+        cost = budget.CostModel(cost.step_seconds, cost.batch_seconds + B * per_image, B)
         reserve = writecost.finish_seconds(
             gen_dir, shard_bytes=K * ipc_w * out_px // job.world, merged_bytes=K * ipc_w * out_px,
             merges=merge_when_done and (job.rank == 0 or not job.group), grid=(K, min(gcfg.ipc_max, 10), out_px),

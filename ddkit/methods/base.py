@@ -140,6 +140,12 @@ class GenerationMethod:
         (:meth:`initial_latents` and :meth:`guidance` stand-ins)."""
         return {}
 
+    def planned_image_seconds(self, sampler, ipc: int) -> float:
+        """Seconds per planned image of work :meth:`on_plan` does once the plan is known (measured at
+        calibration, for at most ``ipc`` images per class), so the planner charges it with each batch; 0
+        when the method does none."""
+        return 0.0
+
     # -- bundle and record ---------------------------------------------------------------------------------
     def bundle_files(self, d, weights: Path) -> dict[str, tuple[Path, str]]:
         """``{config key: (file, name in the bundle)}`` the generator bundle must ship for this method to sample without real data
