@@ -20,8 +20,10 @@ before the stage: what the stage itself added):
 - ``eval-data``: the evaluation's data loading (``ddkit.evaluate.runner``: the distilled set, the real test
   and train splits).
 
-Each stage's exponent is the least-squares slope of log(cost) on log(K). Goal: time ~1.0; peak memory
-growing no more than one class's data (exponent ~0).
+Each stage's exponent is the least-squares slope of log(cost) on log(K), over all K and over the last two
+(at 10 classes fixed costs, imports and warm-ups, dominate). CPU seconds (process time, all threads) are
+printed beside wall seconds: on a shared machine they are the steadier measure. Goal: time ~1.0 or less;
+peak memory growing no more than one class's data (exponent ~0).
 
     OMP_NUM_THREADS=1 python bench/scale.py                      # 10, 100, 1,000 classes
     python bench/scale.py --classes 10 100 --train-per-class 8 --json out.json
@@ -129,12 +131,13 @@ def stage(a, name: str, work: Path) -> dict:
         setup["vae"] = load_vae(str(a.pipe)).eval()
     if name == "select":
         g = torch.Generator().manual_seed(0)
-        setup["pool"] = torch.randint(0, 256, (k * a.ratio * a.ipc, 3, 8 * a.latent, 8 * a.latent), generator=g,
-                                      dtype=torch.uint8)
+        setup["pool"] = torch.randint(
+            0, 256, (k * a.ratio * a.ipc, 3, 8 * a.latent, 8 * a.latent), generator=g, dtype=torch.uint8
+        )
         setup["labels"] = torch.arange(k).repeat_interleave(a.ratio * a.ipc)
     base = _rss_mb()
     _reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if name == "shard":
         from ddkit.data import shard_dataset
 
@@ -150,8 +153,13 @@ def stage(a, name: str, work: Path) -> dict:
     elif name == "modes":
         from ddkit.methods.mgd3 import class_modes_for
 
-        s = types.SimpleNamespace(config=cfg, model=setup["model"], vae=setup["vae"], device=torch.device("cpu"),
-                                  classes=[f"c{c:04d}" for c in range(k)])
+        s = types.SimpleNamespace(
+            config=cfg,
+            model=setup["model"],
+            vae=setup["vae"],
+            device=torch.device("cpu"),
+            classes=[f"c{c:04d}" for c in range(k)],
+        )
         class_modes_for(s, min(a.ipc, a.train_per_class), None)
     elif name == "select":
         from ddkit.methods.select import encode, select_per_class
@@ -163,8 +171,16 @@ def stage(a, name: str, work: Path) -> dict:
     elif name == "generate":
         from ddkit.generate import generate
 
-        generate(cfg, method="dit", time_limit=1e5, out_dir=gen, model=setup["model"], progress=False,
-                 merge_when_done=False, follow_changes=False)
+        generate(
+            cfg,
+            method="dit",
+            time_limit=1e5,
+            out_dir=gen,
+            model=setup["model"],
+            progress=False,
+            merge_when_done=False,
+            follow_changes=False,
+        )
     elif name == "merge":
         from ddkit.generate.run import merge_generation
 
@@ -180,8 +196,8 @@ def stage(a, name: str, work: Path) -> dict:
         load_distilled(gen / "dataset.pt", read_index(work / "shards"))
         load_tensors(work / "shards", "test")
         load_tensors(work / "shards", "train")
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "added_mb": max(0.0, _peak_mb() - base)}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu": cpu, "peak_mb": _peak_mb(), "added_mb": max(0.0, _peak_mb() - base)}
 
 
 def slope(ks: list[int], ys: list[float]) -> float:
@@ -206,17 +222,28 @@ def run_stage(a, name: str, k: int, work: Path) -> dict:
 
 
 def table(rows: dict, ks: list[int], a) -> str:
-    """The markdown table: seconds and +peak MB per K, with both exponents."""
-    head = " | ".join(f"{k} cls s" for k in ks) + " | time exp | " + " | ".join(f"{k} cls +MB" for k in ks)
-    lines = [f"| stage | {head} | memory exp |", "|---" * (2 * len(ks) + 3) + "|"]
+    """The markdown table: wall and CPU seconds and +MB per K (``a / b / c`` for the class counts), the
+    exponents over all K and, for time, over the last two K (where per-class work outweighs fixed costs)."""
+
+    def cells(xs: list[float], fmt: str) -> str:
+        return " / ".join(format(x, fmt) for x in xs)
+
+    lines = [
+        f"| stage | wall s ({' / '.join(map(str, ks))} classes) | CPU s | time exp (last two) | CPU exp | "
+        "+MB peak | memory exp |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in STAGES:
         r = [rows[name][k] for k in ks]
-        secs, added = [x["seconds"] for x in r], [x["added_mb"] for x in r]
-        label = name
-        if name == "generate":
-            label = f"generate ({secs[-1] / (ks[-1] * a.ipc):.3f} s/img at {ks[-1]})"
-        lines.append(f"| {label} | " + " | ".join(f"{s:.2f}" for s in secs) + f" | {slope(ks, secs):.2f} | "
-                     + " | ".join(f"{m:.0f}" for m in added) + f" | {slope(ks, [max(m, 1.0) for m in added]):.2f} |")
+        secs, cpu, added = [x["seconds"] for x in r], [x["cpu"] for x in r], [x["added_mb"] for x in r]
+        label = (
+            name if name != "generate" else f"generate ({secs[-1] / (ks[-1] * a.ipc):.4f} s/img at {ks[-1]})"
+        )
+        last = slope(ks[-2:], secs[-2:]) if len(ks) > 1 else float("nan")
+        lines.append(
+            f"| {label} | {cells(secs, '.2f')} | {cells(cpu, '.2f')} | {slope(ks, secs):.2f} ({last:.2f}) "
+            f"| {slope(ks, cpu):.2f} | {cells(added, '.0f')} | {slope(ks, [max(m, 1.0) for m in added]):.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -252,22 +279,39 @@ def main(argv: list[str] | None = None) -> int:
         from ddkit.models.tiny import build_tiny_pipeline
 
         build_tiny_pipeline(pipe, sample_size=a.latent)
-    keep = ["train_per_class", "latent", "ipc", "ratio", "steps", "inversion_steps", "train_batch", "train_steps"]
+    keep = [
+        "train_per_class",
+        "latent",
+        "ipc",
+        "ratio",
+        "steps",
+        "inversion_steps",
+        "train_batch",
+        "train_steps",
+    ]
     a.passthrough = [x for key in keep for x in (f"--{key.replace('_', '-')}", str(getattr(a, key)))]
     a.passthrough += ["--pipe", str(pipe)]
     rows: dict = {s: {} for s in STAGES}
-    print(f"threads {os.environ.get('OMP_NUM_THREADS', '?')}, {a.train_per_class}+{a.test_per_class} images per "
-          f"class at {8 * a.latent} px, work dir {work}", flush=True)
+    print(
+        f"threads {os.environ.get('OMP_NUM_THREADS', '?')}, {a.train_per_class}+{a.test_per_class} images per "
+        f"class at {8 * a.latent} px, work dir {work}",
+        flush=True,
+    )
     for k in a.classes:
         d = work / f"k{k}"
         make_folder(d / "folder", k, a.train_per_class, a.test_per_class, 8 * a.latent)
         for name in STAGES:
             rows[name][k] = run_stage(a, name, k, d)
-            print(f"{k:5d} classes  {name:10s} {rows[name][k]['seconds']:8.2f} s  peak "
-                  f"{rows[name][k]['peak_mb']:7.0f} MB  +{rows[name][k]['added_mb']:.0f} MB", flush=True)
+            print(
+                f"{k:5d} classes  {name:10s} {rows[name][k]['seconds']:8.2f} s  CPU {rows[name][k]['cpu']:8.2f} s  peak "
+                f"{rows[name][k]['peak_mb']:7.0f} MB  +{rows[name][k]['added_mb']:.0f} MB",
+                flush=True,
+            )
     print(table(rows, a.classes, a))
     if a.json:
-        a.json.write_text(json.dumps({"args": {k: getattr(a, k) for k in keep}, "rows": rows}, indent=2) + "\n")
+        a.json.write_text(
+            json.dumps({"args": {k: getattr(a, k) for k in keep}, "rows": rows}, indent=2) + "\n"
+        )
     return 0
 
 

@@ -46,14 +46,18 @@ def standin(tmp_path_factory) -> tuple[Path, list[str]]:
             d.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    shards = shard_dataset(DataConfig(dataset="imagefolder", root=str(root / "folder"), resolution=32, channels=3),
-                           root / "shards")
+    shards = shard_dataset(
+        DataConfig(dataset="imagefolder", root=str(root / "folder"), resolution=32, channels=3),
+        root / "shards",
+    )
     settings = {**TINY_MODEL_SETTINGS, "input_size": 4}
     model = build_backbone(ModelConfig(**settings), seed=0)
     sd = model.state_dict()
     run = root / "run"
-    save_checkpoint({"model": sd, "ema": sd, "model_config": to_dict(model.config), "step": 0},
-                    run / "minimax" / "ckpt" / "last.pt")
+    save_checkpoint(
+        {"model": sd, "ema": sd, "model_config": to_dict(model.config), "step": 0},
+        run / "minimax" / "ckpt" / "last.pt",
+    )
     sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
     sets += [f"model.pretrained={pipe}", f"model.vae={pipe}", f"model.vae_decoder={pipe}", "model.class_map=identity",
              f"data.shards={shards}", "data.dataset=imagefolder", "data.resolution=32", "data.channels=3",
@@ -71,8 +75,9 @@ def _generate(run: Path, sets: list[str], method: str) -> tuple[subprocess.Compl
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.pop("DDKIT_T0", None)
     t = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                         timeout=3 * LIMIT)
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=3 * LIMIT
+    )
     return res, time.monotonic() - t
 
 

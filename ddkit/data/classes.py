@@ -86,7 +86,9 @@ class ClassReader:
             got = [(key, s, off, size, label) for key, off, size, label in _scan(p)]
             want = expected.get(p.name)
             if want is not None and len(got) != want:
-                raise DataError(f"{p}: {len(got)} samples but {INDEX} records {want} (truncated or replaced shard)")
+                raise DataError(
+                    f"{p}: {len(got)} samples but {INDEX} records {want} (truncated or replaced shard)"
+                )
             rows.extend(got)
         rows.sort(key=lambda r: r[0])  # sample-key order, as load_tensors
         self.shard = np.array([r[1] for r in rows], dtype=np.int32)
@@ -97,15 +99,21 @@ class ClassReader:
 
     def _check_counts(self) -> None:
         classes = list(self.index["classes"])
-        counts = np.bincount(self.label, minlength=len(classes)) if len(self.label) else np.zeros(len(classes))
+        counts = (
+            np.bincount(self.label, minlength=len(classes)) if len(self.label) else np.zeros(len(classes))
+        )
         if len(counts) > len(classes):
-            raise DataError(f"{self.shard_dir / INDEX}: a sample has class {len(counts) - 1}, the index lists "
-                            f"{len(classes)} classes")
+            raise DataError(
+                f"{self.shard_dir / INDEX}: a sample has class {len(counts) - 1}, the index lists "
+                f"{len(classes)} classes"
+            )
         want = self.index["counts"].get(self.split, {})
         for k, name in enumerate(classes):
             if name in want and int(want[name]) != int(counts[k]):
-                raise DataError(f"{self.shard_dir / INDEX}: class {name!r} has {int(counts[k])} {self.split} "
-                                f"samples in the shards, the index records {want[name]}")
+                raise DataError(
+                    f"{self.shard_dir / INDEX}: class {name!r} has {int(counts[k])} {self.split} "
+                    f"samples in the shards, the index records {want[name]}"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -147,7 +155,9 @@ class ClassReader:
             arrays = [read(i) for i in rows.tolist()]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
-    def classes(self, ks: list[int] | range | None = None, limit: int | None = None) -> Iterator[tuple[int, object]]:
+    def classes(
+        self, ks: list[int] | range | None = None, limit: int | None = None
+    ) -> Iterator[tuple[int, object]]:
         """``(k, self.images(k, limit))`` for each class of ``ks`` (default: all, in class order)."""
         for k in ks if ks is not None else range(self.num_classes):
             yield k, self.images(k, limit)

@@ -8,8 +8,8 @@ restart guides towards the same modes. Each guided DDPM step then pulls image i 
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ddkit.errors import ConfigError, DataError, PackageError
