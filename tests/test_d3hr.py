@@ -268,8 +268,8 @@ def test_class_statistics_fit_and_cache(model, mnist_shards, tmp_path, monkeypat
 
 
 def test_statistics_that_cannot_fit_a_budget_stop_after_one_class_and_resume(model, mnist_shards, tmp_path):
-    """Inside a generation's budget the statistics project their time from the classes fitted so far and
-    stop, naming the cache file, before they spend it; a rerun without a budget resumes from the kept class
+    """Inside a generation's budget the statistics project their time from the classes fitted so far (from
+    the second on) and stop, naming the cache file, before they spend it; a rerun without a budget resumes from the kept class
     and gives the statistics an uninterrupted fit gives."""
     from ddkit.errors import BudgetError
 
@@ -287,7 +287,7 @@ def test_statistics_that_cannot_fit_a_budget_stop_after_one_class_and_resume(mod
     with pytest.raises(BudgetError, match=r"D\^3HR statistics need ~\d+ s for 10 classes .*d3hr-stats-.*\.pt"):
         d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path / "a", budget=(clock, 8.0))
     parts = list((tmp_path / "a").glob("*.parts/class-*.pt"))
-    assert len(parts) == 1  # stopped after the first class, which is kept
+    assert len(parts) == 2  # stopped at the first projection (after two classes), which are kept
     resumed = d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path / "a")
     fresh = d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path / "b", budget=(clock, 1e9))
     assert torch.equal(resumed.all_mean, fresh.all_mean) and torch.equal(resumed.all_var, fresh.all_var)
