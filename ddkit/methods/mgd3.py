@@ -47,6 +47,12 @@ class MGD3(GenerationMethod):
             self.prepared["modes"] = sha256_file(src)
         phases["mgd3_modes"] = clock() - mark
 
+    def plan_work(self, sampler, ipc: int, kept: int, *, gen_dir: Path) -> tuple[float, float]:
+        """Mode fitting, once (:func:`modes_seconds`), unless the modes come from a file."""
+        if self.cfg.generate.modes.file or (Path(gen_dir) / MODES_FILE).is_file():
+            return 0.0, 0.0
+        return 0.0, modes_seconds(sampler, kept)
+
     def _pull(self, sampler, modes) -> dict[str, Any]:
         m = self.cfg.generate.modes
         # x̂_0 is clipped to the data range in the pull for pixel backbones only (ADM's clip_denoised);
@@ -123,6 +129,32 @@ def class_modes_for(sampler, k: int, gen_dir: Path | None):
     torch.save(blob, buf)
     blob = torch.load(io.BytesIO(publish_bytes_once(dest, buf.getvalue())), map_location="cpu", weights_only=True)
     return _checked_modes(blob, sampler.classes, k, str(dest))
+
+
+def modes_seconds(sampler, k: int) -> float:
+    """Seconds :func:`class_modes_for` will take to fit ``k`` modes per class from the train split: the
+    per-class index (built and timed once) plus one class read, encoded and clustered, timed and multiplied
+    by the class count. The measured class pays the warm-ups, so the estimate errs long."""
+    import time
+
+    import torch
+
+    from ddkit.data import ClassReader
+    from ddkit.methods.d3hr.statistics import backbone_inputs
+    from ddkit.methods.modes import modes_of_class
+
+    cfg = sampler.config
+    t0 = time.perf_counter()
+    reader = ClassReader(cfg.data.shards, "train")
+    t1 = time.perf_counter()
+    images = reader.images(0, cfg.generate.modes.max_images_per_class)
+    g = torch.Generator(device=sampler.device).manual_seed(cfg.generate.seed)
+    with torch.no_grad():
+        z = [backbone_inputs(images[b : b + ENCODE_BATCH], sampler.model, sampler.vae, cfg, sampler.device, g)
+             for b in range(0, len(images), ENCODE_BATCH)]  # fmt: skip
+    if z:
+        modes_of_class(torch.cat(z).cpu(), min(k, len(images)), 0, seed=cfg.generate.seed)
+    return (t1 - t0) + (time.perf_counter() - t1) * len(sampler.classes)
 
 
 def _checked_modes(blob: dict, classes: list[str], k: int, where: str):

@@ -55,14 +55,14 @@ class D3HR(GenerationMethod):
         steps = math.ceil(d.inversion_steps * d.store_to / T)  # the reference stops after store_to
         return min(d.max_images_per_class or train_per_class, train_per_class), steps * (1 if d.inversion_cfg_scale == 1.0 else 2)
 
-    def planned_image_seconds(self, sampler, ipc: int) -> float:
+    def plan_work(self, sampler, ipc: int, kept: int, *, gen_dir: Path) -> tuple[float, float]:
         """The group search of :meth:`on_plan` per image: m groups of ``ipc`` latents scored per class
         (:func:`~ddkit.methods.d3hr.groups.group_search_seconds`, one chunk timed), divided by ``ipc``; its
         cost grows with ``ipc``, so the largest IPC's price per image bounds every smaller plan's."""
         from ddkit.methods.d3hr.groups import group_search_seconds
 
         dim = sampler.model.in_channels * sampler.model.input_size**2
-        return group_search_seconds(dim, ipc, self.cfg.generate.d3hr, device=sampler.device) / max(1, ipc)
+        return group_search_seconds(dim, ipc, self.cfg.generate.d3hr, device=sampler.device) / max(1, ipc), 0.0
 
     def prepare(self, sampler, job, *, progress, phases, clock) -> None:
         from ddkit.methods.d3hr.statistics import class_statistics
