@@ -267,6 +267,32 @@ def test_class_statistics_fit_and_cache(model, mnist_shards, tmp_path, monkeypat
     assert changed.computed and changed.key not in (stats.key, other.key)
 
 
+def test_statistics_that_cannot_fit_a_budget_stop_after_one_class_and_resume(model, mnist_shards, tmp_path):
+    """Inside a generation's budget the statistics project their time from the classes fitted so far (from
+    the second on) and stop, naming the cache file, before they spend it; a rerun without a budget resumes from the kept class
+    and gives the statistics an uninterrupted fit gives."""
+    from ddkit.errors import BudgetError
+
+    d = D3HRConfig(inversion_steps=10, store_from=500, store_to=700, max_images_per_class=2, batch_size=2)
+    cfg = ExperimentConfig(
+        data=DataConfig(dataset="mnist5k", shards=str(mnist_shards)),
+        model=ModelConfig(in_channels=1, input_size=32, num_classes=10),
+        generate=GenerateConfig(method="d3hr", d3hr=d),
+    )
+    ticks = iter(range(1000))  # a fake clock: one second per reading, so each class "takes" one second
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    with pytest.raises(BudgetError, match=r"D\^3HR statistics need ~\d+ s for 10 classes .*d3hr-stats-.*\.pt"):
+        d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path / "a", budget=(clock, 8.0))
+    parts = list((tmp_path / "a").glob("*.parts/class-*.pt"))
+    assert len(parts) == 2  # stopped at the first projection (after two classes), which are kept
+    resumed = d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path / "a")
+    fresh = d3hr.class_statistics(model, cfg, device="cpu", cache_dir=tmp_path / "b", budget=(clock, 1e9))
+    assert torch.equal(resumed.all_mean, fresh.all_mean) and torch.equal(resumed.all_var, fresh.all_var)
+
+
 @pytest.mark.parametrize("ipc", [1, 2, 6])
 @pytest.mark.parametrize("kind", ["reference", "feature"])
 def test_standardised_scores_equal_group_scores(ipc, kind):

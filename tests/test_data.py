@@ -546,3 +546,37 @@ def test_shard_cut_at_a_sample_boundary_is_caught(imagefolder_root, tmp_path):
     with pytest.raises(DataError, match=rf"{re.escape(victim.name)}: 1 samples"):
         for _ in make_loader(out, "train", 2, shuffle=False):
             pass
+
+
+def test_class_reader_equals_load_tensors_per_class(mnist_shards, mnist_train):
+    """Class by class, in key order and capped, the reader gives load_tensors' rows of that class."""
+    from ddkit.data import ClassReader
+
+    images, labels = mnist_train
+    reader = ClassReader(mnist_shards, "train")
+    assert reader.num_classes == 10
+    for k, got in reader.classes(limit=None):
+        want = images[labels == k]
+        assert reader.count(k) == len(want) and torch.equal(got, want)
+    assert torch.equal(reader.images(3, limit=7), images[labels == 3][:7])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+def test_class_reader_names_a_bad_shard(imagefolder_root, tmp_path, damage):
+    import tarfile
+
+    from ddkit.data import ClassReader
+
+    cfg = DataConfig(dataset="imagefolder", root=str(imagefolder_root), channels=3, shard_size=4)
+    out = shard_dataset(cfg, tmp_path / "s")
+    victim = out / read_index(out)["shards"]["train"][0]
+    if damage == "garbage":
+        victim.write_bytes(b"\x13" * 4096)
+    else:
+        with tarfile.open(victim) as tf:
+            members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()[:3]]
+        with tarfile.open(victim, "w") as tf:
+            for m, data in members:
+                tf.addfile(m, io.BytesIO(data))
+    with pytest.raises(DataError, match=re.escape(victim.name)):
+        ClassReader(out, "train")

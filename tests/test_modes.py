@@ -171,3 +171,22 @@ def test_mgd3_generation_fits_modes_and_steers_each_image_to_its_own(tmp_path, m
         run("mgd3", "missing", f"generate.modes.file={tmp_path / 'nope.pt'}")
     with pytest.raises(DataError, match="holds 2 modes for 10 classes; this generation keeps 3"):
         run("mgd3", "file", f"generate.modes.file={d / 'modes.pt'}", "generate.ipc_min=3", "generate.ipc_max=3")
+
+
+def test_mgd3_prices_its_mode_fitting_before_the_plan(tmp_path, mnist_shards):
+    """Mode fitting runs once the plan is known, so calibration prices it (one class timed, times the
+    classes) as one-off work, and nothing when the modes come from a file."""
+    import types
+
+    from ddkit.config import load_config
+    from ddkit.methods.mgd3 import MGD3, MODES_FILE
+
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", [f"data.shards={mnist_shards}",
+                                                        "generate.modes.max_images_per_class=30"])
+    model = types.SimpleNamespace(input_size=32, in_channels=1)
+    sampler = types.SimpleNamespace(config=cfg, model=model, vae=None, device=torch.device("cpu"),
+                                    classes=[str(c) for c in range(10)])
+    per_image, once = MGD3(cfg).plan_work(sampler, 4, 2, gen_dir=tmp_path)
+    assert per_image == 0.0 and once > 0.0
+    (tmp_path / MODES_FILE).write_bytes(b"")  # an earlier attempt's modes: nothing left to fit
+    assert MGD3(cfg).plan_work(sampler, 4, 2, gen_dir=tmp_path) == (0.0, 0.0)

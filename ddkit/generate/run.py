@@ -249,11 +249,11 @@ def _sample(cfg, meth, gen_dir: Path, *, rank, world_size, t0, clock, model, dev
     phase("prepare")
     meth.base.prepare(sampler, job, progress=progress, phases=phases, clock=clock)
     phase("calibrate")
-    cost, reserve = calibrate(sampler, gen_dir, job, select_ratios=meth.ratios(), merge_when_done=merge,
+    cost, reserve, upfront = calibrate(sampler, gen_dir, job, select_ratios=meth.ratios(), merge_when_done=merge,
                               clock=clock, phases=phases)  # fmt: skip
     phase("plan")
     runner, plan_at, rec = plan(sampler, cost, reserve, gen_dir, job, deadline=deadline, ratios=meth.ratios(),
-                                clock=clock, fingerprint=fp)  # fmt: skip
+                                clock=clock, fingerprint=fp, upfront=upfront)  # fmt: skip
     meth.base.on_plan(sampler, runner.batches, runner.plan.ipc, runner.plan.kept_ipc or runner.plan.ipc,
                       gen_dir=gen_dir, progress=progress, phases=phases, clock=clock)  # fmt: skip
     rec = {**rec, **meth.base.record()}  # with what on_plan prepared (MGD^3's modes digest)
@@ -278,7 +278,8 @@ def calibrate(
 
     Returns:
         (:class:`ddkit.budget.CostModel` at batch size ``B`` = min(batch_size, ⌈K·ipc_max / world⌉),
-        reserve seconds).
+        reserve seconds after the last batch, seconds of the method's one-off ``on_plan`` work before the
+        first: :meth:`~ddkit.methods.base.GenerationMethod.plan_work`).
     """
     import torch
 
@@ -287,34 +288,39 @@ def calibrate(
     mark = clock()
     B = max(1, min(gcfg.batch_size, math.ceil(K * gcfg.ipc_max / job.world)))
     if job.mine_done:  # nothing left to sample here: the peers' cost decides (MAX below)
-        cost, reserve = budget.CostModel(0.0, 0.0, B), 0.0
+        cost, reserve, once = budget.CostModel(0.0, 0.0, B), 0.0, 0.0
     else:
         run_steps, fixed = sampler.calibration(B)
         cost = budget.calibrate(run_steps, clock=clock, batch_size=B, fixed=fixed)
         out_px = math.prod(sampler.image_shape)
         ipc_w = math.ceil(gcfg.ipc_max * max(select_ratios))  # a selection pool writes all its candidates
+        # on_plan's work (D^3HR's group search, MGD^3's modes) is charged with each batch and held back once,
+        # so the plan holds it
+        per_image, once = sampler.method.plan_work(sampler, ipc_w, gcfg.ipc_max, gen_dir=gen_dir)
+        cost = budget.CostModel(cost.step_seconds, cost.batch_seconds + B * per_image, B)
         reserve = writecost.finish_seconds(
             gen_dir, shard_bytes=K * ipc_w * out_px // job.world, merged_bytes=K * ipc_w * out_px,
             merges=merge_when_done and (job.rank == 0 or not job.group), grid=(K, min(gcfg.ipc_max, 10), out_px),
             clock=clock,
         )  # fmt: skip
     if job.group:  # one plan for all ranks: the slowest rank's cost and the largest reserve
-        c = torch.tensor([cost.step_seconds, cost.batch_seconds, reserve], dtype=torch.float64)
+        c = torch.tensor([cost.step_seconds, cost.batch_seconds, reserve, once], dtype=torch.float64)
         torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX)
-        cost, reserve = budget.CostModel(float(c[0]), float(c[1]), B), float(c[2])
+        cost, reserve, once = budget.CostModel(float(c[0]), float(c[1]), B), float(c[2]), float(c[3])
     phases["calibrate"] = clock() - mark
-    return cost, reserve
+    return cost, reserve, once
 
 
 def plan(
     sampler: Sampler, cost, reserve: float, gen_dir: Path, job: Rank, *, deadline: float, ratios, clock,
-    fingerprint: str | None = None,
+    fingerprint: str | None = None, upfront: float = 0.0,
 ) -> tuple[Any, float, dict[str, Any]]:
     """Plan steps, IPC and ratio for the time left (:func:`ddkit.budget.plan`: the DSR rule or a quality
     table) and lay out this rank's batches (global batch ``b`` -> rank ``b % world``; none for a rank whose
     shard is done). A generation whose record is published (another rank or an earlier attempt planned)
     adopts it (:func:`ddkit.generate.record.bounds`); a rank that loses the race to publish re-plans inside
-    the winner's record, so every shard samples one plan.
+    the winner's record, so every shard samples one plan. ``upfront`` seconds (the method's ``on_plan`` work)
+    come off the time planned for sampling, not off the runner's end reserve.
 
     Returns:
         (:class:`ddkit.budget.Runner` over this rank's batches, the clock time of the plan, the record).
@@ -333,7 +339,7 @@ def plan(
     for _ in range(2):
         bounds, rs = record.bounds(gcfg, published, tuple(ratios))
         plan_at = clock()
-        the_plan = budget.plan(deadline - margin - reserve - plan_at, cost, bounds, num_classes=K, batch_size=B,
+        the_plan = budget.plan(deadline - margin - reserve - upfront - plan_at, cost, bounds, num_classes=K, batch_size=B,
                                world_size=job.world, quality=quality, ratios=rs)  # fmt: skip
         mine = record.make(sampler, the_plan, fingerprint)
         if published is None:

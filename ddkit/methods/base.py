@@ -140,6 +140,12 @@ class GenerationMethod:
         (:meth:`initial_latents` and :meth:`guidance` stand-ins)."""
         return {}
 
+    def plan_work(self, sampler, ipc: int, kept: int, *, gen_dir: Path) -> tuple[float, float]:
+        """(seconds per planned image, seconds once) of the work :meth:`on_plan` does once the plan is known,
+        measured at calibration for at most ``ipc`` images (``kept`` kept) per class, so the planner charges
+        the first with each batch and takes the second off the time it plans; (0, 0) when there is none."""
+        return 0.0, 0.0
+
     # -- bundle and record ---------------------------------------------------------------------------------
     def bundle_files(self, d, weights: Path) -> dict[str, tuple[Path, str]]:
         """``{config key: (file, name in the bundle)}`` the generator bundle must ship for this method to sample without real data

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,12 @@ class MGD3(GenerationMethod):
 
             self.prepared["modes"] = sha256_file(src)
         phases["mgd3_modes"] = clock() - mark
+
+    def plan_work(self, sampler, ipc: int, kept: int, *, gen_dir: Path) -> tuple[float, float]:
+        """Mode fitting, once (:func:`modes_seconds`), unless the modes come from a file."""
+        if self.cfg.generate.modes.file or (Path(gen_dir) / MODES_FILE).is_file():
+            return 0.0, 0.0
+        return 0.0, modes_seconds(sampler, kept)
 
     def _pull(self, sampler, modes) -> dict[str, Any]:
         m = self.cfg.generate.modes
@@ -102,7 +110,7 @@ def class_modes_for(sampler, k: int, gen_dir: Path | None):
 
     import torch
 
-    from ddkit.methods.modes import class_modes
+    from ddkit.methods.modes import modes_of_class
 
     gcfg = sampler.config.generate
     if gcfg.modes.file:
@@ -114,15 +122,48 @@ def class_modes_for(sampler, k: int, gen_dir: Path | None):
     dest = Path(gen_dir) / MODES_FILE if gen_dir is not None else None
     if dest is not None and dest.is_file():
         return _checked_modes(torch.load(dest, map_location="cpu", weights_only=True), sampler.classes, k, str(dest))
-    x, y = _real_inputs(sampler, gcfg.modes.max_images_per_class)
-    blob = {"modes": class_modes(x, y, len(sampler.classes), k, seed=gcfg.seed), "classes": list(sampler.classes),
-            "k": k}
+    fitted = [modes_of_class(xc, k, c, seed=gcfg.seed) for c, xc in _real_inputs(sampler, gcfg.modes.max_images_per_class)]
+    blob = {"modes": torch.stack(fitted), "classes": list(sampler.classes), "k": k}
     if dest is None:
         return blob["modes"]
     buf = io.BytesIO()
     torch.save(blob, buf)
     blob = torch.load(io.BytesIO(publish_bytes_once(dest, buf.getvalue())), map_location="cpu", weights_only=True)
     return _checked_modes(blob, sampler.classes, k, str(dest))
+
+
+def modes_seconds(sampler, k: int) -> float:
+    """Seconds :func:`class_modes_for` will take to fit ``k`` modes per class from the train split: the
+    per-class index (built once) and the first class, both timed once, plus the second class's time for
+    each further class. The first class pays one-off warm-ups: multiplied by the 100 classes of
+    ``tests/test_scale_budget.py``, they put a first-class-only estimate past the 60 s budget for a fit that
+    takes seconds.
+    """
+
+    import torch
+
+    from ddkit.data import ClassReader
+    from ddkit.methods.modes import modes_of_class
+
+    cfg = sampler.config
+    g = torch.Generator(device=sampler.device).manual_seed(cfg.generate.seed)
+    t0 = time.perf_counter()
+    reader = ClassReader(cfg.data.shards, "train")
+
+    def fit(c: int) -> float:
+        mark = time.perf_counter()
+        images = reader.images(c, cfg.generate.modes.max_images_per_class)
+        with torch.no_grad():
+            z = [backbone_inputs(images[b : b + ENCODE_BATCH], sampler.model, sampler.vae, cfg, sampler.device, g)
+                 for b in range(0, len(images), ENCODE_BATCH)]  # fmt: skip
+        if z:
+            modes_of_class(torch.cat(z).cpu(), min(k, len(images)), c, seed=cfg.generate.seed)
+        return time.perf_counter() - mark
+
+    fit(0)
+    first = time.perf_counter() - t0
+    K = len(sampler.classes)
+    return first + (fit(1) * (K - 1) if K > 1 else 0.0)
 
 
 def _checked_modes(blob: dict, classes: list[str], k: int, where: str):
@@ -138,20 +179,66 @@ def _checked_modes(blob: dict, classes: list[str], k: int, where: str):
     return modes.float()
 
 
-def _real_inputs(sampler, per_class: int | None):
-    """(float32 [N, C, H, W] real train images in the backbone's space on the CPU, int64 [N] classes)."""
+ENCODE_BATCH = 64  # images per backbone_inputs call; batches span class boundaries (the VAE noise order)
+
+
+def _real_inputs(sampler, per_class: int | None) -> Iterator[tuple[int, Any]]:
+    """``(c, float32 [n_c, C, H, W])``: class c's real train images in the backbone's space on the CPU, class
+    by class, so at most one class's images and two classes' inputs are held (:class:`ddkit.data.ClassReader`).
+
+    Each class contributes its first ``per_class`` images (all when None) in sample-key order. They are
+    encoded in batches of :data:`ENCODE_BATCH` over the class-major stream (a batch may hold the end of one
+    class and the start of the next), with one generator for the VAE's posterior sample: the batches, and
+    so the draws, that slicing the whole class-major split into batches would give. With a cap that is what
+    the in-memory version did (byte-identical modes); without one it took the draws in the shards' mixed key
+    order, which no per-class stream can reproduce, so an uncapped latent backbone's modes changed once
+    (pixel backbones draw nothing and are unchanged).
+    """
     import torch
 
-    from ddkit.data import load_tensors
+    from ddkit.data import ClassReader
 
     cfg = sampler.config
-    images, labels = load_tensors(cfg.data.shards, "train")
-    if per_class is not None:
-        keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(sampler.classes))])
-        images, labels = images[keep], labels[keep]
+    reader = ClassReader(cfg.data.shards, "train")
     g = torch.Generator(device=sampler.device).manual_seed(cfg.generate.seed)
-    out = []
-    with torch.no_grad():
-        for b in range(0, len(images), 64):
-            out.append(backbone_inputs(images[b:b + 64], sampler.model, sampler.vae, cfg, sampler.device, g).cpu())
-    return torch.cat(out), labels
+    pending: list[tuple[int, Any]] = []  # (class, uint8 rows) not encoded yet, < ENCODE_BATCH rows in all
+    done: dict[int, list] = {}  # class -> encoded row blocks
+    left: dict[int, int] = {}  # class -> rows still to encode
+
+    def encode() -> None:
+        x = torch.cat([rows for _, rows in pending])
+        with torch.no_grad():
+            z = backbone_inputs(x, sampler.model, sampler.vae, cfg, sampler.device, g).cpu()
+        at = 0
+        for c, rows in pending:
+            done[c].append(z[at : at + len(rows)])
+            left[c] -= len(rows)
+            at += len(rows)
+        pending.clear()
+
+    for c in range(len(sampler.classes)):
+        images = reader.images(c, per_class)
+        done[c], left[c] = [], len(images)
+        at = 0
+        while at < len(images):
+            room = ENCODE_BATCH - sum(len(rows) for _, rows in pending)
+            pending.append((c, images[at : at + room]))
+            at += room
+            if sum(len(rows) for _, rows in pending) == ENCODE_BATCH:
+                encode()
+        yield from _finished(done, left)
+    if pending:
+        encode()
+    yield from _finished(done, left)
+
+
+def _finished(done: dict, left: dict) -> Iterator[tuple[int, Any]]:
+    """Pop and yield, in class order, the classes whose rows are all encoded (an empty class as [0, ...])."""
+    import torch
+
+    for c in sorted(done):
+        if left[c] > 0:
+            return
+        blocks = done.pop(c)
+        del left[c]
+        yield c, torch.cat(blocks) if blocks else torch.zeros(0)

@@ -54,18 +54,31 @@ def class_modes(x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, *, s
     Raises:
         ValueError: a class without samples.
     """
-    out = []
-    for c in range(num_classes):
-        xc = x[y == c].float()
-        n = xc.shape[0]
-        if n == 0:
-            raise ValueError(f"class {c}: no real samples to find modes in")
-        if n < k:
-            out.append(xc[torch.arange(k) % n])
-            continue
-        centers, _ = kmeans(xc.flatten(1), k, seed=seed + c)
-        out.append(centers.view(k, *x.shape[1:]))
-    return torch.stack(out)
+    return torch.stack([modes_of_class(x[y == c], k, c, seed=seed) for c in range(num_classes)])
+
+
+def modes_of_class(xc: torch.Tensor, k: int, c: int, *, seed: int = 0) -> torch.Tensor:
+    """The ``k`` modes of one class (:func:`class_modes` for class ``c`` alone, so a caller can stream the
+    classes one at a time).
+
+    Args:
+        xc: float [n, C, H, W] class ``c``'s real samples in the backbone's space.
+        k: modes; c: the class index (k-means ``random_state`` is ``seed + c``).
+
+    Returns:
+        float32 [k, C, H, W]: the k-means centers, or the samples in turn when n < k.
+
+    Raises:
+        ValueError: no samples.
+    """
+    xc = xc.float()
+    n = xc.shape[0]
+    if n == 0:
+        raise ValueError(f"class {c}: no real samples to find modes in")
+    if n < k:
+        return xc[torch.arange(k) % n]
+    centers, _ = kmeans(xc.flatten(1), k, seed=seed + c)
+    return centers.view(k, *xc.shape[1:])
 
 
 def mode_of(index: int, k: int) -> int:

@@ -200,17 +200,17 @@ def train_encoder(
     """
     from ddkit.evaluate.networks import ConvNet
 
-    x = images.float() / 127.5 - 1.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ConvNet(int(x.shape[1]), num_classes, int(x.shape[-1]), width=width)
+        net = ConvNet(int(images.shape[1]), num_classes, int(images.shape[-1]), width=width)
         opt = torch.optim.Adam(net.parameters(), 1e-3)
         g = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), batch_size):
+            perm = torch.randperm(len(images), generator=g)
+            for i in range(0, len(images), batch_size):
                 j = perm[i : i + batch_size]
-                loss = F.cross_entropy(net(x[j]), labels[j])
+                # per batch: a float copy of the whole split would hold 4x its uint8 bytes
+                loss = F.cross_entropy(net(images[j].float() / 127.5 - 1.0), labels[j])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -128,7 +128,7 @@ def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, s
     Raises:
         DataError: unreadable shards.
     """
-    from ddkit.data import load_tensors, read_index
+    from ddkit.data import ClassReader, load_tensors, read_index
     from ddkit.evaluate.networks import ConvNet
 
     scfg = cfg.generate.select
@@ -149,10 +149,17 @@ def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, s
         return net.eval(), blob["means"], str(path)
     x, y = load_tensors(cfg.data.shards, "train")
     net = train_encoder(x, y, num_classes=k, epochs=scfg.encoder_epochs, seed=cfg.seed, width=scfg.encoder_width)
-    feats, _ = encode(net, x)
-    means = torch.stack([feats[y == c].mean(0) for c in range(k)])
+    del x, y
+    means = real_class_means(net, ClassReader(cfg.data.shards, "train"))
     atomic_torch_save({"state": net.state_dict(), "means": means}, path)
     return net, means, str(path)
+
+
+def real_class_means(net: torch.nn.Module, reader) -> torch.Tensor:
+    """float32 [K, D]: each class's mean encoder feature over its real train images, read and encoded one
+    class at a time (``reader``: a :class:`ddkit.data.ClassReader`), so memory holds one class's images."""
+
+    return torch.stack([encode(net, images)[0].mean(0) for _, images in reader.classes()])
 
 
 def select_pool(cfg: ExperimentConfig, method: str, out: Path) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 from ddkit.errors import PackageError
 from ddkit.methods.base import GenerationMethod, Sampling
 from ddkit.methods.d3hr.decode import SAVE_SIZE, decode_settings, reference_save_resize
-from ddkit.methods.d3hr.groups import select_latents
+from ddkit.methods.d3hr.groups import group_search_seconds, select_latents
 from ddkit.methods.d3hr.inversion import start_timestep, stored_timesteps
 from ddkit.methods.d3hr.statistics import class_statistics, precompute_statistics, tensor_digest
 
@@ -56,12 +56,21 @@ class D3HR(GenerationMethod):
         steps = math.ceil(d.inversion_steps * d.store_to / T)  # the reference stops after store_to
         return min(d.max_images_per_class or train_per_class, train_per_class), steps * (1 if d.inversion_cfg_scale == 1.0 else 2)
 
+    def plan_work(self, sampler, ipc: int, kept: int, *, gen_dir: Path) -> tuple[float, float]:
+        """The group search of :meth:`on_plan` per image: m groups of ``ipc`` latents scored per class
+        (:func:`~ddkit.methods.d3hr.groups.group_search_seconds`, one chunk timed), divided by ``ipc``; its
+        cost grows with ``ipc``, so the largest IPC's price per image bounds every smaller plan's."""
+
+        dim = sampler.model.in_channels * sampler.model.input_size**2
+        return group_search_seconds(dim, ipc, self.cfg.generate.d3hr, device=sampler.device) / max(1, ipc), 0.0
+
     def prepare(self, sampler, job, *, progress, phases, clock) -> None:
 
         mark = clock()
         self.stats = class_statistics(
             sampler.model, self.cfg, device=sampler.device, cache_dir=Path(self.cfg.run_dir) / "d3hr-cache",
             rank=job.rank, world_size=job.world, progress=progress,
+            budget=(clock, job.t0 + sampler.config.generate.time_limit),
         )  # fmt: skip
         self.prepared["d3hr_statistics"] = self.stats.key
         phases["d3hr_statistics"] = clock() - mark

@@ -16,12 +16,13 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddkit import dist
-from ddkit.errors import ConfigError, DataError, WeightsError
+from ddkit.errors import BudgetError, ConfigError, DataError, WeightsError
 from ddkit.io import atomic_torch_save, tensor_digest
 from ddkit.methods.d3hr.decode import reference_input_resize
 from ddkit.methods.d3hr.groups import group_seed
@@ -180,10 +181,12 @@ def class_statistics(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    budget: tuple[Callable[[], float], float] | None = None,
 ) -> D3HRStats:
     """Per-class Gaussian statistics of DDIM-inverted training latents, cached on disk.
 
-    Reads ``ddkit.data.load_tensors(cfg.data.shards, "train")``, encodes with ``cfg.model.vae`` for latent
+    Reads the train split one class at a time (:class:`ddkit.data.ClassReader`), encodes with
+    ``cfg.model.vae`` for latent
     models (``ddkit.models.vae.encode``), inverts every image (at most ``max_images_per_class`` per class,
     the first ones in the loader's deterministic order) with :func:`ddim_invert` under its class label and
     fits mean/unbiased variance per class and stored timestep.
@@ -197,6 +200,10 @@ def class_statistics(
         cache_dir: directory for the cache (created).
         rank, world_size: this process's share of the classes.
         progress: show a rich progress bar over classes.
+        budget: ``(clock, deadline)`` when the statistics run inside a generation's time budget: after each
+            class the time of this rank's remaining classes is projected from the classes fitted so far, and
+            the fit stops (its finished classes kept for a rerun) when it would leave less than
+            :data:`SAMPLING_SHARE` of the budget's remaining time at the start for sampling.
 
     Returns:
         :class:`D3HRStats` at ``cfg.generate.d3hr.timestep`` (tensors on CPU).
@@ -205,6 +212,8 @@ def class_statistics(
         DataError: a class has fewer than 2 training images (no unbiased variance), or the shards/classes do
             not match the backbone.
         ConfigError: the stored timesteps are not on the inversion grid.
+        BudgetError: with ``budget``, the statistics would not leave time to sample (one line naming the
+            stage, the cache file and what makes it fit).
         WeightsError: the VAE cannot be loaded (from ``ddkit.models.vae.load_vae``), or inversion gives
             non-finite latents.
     """
@@ -232,9 +241,11 @@ def class_statistics(
 
     t0 = time.perf_counter()
     parts = cache_dir / f"d3hr-stats-{key[:16]}.parts"
+    guard = None if budget is None else _BudgetGuard(*budget, where=path, cfg=cfg)
     fits = _fit_classes(
-        model, vae, cfg, index, parts, device=device, rank=rank, world_size=world_size, progress=progress
-    )
+        model, vae, cfg, index, parts, device=device, rank=rank, world_size=world_size, progress=progress,
+        guard=guard,
+    )  # fmt: skip
     blob = {
         "key": key,
         "inputs": inputs,
@@ -259,45 +270,91 @@ def _load_vae(cfg: ExperimentConfig, device):
     return load_vae(cfg.model.vae, device=device).eval()
 
 
+SAMPLING_SHARE = 0.25  # of the time left when the statistics start, kept for calibration, sampling and merge
+
+
+class _BudgetGuard:
+    """Stops the statistics before they spend a generation's budget (:func:`class_statistics`'s ``budget``)."""
+
+    def __init__(
+        self, clock: Callable[[], float], deadline: float, *, where: Path, cfg: ExperimentConfig
+    ) -> None:
+        self.clock, self.deadline, self.where, self.cfg = clock, deadline, where, cfg
+        self.start = clock()
+        self.stop_at = self.start + (1 - SAMPLING_SHARE) * (deadline - self.start)
+        self.first: float | None = None  # when the first class was done: its time includes the warm-up
+
+    def check(self, fitted: int, remaining: int) -> None:
+        """After ``fitted`` classes of this call, with ``remaining`` still to fit. The rate is measured from
+        the second class on (the first pays one-off warm-ups: 0.40 s against an average 0.23 s per class for
+        the 100-class stand-in of tests/test_scale_budget.py), so the first projection comes after two classes.
+
+        Raises:
+            BudgetError: the projected end is past the share the statistics may take.
+        """
+        now = self.clock()
+        if fitted == 1 and self.first is None:
+            self.first = now
+        if remaining <= 0 or fitted < 2 or self.first is None:
+            return
+        per = (now - self.first) / (fitted - 1)
+        if now + per * remaining <= self.stop_at:
+            return
+        need = (self.first - self.start) + per * (fitted + remaining - 1)
+        raise BudgetError(
+            f"generate.time_limit: D^3HR statistics need ~{need:.0f} s "
+            f"for {fitted + remaining} classes ({per:.2f} s/class measured), {self.deadline - self.start:.0f} s were "
+            f"left; make {self.where} before the budget (ddkit run, or ddkit generate without --time-limit; "
+            f"the {fitted} classes fitted are kept for it), ship it as generate.d3hr.statistics, or lower "
+            f"generate.d3hr.max_images_per_class"
+        )
+
+
 def _fit_classes(
-    model, vae, cfg: ExperimentConfig, index, parts: Path, *, device, rank, world_size, progress
+    model, vae, cfg: ExperimentConfig, index, parts: Path, *, device, rank, world_size, progress, guard=None
 ) -> dict[str, torch.Tensor]:
     """:func:`_class_fit` of every class, each saved to ``parts/class-KKKKK.pt`` (an existing part is kept:
     the resume): this rank's share k ≡ rank (mod world_size) first, then whatever another rank did not
     finish. Returns float32 ``mean``/``var`` [S, K, C, H, W] and int64 ``counts`` [K]."""
     import torch
 
-    from ddkit.data import load_tensors
+    from ddkit.data import ClassReader
 
     d = cfg.generate.d3hr
     store = stored_timesteps(d, cfg.model.num_train_timesteps)
-    images, labels = load_tensors(cfg.data.shards, "train")
     classes = list(index["classes"])
     ylab = backbone_labels(index, model, cfg.model.class_map)
     parts.mkdir(parents=True, exist_ok=True)
+    # built on the first class to fit: a resumed run with every part reads nothing
+    reader: list[ClassReader] = []
 
-    def fit(k: int) -> None:
+    def fit(k: int) -> bool:
         part = parts / f"class-{k:05d}.pt"
         if part.is_file():
-            return
-        idx = (labels == k).nonzero().flatten()
-        if d.max_images_per_class is not None:
-            idx = idx[: d.max_images_per_class]
-        if len(idx) < 2:
+            return False
+        if not reader:
+            reader.append(ClassReader(cfg.data.shards, "train"))
+        images = reader[0].images(k, d.max_images_per_class)  # one class in memory, in key order
+        if len(images) < 2:
             raise DataError(
-                f"{cfg.data.shards}: class {classes[k]!r} has {len(idx)} training images, need >= 2"
+                f"{cfg.data.shards}: class {classes[k]!r} has {len(images)} training images, need >= 2"
             )
-        fitted = _class_fit(model, vae, images[idx], ylab[k], cfg, device, store)
+        fitted = _class_fit(model, vae, images, ylab[k], cfg, device, store)
         if not (torch.isfinite(fitted["mean"]).all() and torch.isfinite(fitted["var"]).all()):
             raise WeightsError(
                 f"DDIM inversion of class {classes[k]!r} gave non-finite latents (check the backbone)"
             )
         atomic_torch_save(fitted, part)
+        return True
 
     mine = [k for k in range(len(classes)) if k % world_size == rank]
+    todo = sum(not (parts / f"class-{k:05d}.pt").is_file() for k in mine)
+    done = 0
     with bar("D3HR inversion", len(mine), enabled=progress) as update:
         for k in mine:
-            fit(k)
+            done += fit(k)
+            if guard is not None:
+                guard.check(done, todo - done)
             update()
     if world_size > 1:
         dist.barrier()
