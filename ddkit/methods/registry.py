@@ -25,6 +25,7 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "dit": ("ddkit.methods.dit:PlainDiT", None),
     "d3hr": ("ddkit.methods.d3hr.method:D3HR", "d3hr"),
     "mgd3": ("ddkit.methods.mgd3:MGD3", "modes"),
+    "igd": ("ddkit.methods.igd.method:IGD", "igd"),
 }
 SELECT_SECTION = "select"  # generate.select: the +select wrapper's section
 
