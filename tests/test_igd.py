@@ -266,6 +266,12 @@ def test_igd_generates_a_guided_set_and_the_unguided_limit_is_plain_dit(digits, 
     assert igd["ipc"] == 3 and set(rec["prepared"]) == {"igd_surrogate", "igd_memory"}
     assert (out / "igd-memory.pt").is_file() and list((Path(cfg.run_dir) / "igd-cache").glob("igd-surrogate-*.pt"))
     assert not torch.equal(igd["images"], dit["images"])  # the guided steps moved the samples
+    from ddkit.distilled import load_distilled
+    from ddkit.io import sha256_file
+    from ddkit.methods import registry
+
+    shipped, name = registry.build("igd", cfg).bundle_files(load_distilled(out), Path("unused"))["generate.igd.surrogate"]
+    assert sha256_file(shipped) == rec["prepared"]["igd_surrogate"] and name == "igd-surrogate.pt"
     off = dataclasses.replace(cfg, generate=dataclasses.replace(
         cfg.generate, igd=dataclasses.replace(cfg.generate.igd, scale=0.0, dev_scale=0.0)))
     plain, _, _ = run(off, "igd", "igd-off")

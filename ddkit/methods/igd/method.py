@@ -84,14 +84,14 @@ class IGD(GenerationMethod):
         self.prepared["igd_memory"] = sha256_file(Path(gen_dir) / MEMORY_FILE)
         phases["igd_memory"] = clock() - mark
 
-    def _guide(self, sampler, classes, memories):
+    def _guide(self, sampler, classes, memories, window=None):
         from ddkit.methods.igd.guide import InfluenceGuide
         from ddkit.methods.igd.influence import guided_window
 
         if self.blob is None:
             raise DataError("igd: no surrogate loaded before sampling (prepare was not run)")
         s = self.cfg.generate.igd
-        window = guided_window(s.low, s.high, s.reference_steps, sampler.num_train_timesteps)
+        window = window or guided_window(s.low, s.high, s.reference_steps, sampler.num_train_timesteps)
         return {"step_guide": InfluenceGuide(
             self.net, list(self.blob["checkpoints"]), self.blob["real"], classes, memories, window, s.scale,
             s.dev_scale, lambda x0: to_pixels(sampler, x0, self.blob["channels"], self.blob["resolution"]),
@@ -104,12 +104,16 @@ class IGD(GenerationMethod):
         return self._guide(sampler, [c for c, _ in items], [self.memory[c, max(0, i - M) : i] for c, i in items])
 
     def calibration(self, sampler, batch_size: int) -> dict[str, Any]:
+        """Every calibration step guided (window: all timesteps), with a full memory: the few steps calibration
+        times may all lie outside the guided window, and a guided step costs several plain ones, so a step
+        is priced as a guided one; the plan errs towards fewer steps, never over the budget."""
         import torch
 
         K, C, S = len(sampler.classes), sampler.model.in_channels, sampler.model.input_size
         n = min(self.cfg.generate.igd.memory_size, max(0, sampler.settings.ipc_max - 1))
         mem = torch.zeros(n, C, S, S)
-        return self._guide(sampler, [k % K for k in range(batch_size)], [mem] * batch_size)
+        return self._guide(sampler, [k % K for k in range(batch_size)], [mem] * batch_size,
+                           window=(0, sampler.num_train_timesteps))
 
     def bundle_files(self, d, weights: Path) -> dict[str, tuple[Path, str]]:
         return {"generate.igd.surrogate": (find_surrogate(d, self.cfg), SURROGATE_NAME)}
@@ -183,7 +187,8 @@ def class_memory(sampler, ipc: int, gen_dir: Path):
 
 def find_surrogate(d, cfg) -> Path:
     """The surrogate file the set ``d`` (:class:`ddkit.distilled.Distilled`) was guided with: the run's
-    ``igd-cache`` file whose sha256 is the generation record's ``prepared.igd_surrogate``, or
+    ``igd-cache`` file (beside the generation, or in ``run_dir``) whose sha256 is the generation record's
+    ``prepared.igd_surrogate``, or
     ``generate.igd.surrogate`` when set.
 
     Raises:
@@ -195,11 +200,12 @@ def find_surrogate(d, cfg) -> Path:
 
     rec = record.read(d.gen_dir) or record.read(Path(d.gen_dir) / "pool") or {}
     want = (rec.get("prepared") or {}).get("igd_surrogate")
-    cands = sorted((Path(d.gen_dir).parent / CACHE_DIR).glob("igd-surrogate-*.pt"))
+    dirs = dict.fromkeys([Path(d.gen_dir).parent / CACHE_DIR, Path(cfg.run_dir) / CACHE_DIR])
+    cands = [p for c in dirs for p in sorted(c.glob("igd-surrogate-*.pt"))]
     if cfg.generate.igd.surrogate:
         cands.insert(0, Path(cfg.generate.igd.surrogate))
     for p in cands:
         if p.is_file() and (want is None or sha256_file(p) == want):
             return p
     raise PackageError(f"{d.gen_dir}: no IGD surrogate file with the record's digest {want} in "
-                       f"{Path(d.gen_dir).parent / CACHE_DIR} (generate with IGD first)")
+                       f"{', '.join(map(str, dirs))} (generate with IGD first)")
