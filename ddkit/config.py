@@ -224,6 +224,46 @@ class ModesConfig:
 
 
 @dataclass(frozen=True)
+class IGDConfig:
+    """Influence-guided diffusion (method ``igd``; :mod:`ddkit.methods.igd`; Chen et al., ICLR 2025, reference
+    mchen725/DD_IGD): each guided DDPM step follows the gradient of the influence of x̂_0 on a surrogate's
+    training trajectory (k) and of its deviation from the class's earlier samples (γ). Defaults are the
+    reference's ``sample_mp.sh`` / ``train.py`` / ``test_ckpts_grad_sim.py``; departures are in the module."""
+
+    scale: float = 5.0  # k, influence guidance (sample_mp.sh --gm-scale 5)
+    dev_scale: float = 120.0  # γ, deviation guidance (sample_mp.sh --dev-scale 120)
+    low: int = 30  # guided while low <= respaced index <= high of reference_steps (sample_mp.sh 30..45 of 50)
+    high: int = 45
+    reference_steps: int = 50  # the chain low/high count in; any chain guides the same model timesteps
+    memory_size: int = 64  # earlier samples of the class deviated from (sample.py --memory-size)
+    grad_ipc: int = 200  # real images per class in the gradient memory (sample_mp.sh gi=200)
+    grad_batch: int = 50  # images per gradient batch (get_grads' gap)
+    select_ipc: int = 80  # real images per class to select checkpoints (test_ckpts_grad_sim.py --grad-ipc)
+    threshold: float = 0.7  # keep a checkpoint when its gradient cosine to the last kept drops below this
+    network: str = "ConvNet-3"  # the surrogate (reference: ConvNet-6 at 256 px; ConvNet-3 is the 32 px one)
+    width: int = 128  # its conv channels (reference 128)
+    epochs: int = 50  # its training trajectory (train_ckpt.sh --epochs 50), one checkpoint per epoch
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW (train.py)
+    weight_decay: float = 0.01
+    seed: int = 0
+    surrogate: Optional[str] = None  # precomputed trajectory file; the generator bundle ships one
+    weights: Literal["pretrained", "minimax"] = "pretrained"  # the DiT guided (the reference: both)
+
+    def __post_init__(self) -> None:
+        _positive(self, "reference_steps", "memory_size", "grad_ipc", "grad_batch", "select_ipc", "width",
+                  "epochs", "batch_size", "lr")  # fmt: skip
+        if self.scale < 0 or self.dev_scale < 0:
+            raise ConfigError(f"scale, dev_scale: must be >= 0, got {self.scale}, {self.dev_scale}")
+        if not 0 <= self.low <= self.high < self.reference_steps:
+            raise ConfigError(f"low: need 0 <= low <= high < reference_steps ({self.reference_steps}), "
+                              f"got low={self.low}, high={self.high}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        _in_range(self, "threshold", -1.0, 1.0)
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """Budgeted generation (``ddkit generate``): Diffusion Step Reduction planner + sampler."""
 
@@ -248,6 +288,7 @@ class GenerateConfig:
     d3hr: D3HRConfig = field(default_factory=D3HRConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     modes: ModesConfig = field(default_factory=ModesConfig)
+    igd: IGDConfig = field(default_factory=IGDConfig)
 
     def __post_init__(self) -> None:
         check_method(self.method, "method")

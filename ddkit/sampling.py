@@ -36,13 +36,12 @@ or which rank produced it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
-from ddkit.methods.modes import guide as mode_guide
-from ddkit.methods.modes import guided_steps
 from ddkit.schedule import scheduler_config
 
 Sampler = Literal["ddpm", "ddim"]
@@ -287,10 +286,7 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     step_callback: Callable[[int, int], bool | int | None] | None = None,
     final_step: bool = True,
-    modes: torch.Tensor | None = None,
-    mode_scale: float = 0.1,
-    mode_stop: float = 0.5,
-    mode_clip: float | None = None,
+    step_guide: Callable[[GuideStep], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample a batch of class-conditional images (or latents) with a DiT backbone.
 
@@ -318,21 +314,23 @@ def sample(
             from the current timestep (the budget's mid-batch step reduction).
         final_step: False stops one step early, at the noise level of the last timestep (x at ᾱ of
             ``timesteps[-1]``, e.g. ᾱ_0 = 0.9999, where D^3HR's inversion starts) instead of x_0 at ᾱ = 1.
-        modes, mode_scale, mode_stop, mode_clip: MGD^3 mode guidance (ddpm; :mod:`ddkit.methods.modes`): float
-            [B, C, H, W] each image's mode (None: off), λ (0.1), the unguided last fraction of the steps (0.5)
-            and the bound on |x̂_0| in the pull (:func:`~ddkit.methods.modes.guide`: 1 in pixels, None).
+        step_guide: a method's change to the DDPM step (MGD^3's mode pull, IGD's influence guidance), called
+            after every scheduler step with a :class:`GuideStep` and returning the guided x_{t-1}
+            (float [B, C, H, W]); None: the plain chain. It runs under ``torch.no_grad`` like the chain; a
+            guide that differentiates enables gradients itself.
 
     Returns:
         float32 [B, C, H, W]: x_0 in the backbone's space (pixels in [-1, 1], or scaled SD-VAE latents).
 
     Raises:
-        ValueError: a bad label, latent or mode shape, an unknown sampler, modes with a sampler but ddpm.
+        ValueError: a bad label or latent shape, an unknown sampler, ``step_guide`` with a sampler but ddpm.
         SamplingAborted: ``step_callback`` returned False.
     """
     device = next(iter(model.parameters())).device if hasattr(model, "parameters") else labels.device
     labels, generators = _checked_labels(model, labels, generators, device)
     x = _start_latents(model, latents, generators, device)
-    guide = None if modes is None else _checked_modes(modes, sampler, x, mode_scale, mode_stop, mode_clip)
+    if step_guide is not None and sampler != "ddpm":
+        raise ValueError(f"step_guide: a guided step needs sampler 'ddpm' (its σ_t), got {sampler!r}")
     if timesteps is None:
         timesteps = timestep_spacing(
             sampler, steps, num_train_timesteps=num_train_timesteps, start_timestep=start_timestep
@@ -350,7 +348,9 @@ def sample(
             autocast_dtype=autocast_dtype,
             step_callback=step_callback,
             final_step=final_step,
-            guide=guide,
+            step_guide=step_guide,
+            cfg_kw=dict(cfg_scale=cfg_scale if cfg_scale > 1.0 else 1.0, guided_channels=guided_channels,
+                        autocast_dtype=autocast_dtype),
         )
 
 
@@ -369,20 +369,6 @@ def _checked_labels(model, labels: torch.Tensor, generators, device) -> tuple[to
     if len(generators) != B:
         raise ValueError(f"generators: need one per image ({B}), got {len(generators)}")
     return labels, generators
-
-
-def _checked_modes(
-    modes: torch.Tensor, sampler: str, x: torch.Tensor, scale: float, stop: float, clip: float | None
-) -> tuple:
-    """(modes as float32 on x's device, λ, stop, x̂_0 bound) for :func:`_loop`.
-
-    Raises:
-        ValueError: a sampler other than ddpm, or not one mode of x's shape per image.
-    """
-    if sampler != "ddpm" or tuple(modes.shape) != tuple(x.shape):
-        raise ValueError(f"modes: mode guidance needs sampler 'ddpm' (got {sampler!r}) and one mode per "
-                         f"image of shape {tuple(x.shape)} (got {tuple(modes.shape)})")
-    return modes.to(device=x.device, dtype=torch.float32), float(scale), float(stop), clip
 
 
 def _start_latents(model, latents: torch.Tensor | None, generators, device) -> torch.Tensor:
@@ -448,15 +434,43 @@ def step_std(sched, t: int, out: torch.Tensor) -> torch.Tensor:
     return torch.exp(0.5 * (frac * beta.log().to(out.device) + (1 - frac) * tilde.log().to(out.device)))
 
 
-def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, generators, autocast_dtype,
-          step_callback, final_step, guide=None):  # fmt: skip
-    """The denoising loop of :func:`sample` (see there); ``guide`` = (modes, λ, stop, clip): mode guidance."""
+@dataclasses.dataclass(frozen=True)
+class GuideStep:
+    """What a ``step_guide`` of :func:`sample` sees after DDPM step ``i`` of ``n`` (model timestep ``t``).
 
+    Attributes:
+        i, n, t: the step, the chain's length and the backbone's timestep.
+        x_t: float [B, C, H, W] the step's input; x_prev: the scheduler's x_{t-1} = μ_θ + σ_t z.
+        x0: float [B, C, H, W] the step's x̂_0 (from the CFG-combined ε); out: the model output.
+        std: σ_t of the step's noise (:func:`step_std`: scalar or [B, C, H, W]).
+        alpha_bar: ᾱ_t (float scalar tensor) of the training schedule.
+        labels: int64 [B] backbone labels.
+        forward: ``forward(x)`` -> the step's model output at ``x`` with the chain's CFG and precision
+            (for guides that differentiate through the backbone, e.g. IGD).
+    """
+
+    i: int
+    n: int
+    t: int
+    x_t: torch.Tensor
+    x_prev: torch.Tensor
+    x0: torch.Tensor
+    out: torch.Tensor
+    std: torch.Tensor
+    alpha_bar: torch.Tensor
+    labels: torch.Tensor
+    forward: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, generators, autocast_dtype,
+          step_callback, final_step, step_guide=None, cfg_kw=None):  # fmt: skip
+    """The denoising loop of :func:`sample` (see there)."""
     C = model.in_channels
     i = 0
     while i < len(chain.timesteps) - (0 if final_step else 1):
+        t = chain.timesteps[i]
         out = guided_forward(
-            model, x, chain.timesteps[i], labels,
+            model, x, t, labels,
             cfg_scale=cfg_scale, guided_channels=guided_channels, autocast_dtype=autocast_dtype,
         )  # fmt: skip
         if chain.sampler == "ddim":
@@ -464,10 +478,19 @@ def _loop(model, x, labels, chain: _Chain, *, cfg_scale, guided_channels, genera
             x = chain.sched.step(out[:, :C], chain.sched_ts[i], x, eta=0.0).prev_sample
         else:
             res = chain.sched.step(out, chain.sched_ts[i], x, generator=generators)
-            x = res.prev_sample
-            if guide is not None and i < guided_steps(len(chain.timesteps), guide[2]):
-                std = step_std(chain.sched, chain.sched_ts[i], out)
-                x = mode_guide(x, res.pred_original_sample, guide[0], std, guide[1], clip=guide[3])
+            if step_guide is not None:
+                st = chain.sched_ts[i]
+
+                def forward(z, t=t):
+                    return guided_forward(model, z, t, labels, **cfg_kw)
+
+                x = step_guide(GuideStep(
+                    i=i, n=len(chain.timesteps), t=t, x_t=x, x_prev=res.prev_sample, x0=res.pred_original_sample,
+                    out=out, std=step_std(chain.sched, st, out), alpha_bar=chain.sched.alphas_cumprod[st],
+                    labels=labels, forward=forward,
+                ))  # fmt: skip
+            else:
+                x = res.prev_sample
         n = len(chain.timesteps)
         verdict = step_callback(i, n) if step_callback is not None else None
         if verdict is False:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddkit.methods.modes import class_modes, guide, guided_steps, kmeans, mode_of
+from ddkit.methods.modes import class_modes, guide, guided_steps, kmeans, mode_of, mode_step_guide
 from ddkit.sampling import make_scheduler, sample, step_std, timestep_spacing
 from tests.test_sampling import FakeBackbone
 
@@ -98,15 +98,15 @@ def test_mode_guidance_pulls_each_image_towards_its_own_mode():
         return sample(model, labels, steps=20, cfg_scale=1.0, generators=gens, final_step=False, **kw)
 
     free = run()
-    pulled = run(modes=modes, mode_scale=1.0, mode_stop=0.0)
-    assert torch.equal(run(modes=modes, mode_scale=0.0), free)  # λ = 0 is the unguided chain exactly
+    pulled = run(step_guide=mode_step_guide(modes, 1.0, 0.0, None))
+    assert torch.equal(run(step_guide=mode_step_guide(modes, 0.0, 0.5, None)), free)  # λ = 0: the unguided chain
     d_free = (free - modes).pow(2).flatten(1).mean(1)
     d_pulled = (pulled - modes).pow(2).flatten(1).mean(1)
     assert torch.all(d_pulled < 0.8 * d_free), (d_pulled, d_free)
     with pytest.raises(ValueError, match="needs sampler 'ddpm'"):
-        sample(model, labels, steps=5, sampler="ddim", modes=modes)
+        sample(model, labels, steps=5, sampler="ddim", step_guide=mode_step_guide(modes, 0.1, 0.5, None))
     with pytest.raises(ValueError, match="one mode per image"):
-        sample(model, labels, steps=5, modes=modes[:2])
+        sample(model, labels, steps=5, step_guide=mode_step_guide(modes[:2], 0.1, 0.5, None))
 
 
 class SaturatingBackbone(FakeBackbone):
@@ -125,8 +125,7 @@ def test_clipped_mode_guidance_stays_bounded_where_the_unclipped_pull_diverges()
 
     def run(clip):
         gens = [torch.Generator().manual_seed(i) for i in range(4)]
-        return sample(model, labels, steps=50, cfg_scale=1.0, generators=gens, modes=modes, mode_scale=1.0,
-                      mode_stop=0.5, mode_clip=clip)
+        return sample(model, labels, steps=50, cfg_scale=1.0, generators=gens, step_guide=mode_step_guide(modes, 1.0, 0.5, clip))
 
     unclipped, clipped = run(None), run(1.0)
     assert not torch.isfinite(unclipped).all() or unclipped.abs().max() > 1e3

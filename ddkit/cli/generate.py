@@ -13,6 +13,7 @@ import typer
 from ddkit import generate as lib
 from ddkit.cli.common import ConfigArg, SetOption, console, handle_errors, load
 from ddkit.io import read_json
+from ddkit.methods.registry import METHODS
 
 
 def _find_config(run: Optional[Path], config: Optional[Path]) -> Optional[Path]:
@@ -46,7 +47,7 @@ def generate(
     config: Optional[Path] = ConfigArg,
     method: Optional[str] = typer.Option(
         None, "--method", "-m",
-        help="A registered method (minimax | dit | d3hr | mgd3), or <base>+select to over-generate and select "
+        help=f"A registered method ({' | '.join(METHODS)}), or <base>+select to over-generate and select "
         "(default: generate.method).",
     ),
     time_limit: Optional[float] = typer.Option(

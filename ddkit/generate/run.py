@@ -48,19 +48,20 @@ class Rank:
     t0: float
 
 
-def _settings(cfg: ExperimentConfig, method: str | None, time_limit: float | None) -> ExperimentConfig:
-    """``cfg`` with ``generate.method`` and ``generate.time_limit`` resolved.
+def _settings(cfg: ExperimentConfig, method: str | None, time_limit: float | None) -> tuple[ExperimentConfig, str]:
+    """(``cfg`` with ``generate.method`` (a pseudo-method resolved: :func:`ddkit.methods.registry.resolve`),
+    its quality table and ``generate.time_limit`` resolved, the resolution's note for the plan's reason).
 
     Raises:
         ConfigError: invalid method or a time limit <= 0.
     """
 
     gcfg = cfg.generate
-    method = registry.check(method or gcfg.method)
+    method, quality, note = registry.resolve(method or gcfg.method, cfg)
     limit = float(time_limit if time_limit is not None else gcfg.time_limit)
     if limit <= 0:
         raise ConfigError(f"generate.time_limit: must be > 0, got {limit}")
-    return replace(cfg, generate=replace(gcfg, method=method, time_limit=limit))
+    return replace(cfg, generate=replace(gcfg, method=method, quality=quality, time_limit=limit)), note
 
 
 def _join(cfg: ExperimentConfig, gen_dir: Path, rank: int | None, world_size: int | None, t0: float, clock) -> Rank:
@@ -140,7 +141,7 @@ def generate(
 
     Args:
         cfg: the experiment; reads ``generate``, ``model``, ``data`` (class names, resolution).
-        method: a registered method or ``<base>+select`` (default ``cfg.generate.method``;
+        method: a registered method, ``<base>+select`` or the pseudo-method ``best`` (default ``cfg.generate.method``;
             :mod:`ddkit.methods.registry`).
         time_limit: seconds for the whole job, model loading included (default ``generate.time_limit``).
         out_dir: generation dir (default ``RUN/gen-<method>``).
@@ -173,7 +174,9 @@ def generate(
     """
 
     t0 = dist.budget_start(t0, clock)
-    cfg = _settings(cfg, method, time_limit)
+    cfg, note = _settings(cfg, method, time_limit)
+    if note and (log or progress):
+        (log or print)(note)
     meth = registry.build(cfg.generate.method, cfg)
     gen_dir = Path(out_dir) if out_dir is not None else gen_dir_for(cfg, meth.name)
     inputs = None
@@ -195,7 +198,7 @@ def generate(
         meth.before_sampling(progress)
     base_cfg = replace(cfg, generate=replace(cfg.generate, method=meth.base.name, time_limit=max(1e-3, limit)))
     _sample(base_cfg, meth, sample_dir, rank=rank, world_size=world_size, t0=t0, clock=clock, model=model,
-            device=device, progress=progress, fp=fp, phase=phase,
+            device=device, progress=progress, fp=fp, phase=phase, note=note,
             merge=merge_when_done or merge_if_complete)  # fmt: skip
     if sample_dir != gen_dir and is_done(sample_dir) and not is_done(gen_dir):
         phase("merge")
@@ -213,7 +216,7 @@ def merge_generation(cfg: ExperimentConfig, method: str | None = None, gen_dir: 
     Raises:
         DataError: a shard missing or not done, or shards sampled under different records.
     """
-    cfg = _settings(cfg, method, None)
+    cfg, _ = _settings(cfg, method, None)
     meth = registry.build(cfg.generate.method, cfg)
     gen_dir = Path(gen_dir) if gen_dir is not None else gen_dir_for(cfg, meth.name)
     sample_dir = meth.sample_dir(gen_dir)
@@ -234,7 +237,7 @@ def _follow(cfg: ExperimentConfig, name: str, gen_dir: Path, force: bool, log):
 
 
 def _sample(cfg, meth, gen_dir: Path, *, rank, world_size, t0, clock, model, device, progress, fp, phase,
-            merge: bool) -> None:  # fmt: skip
+            merge: bool, note: str = "") -> None:  # fmt: skip
     """One sharded, budgeted sampling of ``meth.base`` into ``gen_dir`` (module docstring), then the merge."""
 
     if is_done(gen_dir):
@@ -253,7 +256,7 @@ def _sample(cfg, meth, gen_dir: Path, *, rank, world_size, t0, clock, model, dev
                               clock=clock, phases=phases)  # fmt: skip
     phase("plan")
     runner, plan_at, rec = plan(sampler, cost, reserve, gen_dir, job, deadline=deadline, ratios=meth.ratios(),
-                                clock=clock, fingerprint=fp, upfront=upfront)  # fmt: skip
+                                clock=clock, fingerprint=fp, upfront=upfront, note=note)  # fmt: skip
     meth.base.on_plan(sampler, runner.batches, runner.plan.ipc, runner.plan.kept_ipc or runner.plan.ipc,
                       gen_dir=gen_dir, progress=progress, phases=phases, clock=clock)  # fmt: skip
     rec = {**rec, **meth.base.record()}  # with what on_plan prepared (MGD^3's modes digest)
@@ -313,7 +316,7 @@ def calibrate(
 
 def plan(
     sampler: Sampler, cost, reserve: float, gen_dir: Path, job: Rank, *, deadline: float, ratios, clock,
-    fingerprint: str | None = None, upfront: float = 0.0,
+    fingerprint: str | None = None, upfront: float = 0.0, note: str = "",
 ) -> tuple[Any, float, dict[str, Any]]:
     """Plan steps, IPC and ratio for the time left (:func:`ddkit.budget.plan`: the DSR rule or a quality
     table) and lay out this rank's batches (global batch ``b`` -> rank ``b % world``; none for a rank whose
@@ -347,6 +350,8 @@ def plan(
         if not record.differences(published, mine, record.PLAN_KEYS):
             break
     the_plan = _note_table_method(the_plan, quality, sampler.method.name)
+    if note:  # a pseudo-method's choice (generate.method: best): which method and why
+        the_plan = dataclasses.replace(the_plan, reason=f"{note}; {the_plan.reason}")
     # Extension batches (for a machine faster than calibrated) reach at most ipc_max, or 4x the plan, so
     # the layout stays small for 1000-class runs; a selection pool is sized by its plan, and a method with a
     # fixed layout (D^3HR: one group of the planned IPC per class) samples exactly the plan.

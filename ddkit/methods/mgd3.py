@@ -61,8 +61,10 @@ class MGD3(GenerationMethod):
         m = self.cfg.generate.modes
         # x̂_0 is clipped to the data range in the pull for pixel backbones only (ADM's clip_denoised);
         # latents stay unclipped as in the latent-space reference.
+        from ddkit.methods.modes import mode_step_guide
+
         clip = 1.0 if sampler.vae is None else None
-        return {"modes": modes, "mode_scale": m.scale, "mode_stop": m.stop, "mode_clip": clip}
+        return {"step_guide": mode_step_guide(modes, float(m.scale), float(m.stop), clip)}
 
     def guidance(self, sampler, items) -> dict[str, Any]:
         import torch

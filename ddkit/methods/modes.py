@@ -130,3 +130,21 @@ def guide(
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     return x_prev + scale * std * (modes - x0)
+
+
+def mode_step_guide(modes: torch.Tensor, scale: float, stop: float, clip: float | None):
+    """The ``step_guide`` of :func:`ddkit.sampling.sample` that applies :func:`guide` on the first
+    :func:`guided_steps` of the chain (``modes``: float [B, C, H, W], each image's mode).
+
+    Raises:
+        ValueError: ``stop`` outside [0, 1] (when the guide first runs).
+    """
+
+    def step(s):
+        if tuple(modes.shape) != tuple(s.x_prev.shape):
+            raise ValueError(f"modes: one mode per image of shape {tuple(s.x_prev.shape)} needed, got {tuple(modes.shape)}")
+        if s.i >= guided_steps(s.n, stop):
+            return s.x_prev
+        return guide(s.x_prev, s.x0, modes.to(device=s.x_prev.device, dtype=torch.float32), s.std, scale, clip=clip)
+
+    return step

@@ -25,8 +25,11 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "dit": ("ddkit.methods.dit:PlainDiT", None),
     "d3hr": ("ddkit.methods.d3hr.method:D3HR", "d3hr"),
     "mgd3": ("ddkit.methods.mgd3:MGD3", "modes"),
+    "igd": ("ddkit.methods.igd.method:IGD", "igd"),
 }
 SELECT_SECTION = "select"  # generate.select: the +select wrapper's section
+#: Pseudo-methods: a name resolved to a registered method per experiment (:func:`resolve`).
+PSEUDO: dict[str, str] = {"best": "ddkit.methods.best:resolve"}
 
 
 def split(name: str) -> tuple[str, bool]:
@@ -49,14 +52,33 @@ def check(name: str, key: str = "generate.method") -> str:
         ConfigError: one line naming ``key``, the value and the known names.
     """
     base, _ = split(name)
-    if base not in METHODS:
-        raise ConfigError(f"{key}: unknown method {name!r} (known: {', '.join(METHODS)}, each also as <base>{SELECT})")
+    if base not in METHODS and name not in PSEUDO:
+        raise ConfigError(f"{key}: unknown method {name!r} (known: {', '.join(METHODS)}, each also as "
+                          f"<base>{SELECT}, and {', '.join(PSEUDO)})")
     return name
+
+
+def resolve(name: str, cfg: Any) -> tuple[str, str, str]:
+    """(registered method, ``generate.quality`` to plan with, a note for the plan's reason) for ``name`` in
+    the :class:`ddkit.config.ExperimentConfig` ``cfg``: a pseudo-method (``best``, :mod:`ddkit.methods.best`)
+    is resolved; any other name is itself, with the configured table and no note.
+
+    Raises:
+        ConfigError: an unknown name, or a pseudo-method that cannot be resolved (one line).
+    """
+    check(name)
+    if name not in PSEUDO:
+        return name, cfg.generate.quality, ""
+    module, fn = PSEUDO[name].split(":")
+    method, quality, note = getattr(importlib.import_module(module), fn)(cfg)
+    return check(method, f"generate.method ({name})"), quality, note
 
 
 def sections_read(name: str) -> tuple[str, ...]:
     """The method-owned ``generate.<section>`` keys that ``name`` reads (its own and, with ``+select``,
     ``generate.select``)."""
+    if name in PSEUDO:  # resolved per experiment: any method's section may be read
+        return tuple(f"generate.{s}" for _, s in METHODS.values() if s) + (f"generate.{SELECT_SECTION}",)
     base, selected = split(name)
     section = METHODS[base][1] if base in METHODS else None
     return ((f"generate.{section}",) if section else ()) + ((f"generate.{SELECT_SECTION}",) if selected else ())
@@ -75,7 +97,7 @@ def build(name: str, cfg: Any) -> Any:
     Raises:
         ConfigError: an unknown name (one line).
     """
-    check(name)
+    name = resolve(name, cfg)[0]
     base, selected = split(name)
     module, cls = METHODS[base][0].split(":")
     method = getattr(importlib.import_module(module), cls)(cfg)

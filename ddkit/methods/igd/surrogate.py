@@ -1,0 +1,207 @@
+"""IGD's surrogate trajectory, prepared once per dataset: the file guidance reads.
+
+:func:`surrogate_trajectory` trains the surrogate classifier on the real train split, keeping its parameters
+after every epoch (and at initialisation) as the reference's ``train_ckpts.sh`` keeps its expert trajectory,
+selects the checkpoints guidance uses (:func:`~ddkit.methods.igd.influence.select_checkpoints`) and computes
+each class's real-gradient memory at them (:func:`~ddkit.methods.igd.influence.real_gradients`). The result is
+cached as ``RUN/igd-cache/igd-surrogate-<key[:16]>.pt`` (key: sha256 of every input, the train shards' digests
+included), published first-writer-wins so every rank and every restart reads the same bytes; ``ddkit run``
+makes it before the generation budget (:meth:`ddkit.methods.igd.method.IGD.precompute`). The generator bundle
+ships it as ``generate.igd.surrogate``.
+
+Reference settings (``train.py``'s trainer: AdamW lr 1e-3, weight decay 0.01, MultiStepLR ×0.2 at 2/3 and 5/6
+of the epochs; ``train_ckpt.sh``: 50 epochs; ``sample_mp.sh``: 200 real images per class for the gradient
+memory; ``test_ckpts_grad_sim.py``: 80 images per class to select checkpoints, threshold 0.7). Departures,
+each a ``generate.igd`` key: the network (``ConvNet-3`` for 32 px, where the reference trains ConvNet-6 on 256
+px latents-decoded ImageNet), batch size 64 (the reference's loader is not in its repository), no mixup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ddkit.config import ExperimentConfig
+from ddkit.errors import ConfigError, DataError
+from ddkit.io import publish_bytes_once
+
+CACHE_VERSION = 1
+CACHE_DIR = "igd-cache"
+
+
+def surrogate_inputs(cfg: ExperimentConfig, index: dict[str, Any]) -> dict[str, Any]:
+    """Everything the trajectory depends on (JSON-safe); its sha256 is the cache key."""
+    s = cfg.generate.igd
+    train = {Path(f).name for f in index.get("shards", {}).get("train", [])}
+    shas = {k: v for k, v in sorted(index.get("sha256", {}).items()) if not train or Path(k).name in train}
+    return {
+        "version": CACHE_VERSION,
+        "data": {"dataset": index.get("dataset"), "classes": list(index["classes"]), "sha256": shas,
+                 "resolution": int(index["resolution"]), "channels": int(index["channels"])},
+        "surrogate": {"network": s.network, "width": s.width, "epochs": s.epochs, "batch_size": s.batch_size,
+                      "lr": s.lr, "weight_decay": s.weight_decay, "seed": s.seed, "grad_ipc": s.grad_ipc,
+                      "grad_batch": s.grad_batch, "select_ipc": s.select_ipc, "threshold": s.threshold},
+    }  # fmt: skip
+
+
+def build_net(network: str, width: int, channels: int, num_classes: int, resolution: int):
+    """The surrogate: ``ConvNet-D`` of :mod:`ddkit.evaluate.networks` at ``width`` channels.
+
+    Raises:
+        ConfigError: a network other than ConvNet-D.
+    """
+
+    from ddkit.evaluate.networks import ConvNet
+
+    m = re.fullmatch(r"ConvNet-(\d+)", network)
+    if not m:
+        raise ConfigError(f"generate.igd.network: the surrogate is a ConvNet-D (the reference's), got {network!r}")
+    return ConvNet(channels, num_classes, resolution, depth=int(m.group(1)), width=width)
+
+
+def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int) -> list:
+    """The surrogate's flat parameters at initialisation and after each epoch: ``epochs + 1`` float32 [P].
+
+    Args:
+        x: float [N, C, H, W] real train images in [-1, 1]; y: int64 [N].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ddkit.methods.igd.influence import flatten
+
+    s = cfg.generate.igd
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        net = build_net(s.network, s.width, int(x.shape[1]), num_classes, int(x.shape[-1]))
+        opt = torch.optim.AdamW(net.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2 * s.epochs // 3, 5 * s.epochs // 6], gamma=0.2)
+        g = torch.Generator().manual_seed(s.seed)
+        traj = [flatten(net)]
+        for _ in range(s.epochs):
+            net.train()
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), s.batch_size):
+                j = perm[i : i + s.batch_size]
+                loss = F.cross_entropy(net(x[j]), y[j])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+            traj.append(flatten(net))
+    return traj
+
+
+def _class_images(x, y, c: int, n: int):
+    """The first ``n`` real images of class ``c`` in the loader's deterministic order (``get_grads``'s
+    unshuffled loader)."""
+    return x[y == c][:n]
+
+
+def compute_surrogate(cfg: ExperimentConfig, index: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Train, select and compute the real-gradient memory (module docstring): the blob the cache holds.
+
+    Returns:
+        ``{"key", "inputs", "classes", "shapes", "selected": [int], "checkpoints": float32 [T, P],
+        "real": float32 [K, T, P], "seconds"}``.
+
+    Raises:
+        DataError: a class without train images.
+    """
+    import torch
+
+    from ddkit.data import load_tensors
+    from ddkit.methods.igd.influence import real_gradients, select_checkpoints
+
+    s, K = cfg.generate.igd, len(index["classes"])
+    t0 = time.perf_counter()
+    images, labels = load_tensors(cfg.data.shards, "train")
+    x = images.float() / 127.5 - 1.0
+    for c in range(K):
+        if not bool((labels == c).any()):
+            raise DataError(f"{cfg.data.shards}: class {index['classes'][c]!r} has no train images for IGD's surrogate")
+    traj = train_trajectory(x, labels, cfg, K)
+    net = build_net(s.network, s.width, int(x.shape[1]), K, int(x.shape[-1])).eval()
+    if progress:
+        print(f"IGD surrogate: {s.epochs} epochs in {time.perf_counter() - t0:.0f} s", flush=True)
+    def class_grads(j: int):
+        return torch.stack([real_gradients(net, [traj[j]], _class_images(x, labels, c, s.select_ipc), c,
+                                           batch=s.select_ipc)[0] for c in range(K)])
+
+    selected = select_checkpoints(class_grads, len(traj), s.threshold)
+    ckpts = [traj[j] for j in selected]
+    real = torch.stack([real_gradients(net, ckpts, _class_images(x, labels, c, s.grad_ipc), c, batch=s.grad_batch)
+                        for c in range(K)])  # fmt: skip
+    inputs = surrogate_inputs(cfg, index)
+    return {
+        "key": surrogate_key(inputs), "inputs": inputs, "classes": list(index["classes"]),
+        "shapes": [[n, list(p)] for n, p in _shapes(net)], "selected": selected,
+        "checkpoints": torch.stack(ckpts), "real": real, "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
+def _shapes(net):
+    from ddkit.methods.igd.influence import param_shapes
+
+    return param_shapes(net)
+
+
+def surrogate_key(inputs: dict[str, Any]) -> str:
+    """sha256 hex of :func:`surrogate_inputs` (canonical JSON)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def surrogate_path(cfg: ExperimentConfig) -> tuple[Path, dict[str, Any]]:
+    """(the cache file for this run's data and settings, the shard index)."""
+    from ddkit.data import read_index
+
+    index = read_index(cfg.data.shards)
+    key = surrogate_key(surrogate_inputs(cfg, index))
+    return Path(cfg.run_dir) / CACHE_DIR / f"igd-surrogate-{key[:16]}.pt", index
+
+
+def load_or_make(cfg: ExperimentConfig, progress: bool = False) -> tuple[dict[str, Any], Path]:
+    """The surrogate blob and its file: ``generate.igd.surrogate`` (a bundle's), else the run's cache, else
+    computed now and published first-writer-wins (every rank and restart then reads the winner's bytes).
+
+    Raises:
+        ConfigError: ``generate.igd.surrogate`` missing or unreadable.
+        DataError: a file made for other classes.
+    """
+    import torch
+
+
+    if cfg.generate.igd.surrogate:
+        path = Path(cfg.generate.igd.surrogate)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"generate.igd.surrogate: {path} unreadable ({type(e).__name__})") from None
+        return _checked(blob, cfg, str(path)), path
+    path, index = surrogate_path(cfg)
+    if not path.is_file():
+        buf = io.BytesIO()
+        torch.save(compute_surrogate(cfg, index, progress), buf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        publish_bytes_once(path, buf.getvalue())
+    return _checked(torch.load(path, map_location="cpu", weights_only=False), cfg, str(path)), path
+
+
+def _checked(blob: dict[str, Any], cfg: ExperimentConfig, where: str) -> dict[str, Any]:
+    """``blob``, checked to be made for this run's classes.
+
+    Raises:
+        DataError: other classes (one line naming ``where``).
+    """
+    from ddkit.data import read_index
+
+    if (Path(cfg.data.shards) / "dataset.json").is_file():
+        classes = list(read_index(cfg.data.shards)["classes"])
+        if list(blob.get("classes", [])) != classes:
+            raise DataError(f"{where}: IGD surrogate made for classes {blob.get('classes')}, this run has {classes}")
+    return blob
