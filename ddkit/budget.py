@@ -187,7 +187,6 @@ def load_quality_table(path, *, index: dict | None = None, class_map: str = "aut
             with ``class_map`` ``auto`` (one line naming both datasets and ``model.class_map``).
     """
 
-
     from ddkit.models.provenance import check_classes, check_record
 
     try:

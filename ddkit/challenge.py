@@ -52,7 +52,6 @@ def write_reserve(spec, out: Path) -> float:
     (:func:`ddkit.writecost.measure`): reading ``dataset.pt`` (uint8), then writing and reading back the
     scorer's float32 tensor (``spec.shape``: CIFAR-100 12 MB, Tiny-ImageNet 98 MB)."""
 
-
     f32 = 4 * math.prod(spec.shape)
     return measure(out, f32).seconds(tensor_bytes=(f32 // 4, f32, f32))
 

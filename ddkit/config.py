@@ -318,7 +318,9 @@ class EvaluateConfig:
     device: str = "auto"  # auto: cuda when available
     # Train the students of one evaluation as batched models (ddkit.evaluate.batched) where the protocol and
     # network allow it (eccv2024, idc; ConvNet-D, ResNetAP); false: one student at a time, the reference loop.
-    batched: bool = True
+    # None (auto): batched on CUDA only; on CPU cores the vmapped students measured 0.56-0.68x one-by-one
+    # (bench/evaluate.py, README), so a CPU evaluation keeps the reference loop.
+    batched: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _positive(self, "repeats", "epochs", "batch_size", "full_epochs", "ipc", "teacher_epochs")

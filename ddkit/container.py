@@ -365,5 +365,4 @@ def run(image: str | Path, args: Sequence[str], *, echo: Callable[[str], None] =
 
 
 def _dedent(text: str) -> str:
-
     return textwrap.dedent(text).strip("\n")

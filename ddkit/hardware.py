@@ -381,7 +381,6 @@ def configure_threads() -> int:
     """
     import torch
 
-
     n = thread_request() or usable_cpus()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

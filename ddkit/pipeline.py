@@ -315,13 +315,11 @@ def _shard(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 
 
 def _train(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
-
     train(cfg, node.name, resume="auto", progress=progress)
     return stage_dir(cfg, node)
 
 
 def _generate(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
-
     method = node.name.removeprefix("gen-")
     # What a method computes once from real data before any budget (D^3HR's statistics, the selection
     # encoder), as training comes before it; `ddkit generate` alone spends its budget on it instead.
@@ -347,7 +345,6 @@ def _package(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
 
 
 def _report(cfg: ExperimentConfig, node: Node, progress: bool) -> Path:
-
     return write_report(cfg)
 
 

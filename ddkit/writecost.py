@@ -55,7 +55,6 @@ def measure(directory: str | Path, nbytes: int, clock: Callable[[], float] = tim
     """
     import torch
 
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     small = directory / ".writecost-probe.json"
@@ -97,7 +96,6 @@ def finish_seconds(
     """
 
     import torch
-
 
     gen_dir = Path(gen_dir)
     wc = measure(gen_dir, max(shard_bytes, merged_bytes if merges else 0), clock)

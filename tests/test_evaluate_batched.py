@@ -123,7 +123,7 @@ def test_evaluation_trains_missing_runs_batched_under_one_bar(mnist_shards, tmp_
     monkeypatch.setattr(runs, "bar", spy_bar)
     monkeypatch.setattr(runs, "train_students", spy_train)
     cfg = EvaluateConfig(
-        epochs=1, repeats=2, baselines=("random_real",), network="ConvNet-2", precision="fp32"
+        epochs=1, repeats=2, baselines=("random_real",), network="ConvNet-2", precision="fp32", batched=True
     )
     out = tmp_path / "eval"
     first = evaluate({"demo": ds}, mnist_shards, cfg, out_dir=out, progress=False)

@@ -50,7 +50,6 @@ def run(
     ddkit code identity) differs from its DONE record, and then everything downstream runs too.
     """
 
-
     overrides = (*QUICK, *(sets or ())) if quick else tuple(sets or ())
     cfg = absolute_paths(load_config(config, overrides))
     if dry_run:  # a bad --accelerator fails before the stage plan
@@ -85,7 +84,6 @@ def run(
 
 def _print_estimate(cfg, accelerator: str, gpus: int, gpu_bench: Optional[Path]) -> None:
     """The per-stage estimate of :func:`ddkit.estimate.estimate_run` as a table, then its assumptions."""
-
 
     bench = load_gpu_bench(gpu_bench) if gpu_bench else None
     est = estimate_run(cfg, accelerator, gpus, bench=bench)

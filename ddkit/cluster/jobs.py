@@ -108,7 +108,6 @@ def _stop_on_signals():
     on SLURM that finished: those signals are then ignored (:func:`_ignore_stop_signals`), with no moment
     in between at which submitit's handler could requeue the finished job."""
 
-
     if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
         yield None
         return
@@ -148,7 +147,6 @@ class TrainJob(Checkpointable):
         return Path(self.cfg.run_dir) / self.stage
 
     def __call__(self) -> str:
-
         if _is_rank0():
             record_event(self.stage_dir, "start", resume_step=_checkpoint_step(self.stage_dir))
         with _stop_on_signals() as requeue_handler:

@@ -69,7 +69,6 @@ class JobRow:
 
 
 def _index_rows() -> dict[str, dict[str, Any]]:
-
     return {r["job_id"]: r for r in read_jsonl(jobs_index()) if "job_id" in r}
 
 

@@ -71,7 +71,6 @@ def _active_job_ids() -> set[str]:
 
 
 def _resolve(cfg: ExperimentConfig, slurm: SlurmConfig | None) -> ExperimentConfig:
-
     return replace(cfg, slurm=slurm) if slurm is not None else cfg
 
 
@@ -209,7 +208,6 @@ def _sbatch_refusal(e: Exception) -> ClusterError:
 
 
 def _submit(ex, fn, *args):
-
     try:
         return ex.submit(fn, *args)
     except FailedJobError as e:  # sbatch's own refusal, e.g. an account or QOS it rejects
@@ -217,7 +215,6 @@ def _submit(ex, fn, *args):
 
 
 def _submit_array(ex, fns: list) -> list:
-
     try:
         with ex.batch():
             return [ex.submit(fn) for fn in fns]

@@ -90,7 +90,6 @@ class _WorkerSamples:
         return iter(self)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-
         import webdataset as wds
 
         worker, num_workers = _worker()

@@ -468,7 +468,6 @@ def _index_record(listing: Listing, cfg: Any, tmp: Path, tally: _Tally) -> dict[
 
 
 def _meta(listing: Listing, it: Any, split: str) -> bytes:
-
     return json.dumps(
         {
             "source": it.source,

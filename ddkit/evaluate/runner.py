@@ -151,7 +151,6 @@ def _precision(out: Path, cfg: EvaluateConfig, protocol: Protocol, network: str,
     :func:`ddkit.hardware.choose_precision`. Returns a :class:`ddkit.hardware.PrecisionChoice`.
     """
 
-
     k = len(index["classes"])
     shape = (int(index["channels"]), int(index["resolution"]), int(index["resolution"]))
     bs0 = cfg.batch_size or protocol.batch_size_for(ipc, k)

@@ -83,8 +83,10 @@ class Bench:
 
     @property
     def batched(self) -> bool:
-        """Students train batched: ``evaluate.batched`` and a protocol/network/precision that supports it."""
-        return bool(self.cfg.batched) and supports(self.protocol, self.network, self.cfg.precision)
+        """Students train batched: ``evaluate.batched`` (None: on CUDA only) and a protocol/network/precision
+        that supports it."""
+        wanted = self.device.type == "cuda" if self.cfg.batched is None else self.cfg.batched
+        return bool(wanted) and supports(self.protocol, self.network, self.cfg.precision)
 
     @property
     def num_classes(self) -> int:
@@ -126,7 +128,6 @@ class RunCache:
     """``runs.jsonl``: the finished runs by key (read once, at construction); new runs are appended."""
 
     def __init__(self, path: Path) -> None:
-
         self.path = path
         self.done = {r["key"]: r for r in read_jsonl(path) if "key" in r}
 
@@ -176,7 +177,6 @@ class RunCache:
         return out
 
     def _append(self, r: _Run) -> None:
-
         append_jsonl(
             self.path, {"key": r.key, "set": r.name, "repeat": r.repeat, "seed": r.seed, "result": r.result}
         )

@@ -286,7 +286,6 @@ def calibrate(
     """
     import torch
 
-
     gcfg, K = sampler.settings, len(sampler.classes)
     mark = clock()
     B = max(1, min(gcfg.batch_size, math.ceil(K * gcfg.ipc_max / job.world)))

@@ -173,7 +173,6 @@ def load_sampler(
     """
     import torch
 
-
     mark = clock()
     device = torch.device(device) if device is not None else dist.device_for(job.env)
     model, vae, checkpoint = _load_models(cfg, method, model, device)

@@ -196,7 +196,6 @@ def _embedder_copies_equal(weights: dict) -> bool:
     """Whether every block's conditioning-embedder weights in a state dict equal block 0's (see
     :func:`ddkit.models.backbone.tie_conditioning`)."""
 
-
     pat = re.compile(r"dit\.transformer_blocks\.(\d+)\.norm1\.emb\.(.+)")
     copies = [(m.group(1), m.group(2), v) for k, v in weights.items() if (m := pat.fullmatch(k))]
     first = {name: v for block, name, v in copies if block == "0"}

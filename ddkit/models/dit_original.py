@@ -137,7 +137,6 @@ def load_original(
         WeightsError: unknown architecture, or keys that do not match it.
     """
 
-
     mcfg = original_model_config(state, pretrained=source)
     if timestep_shift is not None:
         mcfg = dataclasses.replace(mcfg, timestep_shift=timestep_shift)

@@ -116,7 +116,6 @@ def foolbox_images() -> list:
 
     from PIL import Image
 
-
     spec = find_spec("foolbox")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("foolbox: not installed; pip install foolbox (its 20 ImageNet JPEGs are the stand-in photos)")

@@ -102,7 +102,6 @@ def moments_encoder(name_or_path: str | Path, *, device: str | torch.device | No
     """
     import numpy as np
 
-
     vae = load_vae(name_or_path)
     digest = encoder_digest(vae)
     dev = device_for() if device is None else torch.device(device)

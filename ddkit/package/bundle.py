@@ -69,7 +69,6 @@ def package_generator(
             that fails its check.
     """
 
-
     sets = [load_distilled(r, method) for r in runs]
     out = Path(out) if out else sets[0].gen_dir.parent / "generator"
     with atomic_dir(out, overwrite=True) as tmp:

@@ -156,7 +156,6 @@ def _check_folder(path: Path, man: dict[str, Any]) -> CheckReport:
 
 
 def _check_wds(path: Path, man: dict[str, Any]) -> CheckReport:
-
     report = CheckReport(path, "webdataset")
     classes = _read_optional_json(path / "classes.json") or []
     counts = {c: 0 for c in classes} if isinstance(classes, list) else {}

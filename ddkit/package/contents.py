@@ -317,7 +317,6 @@ def check_bundle(path: str | Path, man: dict[str, Any], *, require_image: bool =
 
 
 def _check_dataset(bundle: Path, name: str, entry: dict[str, Any]):
-
     where = f"configs/{name}.yaml"
     if not (bundle / where).is_file():
         return Verdict(where, False, "missing")

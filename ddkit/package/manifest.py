@@ -119,7 +119,6 @@ def _read_optional_json(p: Path) -> Any:
 
 
 def _sha256_bytes(b: bytes) -> str:
-
     return hashlib.sha256(b).hexdigest()
 
 

@@ -25,7 +25,6 @@ def saved_images(d: Distilled) -> Distilled:
     """The set as image files hold it: as the method saves it (:meth:`ddkit.methods.base.GenerationMethod.saved_images`:
     D^3HR resizes 256 px images to 224 with PIL LANCZOS, as its reference saves them)."""
 
-
     return dataclasses.replace(d, images=method_of(d).saved_images(d.images))
 
 

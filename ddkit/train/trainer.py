@@ -52,7 +52,6 @@ class Trainer:
         max_steps: int | None = None,
         progress: bool = True,
     ) -> None:
-
         check_stages((stage,))
         self.cfg = cfg
         self.stage = stage
@@ -116,7 +115,6 @@ class Trainer:
     def _setup_dist(self) -> None:
         """Rank, device, this rank's batch, the stop vote's process group, TF32 on CUDA."""
         import torch
-
 
         self.env = dist.init_distributed(dist.dist_env())
         self.device = dist.device_for(self.env)
@@ -229,7 +227,6 @@ class Trainer:
         this model's step) and ``self.scaler`` (a GradScaler, active for fp16; restored on resume)."""
         import torch
 
-
         inputs = hw.backbone_inputs(self.model, self.local_batch, self.device)
         step = hw.model_step(self.model, inputs, backward=True)
         prev = state.get("precision") if state is not None else None
@@ -265,7 +262,6 @@ class Trainer:
         return self.ckpt_path
 
     def _prepare_dir(self) -> None:
-
         if not self.is_main:
             return
         self.stage_dir.mkdir(parents=True, exist_ok=True)

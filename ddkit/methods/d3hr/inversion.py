@@ -61,7 +61,6 @@ def start_timestep(cfg: D3HRConfig, num_train_timesteps: int = 1000) -> int:
 def _inverse_scheduler(num_train_timesteps: int, steps: int):
     from diffusers import DDIMInverseScheduler
 
-
     sch = DDIMInverseScheduler(
         **scheduler_config(num_train_timesteps), steps_offset=0, timestep_spacing="leading"
     )

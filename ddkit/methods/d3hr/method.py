@@ -37,7 +37,6 @@ class D3HR(GenerationMethod):
         self.latents: dict[int, Any] = {}
 
     def sampling(self, gcfg, num_train_timesteps: int) -> Sampling:
-
         d = gcfg.d3hr
         settings = decode_settings(gcfg, num_train_timesteps)  # reference grid, all channels guided
         # D^3HR restarts a deterministic DDIM chain from its inverted-statistics latents (group_sampling.py).
@@ -45,11 +44,9 @@ class D3HR(GenerationMethod):
         return Sampling(settings, "ddim", cfg_scale, start_timestep(d, num_train_timesteps))
 
     def precompute(self, progress: bool) -> None:
-
         precompute_statistics(self.cfg, progress)
 
     def precompute_work(self, train_per_class: int) -> tuple[int, int]:
-
         d, T = self.cfg.generate.d3hr, self.cfg.model.num_train_timesteps
         if d.statistics:  # shipped statistics: nothing to invert
             return 0, 0
@@ -65,7 +62,6 @@ class D3HR(GenerationMethod):
         return group_search_seconds(dim, ipc, self.cfg.generate.d3hr, device=sampler.device) / max(1, ipc), 0.0
 
     def prepare(self, sampler, job, *, progress, phases, clock) -> None:
-
         mark = clock()
         self.stats = class_statistics(
             sampler.model, self.cfg, device=sampler.device, cache_dir=Path(self.cfg.run_dir) / "d3hr-cache",
@@ -76,7 +72,6 @@ class D3HR(GenerationMethod):
         phases["d3hr_statistics"] = clock() - mark
 
     def on_plan(self, sampler, batches, ipc, kept, *, gen_dir, progress, phases, clock) -> None:
-
         d = self.cfg.generate.d3hr
         mark = clock()
         mine = {c for b in batches for c, _ in b.items}
@@ -106,7 +101,6 @@ class D3HR(GenerationMethod):
         return None
 
     def saved_images(self, images):
-
         if tuple(images.shape[-2:]) != (256, 256):
             return images
         return reference_save_resize(images, SAVE_SIZE)

@@ -57,7 +57,6 @@ class IGD(GenerationMethod):
         return super().sampling(gcfg, num_train_timesteps)
 
     def precompute(self, progress: bool) -> None:
-
         load_or_make(self.cfg, progress)
 
     def precompute_work(self, train_per_class: int) -> tuple[int, int]:
@@ -66,7 +65,6 @@ class IGD(GenerationMethod):
         return 0, 0
 
     def prepare(self, sampler, job, *, progress, phases, clock) -> None:
-
         mark = clock()
         blob, path = load_or_make(self.cfg, progress)
         s, inputs = self.cfg.generate.igd, blob["inputs"]["data"]
@@ -79,7 +77,6 @@ class IGD(GenerationMethod):
         phases["igd_surrogate_made_s"] = float(blob.get("seconds", 0.0))
 
     def on_plan(self, sampler, batches, ipc, kept, *, gen_dir, progress, phases, clock) -> None:
-
         mark = clock()
         self.memory = class_memory(sampler, ipc, gen_dir)
         self.prepared["igd_memory"] = sha256_file(Path(gen_dir) / MEMORY_FILE)
@@ -156,7 +153,6 @@ def class_memory(sampler, ipc: int, gen_dir: Path):
     """
 
     import torch
-
 
     dest, K, n = Path(gen_dir) / MEMORY_FILE, len(sampler.classes), max(0, ipc - 1)
     steps = int(sampler.settings.steps_max)

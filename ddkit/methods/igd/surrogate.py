@@ -175,7 +175,6 @@ def load_or_make(cfg: ExperimentConfig, progress: bool = False) -> tuple[dict[st
     """
     import torch
 
-
     if cfg.generate.igd.surrogate:
         path = Path(cfg.generate.igd.surrogate)
         try:
