@@ -17,7 +17,7 @@ from typing import Any
 
 from ddkit import budget, dist, stages, writecost
 from ddkit.config import ExperimentConfig, replace
-from ddkit.errors import ConfigError
+from ddkit.errors import BudgetError, ConfigError
 from ddkit.fingerprint import fingerprint
 from ddkit.generate import record
 from ddkit.generate.layout import all_shards_done, gen_dir_for
@@ -341,8 +341,11 @@ def plan(
     for _ in range(2):
         bounds, rs = record.bounds(gcfg, published, tuple(ratios))
         plan_at = clock()
-        the_plan = budget.plan(deadline - margin - reserve - upfront - plan_at, cost, bounds, num_classes=K, batch_size=B,
-                               world_size=job.world, quality=quality, ratios=rs)  # fmt: skip
+        try:
+            the_plan = budget.plan(deadline - margin - reserve - upfront - plan_at, cost, bounds, num_classes=K,
+                                   batch_size=B, world_size=job.world, quality=quality, ratios=rs)  # fmt: skip
+        except BudgetError as e:
+            raise BudgetError(_held_back(str(e), sampler.method, upfront, reserve)) from None
         mine = record.make(sampler, the_plan, fingerprint)
         if published is None:
             published = record.publish(gen_dir, mine)
@@ -365,6 +368,18 @@ def plan(
         steps_min=gcfg.steps_min, t0=job.t0, margin_seconds=margin, reserve_seconds=reserve,
     )  # fmt: skip
     return runner, plan_at, published
+
+
+def _held_back(message: str, method, upfront: float, reserve: float) -> str:
+    """``message`` plus what the budget held back before sampling: the method's one-off work once the plan is
+    known (and what would spare it) and the reserve after the last batch."""
+    parts = []
+    if upfront > 0:
+        hint = f"; provide {method.plan_work_hint} to skip it" if method.plan_work_hint else ""
+        parts.append(f"{upfront:.1f} s for {method.name}'s preparation once the plan is known{hint}")
+    if reserve > 0:
+        parts.append(f"{reserve:.1f} s reserved for writing, merging and selecting after the last batch")
+    return message + (f" (held back: {'; '.join(parts)})" if parts else "")
 
 
 def _note_table_method(the_plan, quality, method: str):

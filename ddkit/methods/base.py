@@ -47,12 +47,15 @@ class GenerationMethod:
     Attributes:
         name: the registry name; label: its row in results tables; cfg: the experiment.
         fixed_layout: the sampled layout is exactly the plan's IPC per class (no extension batches).
+        plan_work_hint: the stage or file that spares :meth:`plan_work`'s one-off work.
         prepared: ``{name: sha256}`` of what :meth:`prepare` / :meth:`on_plan` made (the record's digest).
     """
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
     fixed_layout: ClassVar[bool] = False
+    #: What makes :meth:`plan_work`'s one-off work unnecessary (named when the budget cannot hold it).
+    plan_work_hint: ClassVar[str] = ""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg

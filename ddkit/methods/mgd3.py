@@ -28,6 +28,7 @@ class MGD3(GenerationMethod):
 
     name = "mgd3"
     label = "MGD^3 mode guidance"
+    plan_work_hint = "generate.modes.file (modes fitted ahead: an earlier run's gen-mgd3/modes.pt)"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -19,6 +19,8 @@ IGD's guidance moves them. Image 0 has no memory, as in the reference.
 from __future__ import annotations
 
 import io
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ class IGD(GenerationMethod):
 
     name = "igd"
     label = "IGD influence guidance"
+    plan_work_hint = "the deviation memory igd-memory.pt of an earlier attempt in the generation directory"
     fixed_layout = True  # one memory of the planned IPC per class: no extension batches
 
     def __init__(self, cfg) -> None:
@@ -75,6 +78,15 @@ class IGD(GenerationMethod):
         self.prepared["igd_surrogate"] = sha256_file(path)
         phases["igd_surrogate"] = clock() - mark
         phases["igd_surrogate_made_s"] = float(blob.get("seconds", 0.0))
+
+    def plan_work(self, sampler, ipc: int, kept: int, *, gen_dir: Path) -> tuple[float, float]:
+        """The deviation memory, once (:func:`class_memory`): K·(ipc − 1) unguided images at ``steps_max``
+        steps, priced from one timed unguided step of a full batch; nothing when the memory file exists."""
+        n, K = max(0, ipc - 1), len(sampler.classes)
+        if n == 0 or (Path(gen_dir) / MEMORY_FILE).is_file():
+            return 0.0, 0.0
+        return 0.0, math.ceil(K * n / sampler.settings.batch_size) * sampler.settings.steps_max * \
+            unguided_step_seconds(sampler, min(sampler.settings.batch_size, K * n))
 
     def on_plan(self, sampler, batches, ipc, kept, *, gen_dir, progress, phases, clock) -> None:
         mark = clock()
@@ -139,6 +151,19 @@ def to_pixels(sampler, x0, channels: int, resolution: int):
     if x.shape[-1] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
     return x
+
+
+def unguided_step_seconds(sampler, batch: int) -> float:
+    """Seconds of one plain (unguided) sampling step of ``batch`` images on this machine: a one-step chain
+    with fixed seeds, timed once (the memory's batches are plain DiT sampling)."""
+    import torch
+
+    labels = torch.tensor([sampler.backbone_labels[k % len(sampler.classes)] for k in range(batch)],
+                          device=sampler.device)  # fmt: skip
+    gens = [torch.Generator(device=sampler.device).manual_seed(k) for k in range(batch)]
+    start = time.perf_counter()
+    sampler._sample(labels, 1, generators=gens)
+    return time.perf_counter() - start
 
 
 def class_memory(sampler, ipc: int, gen_dir: Path):
