@@ -69,7 +69,7 @@ class IGD(GenerationMethod):
 
     def prepare(self, sampler, job, *, progress, phases, clock) -> None:
         mark = clock()
-        blob, path = load_or_make(self.cfg, progress)
+        blob, path = load_or_make(self.cfg, progress, budget=(clock, job.t0 + sampler.config.generate.time_limit))
         s, inputs = self.cfg.generate.igd, blob["inputs"]["data"]
         self.net = build_net(s.network, s.width, inputs["channels"], len(blob["classes"]), inputs["resolution"])
         self.net = self.net.to(sampler.device).eval()

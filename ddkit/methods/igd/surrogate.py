@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ddkit.config import ExperimentConfig
-from ddkit.errors import ConfigError, DataError
+from ddkit.errors import BudgetError, ConfigError, DataError
 from ddkit.io import publish_bytes_once
 
 CACHE_VERSION = 1
@@ -64,11 +64,12 @@ def build_net(network: str, width: int, channels: int, num_classes: int, resolut
     return ConvNet(channels, num_classes, resolution, depth=int(m.group(1)), width=width)
 
 
-def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int) -> list:
+def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int, check=None) -> list:
     """The surrogate's flat parameters at initialisation and after each epoch: ``epochs + 1`` float32 [P].
 
     Args:
         x: float [N, C, H, W] real train images in [-1, 1]; y: int64 [N].
+        check: ``check(batches_done, batches_left)`` after every batch (a budget guard; it may raise).
     """
     import torch
     import torch.nn.functional as F
@@ -83,6 +84,7 @@ def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int) -> list:
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2 * s.epochs // 3, 5 * s.epochs // 6], gamma=0.2)
         g = torch.Generator().manual_seed(s.seed)
         traj = [flatten(net)]
+        per_epoch, done = -(-len(x) // s.batch_size), 0
         for _ in range(s.epochs):
             net.train()
             perm = torch.randperm(len(x), generator=g)
@@ -92,6 +94,9 @@ def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int) -> list:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                done += 1
+                if check is not None:
+                    check(done, s.epochs * per_epoch - done)
             sched.step()
             traj.append(flatten(net))
     return traj
@@ -103,8 +108,9 @@ def _class_images(x, y, c: int, n: int):
     return x[y == c][:n]
 
 
-def compute_surrogate(cfg: ExperimentConfig, index: dict[str, Any], progress: bool = False) -> dict[str, Any]:
-    """Train, select and compute the real-gradient memory (module docstring): the blob the cache holds.
+def compute_surrogate(cfg: ExperimentConfig, index: dict[str, Any], progress: bool = False, check=None) -> dict[str, Any]:
+    """Train, select and compute the real-gradient memory (module docstring): the blob the cache holds
+    (``check``: :func:`train_trajectory`'s budget guard).
 
     Returns:
         ``{"key", "inputs", "classes", "shapes", "selected": [int], "checkpoints": float32 [T, P],
@@ -125,7 +131,7 @@ def compute_surrogate(cfg: ExperimentConfig, index: dict[str, Any], progress: bo
     for c in range(K):
         if not bool((labels == c).any()):
             raise DataError(f"{cfg.data.shards}: class {index['classes'][c]!r} has no train images for IGD's surrogate")
-    traj = train_trajectory(x, labels, cfg, K)
+    traj = train_trajectory(x, labels, cfg, K, check)
     net = build_net(s.network, s.width, int(x.shape[1]), K, int(x.shape[-1])).eval()
     if progress:
         print(f"IGD surrogate: {s.epochs} epochs in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -165,11 +171,17 @@ def surrogate_path(cfg: ExperimentConfig) -> tuple[Path, dict[str, Any]]:
     return Path(cfg.run_dir) / CACHE_DIR / f"igd-surrogate-{key[:16]}.pt", index
 
 
-def load_or_make(cfg: ExperimentConfig, progress: bool = False) -> tuple[dict[str, Any], Path]:
+def load_or_make(cfg: ExperimentConfig, progress: bool = False, budget=None) -> tuple[dict[str, Any], Path]:
     """The surrogate blob and its file: ``generate.igd.surrogate`` (a bundle's), else the run's cache, else
     computed now and published first-writer-wins (every rank and restart then reads the winner's bytes).
 
+    ``budget``: ``(clock, deadline)`` when it is made inside a generation's time budget: the training is
+    projected from its batches so far and stops, before it spends the budget, when it would end past
+    :data:`TRAINING_SHARE` of the time left.
+
     Raises:
+        BudgetError: with ``budget``, the training would not leave time to sample (one line naming the file
+            that spares it).
         ConfigError: ``generate.igd.surrogate`` missing or unreadable.
         DataError: a file made for other classes.
     """
@@ -185,10 +197,37 @@ def load_or_make(cfg: ExperimentConfig, progress: bool = False) -> tuple[dict[st
     path, index = surrogate_path(cfg)
     if not path.is_file():
         buf = io.BytesIO()
-        torch.save(compute_surrogate(cfg, index, progress), buf)
+        check = None if budget is None else _guard(*budget, path)
+        torch.save(compute_surrogate(cfg, index, progress, check), buf)
         path.parent.mkdir(parents=True, exist_ok=True)
         publish_bytes_once(path, buf.getvalue())
     return _checked(torch.load(path, map_location="cpu", weights_only=False), cfg, str(path)), path
+
+
+TRAINING_SHARE = 0.5  # of the time left when the surrogate starts; the rest: its gradients, calibration, sampling
+
+
+def _guard(clock, deadline: float, path: Path):
+    """A :func:`train_trajectory` check that raises once the projected end of training (from the second batch
+    on: the first pays warm-ups) passes :data:`TRAINING_SHARE` of the time left at its start."""
+    start = clock()
+    stop_at = start + TRAINING_SHARE * (deadline - start)
+    first: list[float] = []
+
+    def check(done: int, left: int) -> None:
+        now = clock()
+        if done == 1:
+            first.append(now)
+            return
+        per = (now - first[0]) / (done - 1)
+        if now + per * left > stop_at:
+            raise BudgetError(
+                f"generate.time_limit: the IGD surrogate needs ~{per * (done + left):.0f} s of training "
+                f"({per:.3f} s/batch measured), {deadline - start:.0f} s were left; make {path} before the budget "
+                f"(ddkit run prepares it ahead of the generation budget) or ship it as generate.igd.surrogate"
+            )
+
+    return check
 
 
 def _checked(blob: dict[str, Any], cfg: ExperimentConfig, where: str) -> dict[str, Any]:
