@@ -77,8 +77,10 @@ for b in binds:
     src, dst, *opts = b.split(":")
     bw += ["--ro-bind" if opts == ["ro"] else "--bind", src, dst]
 # The image's own environment: its Python (with ddkit) first on PATH, HF_HUB_OFFLINE (containers/ddkit.def).
+# The kernel-ISA caps stand for the CPU itself (CI's stand-in for one without native bf16), which
+# --cleanenv does not change: they reach the image as the hardware would.
 image_env = {{"PATH": {path!r}, "PYTHONPATH": {pythonpath!r}, "HF_HUB_OFFLINE": "1", "HOME": home,
-             "OMP_NUM_THREADS": {threads!r}}}
+             "OMP_NUM_THREADS": {threads!r}, **{hardware!r}}}
 for k, v in {{**({{}} if clean else os.environ), **image_env, **env}}.items():
     bw += ["--setenv", k, v]
 os.execvp("bwrap", bw + ["--chdir", "/", *cmd])
@@ -114,10 +116,16 @@ def bwrap_works() -> bool:
     return subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "true"], capture_output=True).returncode == 0
 
 
+def cpu_caps() -> dict[str, str]:
+    """The kernel-ISA caps set for this process (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): CI sets them to
+    stand in for a CPU without native bf16, so the bundle must run under them too to make the same floats."""
+    return {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+
+
 def run_bundle(bundle: Path, out: Path, home: Path, bindir: Path) -> subprocess.CompletedProcess:
     """Run ``bundle`` as the challenge does, in a clean environment (see the module docstring)."""
     home.mkdir(exist_ok=True)
-    clean = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    clean = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1", **cpu_caps()}
     if shutil.which("apptainer") is None and bwrap_works():
         cmd = [str(bundle / "generate"), "--dataset", "cifar100", "--out", str(out), "--time-limit", "300"]
     else:  # no stand-in possible: the command the image would run, without the image
@@ -192,7 +200,7 @@ def test_bundles_run_alone_for_dit_minimax_d3hr_and_mgd3(tmp_path, monkeypatch):
     bindir.mkdir()
     (bindir / "apptainer").write_text(APPTAINER_STANDIN.format(
         python=sys.executable, path=f"{Path(sys.executable).parent}:/usr/bin:/bin", pythonpath=str(ROOT),
-        threads=os.environ.get("OMP_NUM_THREADS", "2"), image_dirs=[sys.prefix, str(ROOT)]))
+        threads=os.environ.get("OMP_NUM_THREADS", "2"), image_dirs=[sys.prefix, str(ROOT)], hardware=cpu_caps()))
     (bindir / "apptainer").chmod(0o755)
     for m in METHODS:
         out = tmp_path / f"out-{m}"
