@@ -378,3 +378,30 @@ def test_imagenet_1k_budget_holds_and_turns_90_percent_of_the_limit_into_images(
     assert min(counts) >= 1 and max(counts) - min(counts) <= 1
     if slow(limit) > 1.0:
         assert min(e.steps for e in runner.events) < p.steps  # re-planned to fewer steps, not overrun
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one guard of a method's one-off preparation inside a budget (D^3HR statistics, the IGD surrogate)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("warmup", [0.0, 30.0])
+def test_preparation_guard_refuses_at_the_first_projection_past_its_share(warmup):
+    """Units of 1 s after a first unit of 1 + ``warmup`` s, 100 s left and a share of 0.5: 50 units would
+    fit, 60 do not. The warm-up is not mistaken for the rate, and the refusal comes after two units."""
+    from ddkit.budget_runner import PreparationGuard
+
+    now = [0.0]
+    guard = PreparationGuard(lambda: now[0], 100.0, share=0.5, what=("X", "class"), advice="make F ({done} kept)")
+    now[0] += 1 + warmup
+    guard(1, 59)
+    now[0] += 1
+    if warmup:  # 31 s for the first unit + 59 at 1 s: past the 50-s share at the second
+        with pytest.raises(BudgetError, match=r"X need ~90 s for 60 classes \(1.000 s/class measured\), "
+                                              r"100 s were left; make F \(2 kept\)"):
+            guard(2, 58)
+        return
+    with pytest.raises(BudgetError, match="X need ~60 s for 60 classes"):
+        guard(2, 58)
+    fits = PreparationGuard(lambda: now[0], now[0] + 100.0, share=0.5, what=("X", "batch"), advice="")
+    for done in range(1, 41):  # 40 units of 1 s against a 50-s share
+        now[0] += 1
+        fits(done, 40 - done)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddkit import dist
-from ddkit.errors import BudgetError, ConfigError, DataError, WeightsError
+from ddkit.budget_runner import PreparationGuard
+from ddkit.errors import ConfigError, DataError, WeightsError
 from ddkit.io import atomic_torch_save, tensor_digest
 from ddkit.methods.d3hr.decode import reference_input_resize
 from ddkit.methods.d3hr.groups import group_seed
@@ -241,7 +242,12 @@ def class_statistics(
 
     t0 = time.perf_counter()
     parts = cache_dir / f"d3hr-stats-{key[:16]}.parts"
-    guard = None if budget is None else _BudgetGuard(*budget, where=path, cfg=cfg)
+    guard = None if budget is None else PreparationGuard(
+        *budget, share=STATISTICS_SHARE, what=("D^3HR statistics", "class"),
+        advice=f"make {path} before the budget (ddkit run, or ddkit generate without --time-limit; the {{done}} "
+        "classes fitted are kept for it), ship it as generate.d3hr.statistics, or lower "
+        "generate.d3hr.max_images_per_class",
+    )
     fits = _fit_classes(
         model, vae, cfg, index, parts, device=device, rank=rank, world_size=world_size, progress=progress,
         guard=guard,
@@ -270,44 +276,7 @@ def _load_vae(cfg: ExperimentConfig, device):
     return load_vae(cfg.model.vae, device=device).eval()
 
 
-SAMPLING_SHARE = 0.25  # of the time left when the statistics start, kept for calibration, sampling and merge
-
-
-class _BudgetGuard:
-    """Stops the statistics before they spend a generation's budget (:func:`class_statistics`'s ``budget``)."""
-
-    def __init__(
-        self, clock: Callable[[], float], deadline: float, *, where: Path, cfg: ExperimentConfig
-    ) -> None:
-        self.clock, self.deadline, self.where, self.cfg = clock, deadline, where, cfg
-        self.start = clock()
-        self.stop_at = self.start + (1 - SAMPLING_SHARE) * (deadline - self.start)
-        self.first: float | None = None  # when the first class was done: its time includes the warm-up
-
-    def check(self, fitted: int, remaining: int) -> None:
-        """After ``fitted`` classes of this call, with ``remaining`` still to fit. The rate is measured from
-        the second class on (the first pays one-off warm-ups: 0.40 s against an average 0.23 s per class for
-        the 100-class stand-in of tests/test_scale_budget.py), so the first projection comes after two classes.
-
-        Raises:
-            BudgetError: the projected end is past the share the statistics may take.
-        """
-        now = self.clock()
-        if fitted == 1 and self.first is None:
-            self.first = now
-        if remaining <= 0 or fitted < 2 or self.first is None:
-            return
-        per = (now - self.first) / (fitted - 1)
-        if now + per * remaining <= self.stop_at:
-            return
-        need = (self.first - self.start) + per * (fitted + remaining - 1)
-        raise BudgetError(
-            f"generate.time_limit: D^3HR statistics need ~{need:.0f} s "
-            f"for {fitted + remaining} classes ({per:.2f} s/class measured), {self.deadline - self.start:.0f} s were "
-            f"left; make {self.where} before the budget (ddkit run, or ddkit generate without --time-limit; "
-            f"the {fitted} classes fitted are kept for it), ship it as generate.d3hr.statistics, or lower "
-            f"generate.d3hr.max_images_per_class"
-        )
+STATISTICS_SHARE = 0.75  # of the time left when the statistics start; the rest: calibration, sampling, merge
 
 
 def _fit_classes(
@@ -354,7 +323,7 @@ def _fit_classes(
         for k in mine:
             done += fit(k)
             if guard is not None:
-                guard.check(done, todo - done)
+                guard(done, todo - done)
             update()
     if world_size > 1:
         dist.barrier()

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ddkit.budget_runner import PreparationGuard
 from ddkit.config import ExperimentConfig
-from ddkit.errors import BudgetError, ConfigError, DataError
+from ddkit.errors import ConfigError, DataError
 from ddkit.io import publish_bytes_once
 
 CACHE_VERSION = 1
@@ -197,7 +198,11 @@ def load_or_make(cfg: ExperimentConfig, progress: bool = False, budget=None) -> 
     path, index = surrogate_path(cfg)
     if not path.is_file():
         buf = io.BytesIO()
-        check = None if budget is None else _guard(*budget, path)
+        check = None if budget is None else PreparationGuard(
+            *budget, share=TRAINING_SHARE, what=("the IGD surrogate's training", "batch"),
+            advice=f"make {path} before the budget (ddkit run prepares it ahead of the generation budget) or "
+            "ship it as generate.igd.surrogate",
+        )
         torch.save(compute_surrogate(cfg, index, progress, check), buf)
         path.parent.mkdir(parents=True, exist_ok=True)
         publish_bytes_once(path, buf.getvalue())
@@ -205,29 +210,6 @@ def load_or_make(cfg: ExperimentConfig, progress: bool = False, budget=None) -> 
 
 
 TRAINING_SHARE = 0.5  # of the time left when the surrogate starts; the rest: its gradients, calibration, sampling
-
-
-def _guard(clock, deadline: float, path: Path):
-    """A :func:`train_trajectory` check that raises once the projected end of training (from the second batch
-    on: the first pays warm-ups) passes :data:`TRAINING_SHARE` of the time left at its start."""
-    start = clock()
-    stop_at = start + TRAINING_SHARE * (deadline - start)
-    first: list[float] = []
-
-    def check(done: int, left: int) -> None:
-        now = clock()
-        if done == 1:
-            first.append(now)
-            return
-        per = (now - first[0]) / (done - 1)
-        if now + per * left > stop_at:
-            raise BudgetError(
-                f"generate.time_limit: the IGD surrogate needs ~{per * (done + left):.0f} s of training "
-                f"({per:.3f} s/batch measured), {deadline - start:.0f} s were left; make {path} before the budget "
-                f"(ddkit run prepares it ahead of the generation budget) or ship it as generate.igd.surrogate"
-            )
-
-    return check
 
 
 def _checked(blob: dict[str, Any], cfg: ExperimentConfig, where: str) -> dict[str, Any]:
