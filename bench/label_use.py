@@ -31,12 +31,13 @@ def train_judge(shards: str, epochs: int = 4, seed: int = 0):
     (:func:`ddkit.methods.select.train_encoder`). Returns (judge in eval mode, real test accuracy in [0, 1],
     the real test split as (float [N, C, H, W] in [-1, 1], int64 [N]))."""
     from ddkit.data.shards import load_tensors, read_index
-    from ddkit.methods.select import train_encoder
+    from ddkit.methods.select import tensor_batches, train_encoder
 
     idx = read_index(shards)
     x, y = load_tensors(shards, "train")
     xt, yt = load_tensors(shards, "test")
-    net = train_encoder(x, y, num_classes=len(idx["classes"]), epochs=epochs, seed=seed, width=128)
+    net = train_encoder(tensor_batches(x, y, seed=seed), channels=int(x.shape[1]), resolution=int(x.shape[-1]),
+                        num_classes=len(idx["classes"]), epochs=epochs, seed=seed, width=128)
     xt = xt.float() / 127.5 - 1
     return net, accuracy(net, xt, yt), (xt, yt)
 

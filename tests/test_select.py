@@ -63,3 +63,27 @@ def test_select_per_class_is_class_major_balanced_and_inside_each_class():
     assert torch.allclose(sel.confidence, torch.softmax(logits, 1)[torch.arange(24), labels])
     with pytest.raises(ValueError, match="candidates < ipc"):
         S.select_per_class(feats, logits, labels, 9)
+
+
+def test_selection_reserve_is_the_timed_cost_of_one_class_times_the_candidates(tmp_path):
+    """The reserve +select keeps for its selection is measured on the encoder (one class's candidates
+    encoded and chosen), scaled by the dataset's classes: a slower machine gets a larger reserve."""
+    from conftest import digit_shards
+
+    from ddkit.config import load_config
+    from ddkit.methods import registry
+    from ddkit.methods.selected import SELECTION_FIXED_SECONDS, encoder_for, selection_seconds_per_candidate
+
+    data = digit_shards(tmp_path, classes=3)
+    cfg = load_config(None, [*data, f"run_dir={tmp_path / 'run'}", "generate.ipc_max=10",
+                             "generate.select.ratio=4", "generate.select.encoder_epochs=1"])  # fmt: skip
+    meth = registry.build("dit+select", cfg)
+    meth.before_sampling(progress=False)
+    per = meth.prepared_seconds["select_per_candidate_s"]
+    assert per > 0 and meth.reserve_seconds() == pytest.approx(SELECTION_FIXED_SECONDS + per * 40 * 3)
+
+    encoder, means, _ = encoder_for(cfg)
+    ticks = iter([10.0, 16.0])  # a fake clock: the timed work "takes" 6 s
+    per = selection_seconds_per_candidate(encoder, means, (1, 16, 16), 40, 10, cfg.generate.select,
+                                          clock=lambda: next(ticks))  # fmt: skip
+    assert per == pytest.approx(6.0 / 40)

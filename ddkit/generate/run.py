@@ -191,11 +191,11 @@ def generate(
     phase = on_phase or (lambda name: None)
     phase("start")
     sample_dir = meth.sample_dir(gen_dir)
-    limit = cfg.generate.time_limit - meth.reserve_seconds()
     if sample_dir != gen_dir:  # a wrapper (+select): its base samples a pool, then the wrapper finishes
         gen_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(gen_dir, cfg)
-        meth.before_sampling(progress)
+        meth.before_sampling(progress)  # first: it may time what reserve_seconds charges
+    limit = cfg.generate.time_limit - meth.reserve_seconds()
     base_cfg = replace(cfg, generate=replace(cfg.generate, method=meth.base.name, time_limit=max(1e-3, limit)))
     _sample(base_cfg, meth, sample_dir, rank=rank, world_size=world_size, t0=t0, clock=clock, model=model,
             device=device, progress=progress, fp=fp, phase=phase, note=note,

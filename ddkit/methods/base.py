@@ -95,7 +95,8 @@ class GenerationMethod:
         return 0.0
 
     def before_sampling(self, progress: bool) -> None:
-        """A wrapper's preparation before its base samples (the selection encoder; a no-op by default)."""
+        """A wrapper's preparation before its base samples (the selection encoder; a no-op by default); it runs
+        before :meth:`reserve_seconds` is read, so it may time what that charges."""
 
     def finish(self, gen_dir: Path) -> None:
         """A wrapper's last step once its sample dir is merged (selection; a no-op by default)."""

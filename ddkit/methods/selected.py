@@ -30,10 +30,12 @@ from ddkit.generate.record import mark_done_stamped
 from ddkit.io import atomic_torch_save, atomic_write_json, read_json
 from ddkit.methods.base import GenerationMethod, Sampling
 from ddkit.methods.registry import label
-from ddkit.methods.select import encode, select_per_class, train_encoder
+from ddkit.methods.select import encode, select_class, select_per_class, train_encoder
 
 POOL = "pool"
-SECONDS_PER_CANDIDATE = 0.002  # encode + greedy choice on a CPU (charged as work before the pool's budget)
+ENCODER_BATCH = 64  # Adam's batch for the selector's encoder
+SECONDS_PER_CANDIDATE = 0.002  # before the encoder exists (a dry plan); once it does, the cost is timed
+SELECTION_FIXED_SECONDS = 1.0  # loading the pool, writing dataset.pt, grid.png and selection.png
 
 
 class Selected(GenerationMethod):
@@ -43,6 +45,7 @@ class Selected(GenerationMethod):
     def __init__(self, base: GenerationMethod, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         self._base = base
+        self.prepared_seconds: dict[str, float] = {}
         self.name = f"{base.name}+select"
         self.label = label(self.name)
 
@@ -74,10 +77,13 @@ class Selected(GenerationMethod):
         return Path(gen_dir) / POOL
 
     def reserve_seconds(self) -> float:
-        """Selection's own cost, charged as work: :data:`SECONDS_PER_CANDIDATE` per candidate of the
-        dataset's classes (the backbone may have many more, e.g. DiT-XL/2's 1,000 for a 10-class subset)."""
+        """Selection's own cost, charged as work: seconds per candidate (measured on this machine by
+        :meth:`before_sampling`, else :data:`SECONDS_PER_CANDIDATE`) × ``ratio · ipc_max`` candidates of each
+        of the dataset's classes (the backbone may have many more, e.g. DiT-XL/2's 1,000 for a 10-class
+        subset), plus :data:`SELECTION_FIXED_SECONDS`."""
         gcfg = self.cfg.generate
-        return 1.0 + SECONDS_PER_CANDIDATE * math.ceil(gcfg.select.ratio * gcfg.ipc_max) * _num_classes(self.cfg)
+        per = self.prepared_seconds.get("select_per_candidate_s", SECONDS_PER_CANDIDATE)
+        return SELECTION_FIXED_SECONDS + per * math.ceil(gcfg.select.ratio * gcfg.ipc_max) * _num_classes(self.cfg)
 
     def precompute(self, progress: bool) -> None:
         self._base.precompute(progress)
@@ -87,7 +93,15 @@ class Selected(GenerationMethod):
         return self._base.precompute_work(train_per_class)
 
     def before_sampling(self, progress: bool) -> None:
-        encoder_for(self.cfg)  # trained once per dataset and cached
+        """The encoder (trained once per dataset and cached), then one class's selection timed on it."""
+        from ddkit.data import read_index
+
+        encoder, means, _ = encoder_for(self.cfg)
+        gcfg, index = self.cfg.generate, read_index(self.cfg.data.shards)
+        shape = (int(index["channels"]), int(index["resolution"]), int(index["resolution"]))
+        self.prepared_seconds["select_per_candidate_s"] = selection_seconds_per_candidate(
+            encoder, means, shape, math.ceil(gcfg.select.ratio * gcfg.ipc_max), gcfg.ipc_max, gcfg.select
+        )
 
     def finish(self, gen_dir: Path) -> None:
         select_pool(self.cfg, self.name, Path(gen_dir))
@@ -128,7 +142,7 @@ def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, s
     Raises:
         DataError: unreadable shards.
     """
-    from ddkit.data import ClassReader, load_tensors, read_index
+    from ddkit.data import ClassReader, ShardLoader, read_index
     from ddkit.evaluate.networks import ConvNet
 
     scfg = cfg.generate.select
@@ -137,7 +151,7 @@ def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, s
     key = hashlib.sha256(
         json.dumps(
             {"sha": index.get("sha256", {}), "epochs": scfg.encoder_epochs, "width": scfg.encoder_width,
-             "seed": cfg.seed, "cache": 2},
+             "seed": cfg.seed, "batch": ENCODER_BATCH, "cache": 3},
             sort_keys=True,
         ).encode()
     ).hexdigest()[:12]
@@ -147,12 +161,30 @@ def encoder_for(cfg: ExperimentConfig) -> tuple[torch.nn.Module, torch.Tensor, s
         blob = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(blob["state"])
         return net.eval(), blob["means"], str(path)
-    x, y = load_tensors(cfg.data.shards, "train")
-    net = train_encoder(x, y, num_classes=k, epochs=scfg.encoder_epochs, seed=cfg.seed, width=scfg.encoder_width)
-    del x, y
+    def batches(epoch: int):  # streamed: memory bounded by the loader's shuffle buffer, not the split
+        return ShardLoader(cfg.data.shards, "train", ENCODER_BATCH, seed=cfg.seed, epoch=epoch, drop_last=False)
+
+    net = train_encoder(batches, channels=int(index["channels"]), resolution=int(index["resolution"]), num_classes=k,
+                        epochs=scfg.encoder_epochs, seed=cfg.seed, width=scfg.encoder_width)  # fmt: skip
     means = real_class_means(net, ClassReader(cfg.data.shards, "train"))
     atomic_torch_save({"state": net.state_dict(), "means": means}, path)
     return net, means, str(path)
+
+
+def selection_seconds_per_candidate(encoder: torch.nn.Module, means: torch.Tensor, shape: tuple[int, int, int],
+                                    n: int, ipc: int, scfg, clock=time.perf_counter) -> float:  # fmt: skip
+    """Seconds per candidate of :func:`select_pool`'s work, timed on one class: encode ``n`` candidates of
+    ``shape`` (C, H, W; capped at one encode batch of 500, encoding is linear in them) and choose
+    ``min(ipc, n)`` of them by ``scfg.criterion`` (:class:`ddkit.config.SelectConfig`) towards
+    ``means[0]`` (float [K, D]). Seeded noise images: the cost does not depend on what they show."""
+    n = max(1, min(n, 500))
+    x = torch.randint(0, 256, (n, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    t0 = clock()
+    feats, logits = encode(encoder, x)
+    conf = torch.softmax(logits.float(), 1)[:, 0]
+    select_class(feats, conf, min(ipc, n), criterion=scfg.criterion, min_confidence=scfg.min_confidence,
+                 target=means[0])  # fmt: skip
+    return (clock() - t0) / n
 
 
 def real_class_means(net: torch.nn.Module, reader) -> torch.Tensor:

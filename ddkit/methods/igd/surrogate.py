@@ -31,7 +31,7 @@ from ddkit.config import ExperimentConfig
 from ddkit.errors import ConfigError, DataError
 from ddkit.io import publish_bytes_once
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the training streams the shards (ShardLoader) instead of permuting the split in memory
 CACHE_DIR = "igd-cache"
 
 
@@ -65,11 +65,17 @@ def build_net(network: str, width: int, channels: int, num_classes: int, resolut
     return ConvNet(channels, num_classes, resolution, depth=int(m.group(1)), width=width)
 
 
-def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int, check=None) -> list:
+def train_trajectory(batches, cfg: ExperimentConfig, *, channels: int, resolution: int, num_classes: int,
+                     per_epoch: int, check=None) -> list:  # fmt: skip
     """The surrogate's flat parameters at initialisation and after each epoch: ``epochs + 1`` float32 [P].
+    AdamW with the reference's MultiStepLR (``train.py``: milestones at 2/3 and 5/6 of the epochs, γ 0.2).
 
     Args:
-        x: float [N, C, H, W] real train images in [-1, 1]; y: int64 [N].
+        batches: ``batches(epoch)`` yields (float [B, C, H, W] real train images in [-1, 1], int64 [B]),
+            shuffled per epoch as the reference's DataLoader: a streaming :class:`ddkit.data.ShardLoader`,
+            so memory is bounded by its shuffle buffer at any split size.
+        channels, resolution: C and H = W of the images; num_classes: K.
+        per_epoch: batches per epoch (for ``check``'s count of what is left).
         check: ``check(batches_done, batches_left)`` after every batch (a budget guard; it may raise).
     """
     import torch
@@ -80,18 +86,14 @@ def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int, check=None) 
     s = cfg.generate.igd
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
-        net = build_net(s.network, s.width, int(x.shape[1]), num_classes, int(x.shape[-1]))
+        net = build_net(s.network, s.width, channels, num_classes, resolution)
         opt = torch.optim.AdamW(net.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2 * s.epochs // 3, 5 * s.epochs // 6], gamma=0.2)
-        g = torch.Generator().manual_seed(s.seed)
-        traj = [flatten(net)]
-        per_epoch, done = -(-len(x) // s.batch_size), 0
-        for _ in range(s.epochs):
+        traj, done = [flatten(net)], 0
+        for epoch in range(s.epochs):
             net.train()
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), s.batch_size):
-                j = perm[i : i + s.batch_size]
-                loss = F.cross_entropy(net(x[j]), y[j])
+            for x, y in batches(epoch):
+                loss = F.cross_entropy(net(x), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -103,15 +105,18 @@ def train_trajectory(x, y, cfg: ExperimentConfig, num_classes: int, check=None) 
     return traj
 
 
-def _class_images(x, y, c: int, n: int):
-    """The first ``n`` real images of class ``c`` in the loader's deterministic order (``get_grads``'s
-    unshuffled loader)."""
-    return x[y == c][:n]
+def _class_images(reader, c: int, n: int):
+    """float [n, C, H, W] in [-1, 1]: the first ``n`` real images of class ``c`` in sample-key order (the
+    reference's ``get_grads`` reads an unshuffled loader), one class in memory."""
+    return reader.images(c, limit=n).float() / 127.5 - 1.0
 
 
-def compute_surrogate(cfg: ExperimentConfig, index: dict[str, Any], progress: bool = False, check=None) -> dict[str, Any]:
+def compute_surrogate(
+    cfg: ExperimentConfig, index: dict[str, Any], progress: bool = False, check=None
+) -> dict[str, Any]:
     """Train, select and compute the real-gradient memory (module docstring): the blob the cache holds
-    (``check``: :func:`train_trajectory`'s budget guard).
+    (``check``: :func:`train_trajectory`'s budget guard). The train split is streamed for the training and
+    read one class at a time for the gradients.
 
     Returns:
         ``{"key", "inputs", "classes", "shapes", "selected": [int], "checkpoints": float32 [T, P],
@@ -122,27 +127,33 @@ def compute_surrogate(cfg: ExperimentConfig, index: dict[str, Any], progress: bo
     """
     import torch
 
-    from ddkit.data import load_tensors
+    from ddkit.data import ClassReader, ShardLoader
     from ddkit.methods.igd.influence import real_gradients, select_checkpoints
 
     s, K = cfg.generate.igd, len(index["classes"])
+    C, R = int(index["channels"]), int(index["resolution"])
     t0 = time.perf_counter()
-    images, labels = load_tensors(cfg.data.shards, "train")
-    x = images.float() / 127.5 - 1.0
+    reader = ClassReader(cfg.data.shards, "train")
     for c in range(K):
-        if not bool((labels == c).any()):
+        if reader.count(c) == 0:
             raise DataError(f"{cfg.data.shards}: class {index['classes'][c]!r} has no train images for IGD's surrogate")
-    traj = train_trajectory(x, labels, cfg, K, check)
-    net = build_net(s.network, s.width, int(x.shape[1]), K, int(x.shape[-1])).eval()
+
+    def batches(epoch: int):
+        return ShardLoader(cfg.data.shards, "train", s.batch_size, seed=s.seed, epoch=epoch, drop_last=False)
+
+    traj = train_trajectory(batches, cfg, channels=C, resolution=R, num_classes=K, per_epoch=len(batches(0)),
+                            check=check)  # fmt: skip
+    net = build_net(s.network, s.width, C, K, R).eval()
     if progress:
         print(f"IGD surrogate: {s.epochs} epochs in {time.perf_counter() - t0:.0f} s", flush=True)
+
     def class_grads(j: int):
-        return torch.stack([real_gradients(net, [traj[j]], _class_images(x, labels, c, s.select_ipc), c,
-                                           batch=s.select_ipc)[0] for c in range(K)])
+        return torch.stack([real_gradients(net, [traj[j]], _class_images(reader, c, s.select_ipc), c,
+                                           batch=s.select_ipc)[0] for c in range(K)])  # fmt: skip
 
     selected = select_checkpoints(class_grads, len(traj), s.threshold)
     ckpts = [traj[j] for j in selected]
-    real = torch.stack([real_gradients(net, ckpts, _class_images(x, labels, c, s.grad_ipc), c, batch=s.grad_batch)
+    real = torch.stack([real_gradients(net, ckpts, _class_images(reader, c, s.grad_ipc), c, batch=s.grad_batch)
                         for c in range(K)])  # fmt: skip
     inputs = surrogate_inputs(cfg, index)
     return {
