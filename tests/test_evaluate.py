@@ -448,3 +448,24 @@ def test_cli_writes_results_with_baselines_and_resumes(real, tmp_path):
     assert dd["hlr_mean"] == pytest.approx(sets["full"]["runs"][0] - sets["demo"]["runs"][0])
     assert "dd_ranking" not in sets["random_real"] and "dd_ranking" not in sets["full"]
     assert len((out / "runs.jsonl").read_text().splitlines()) == 5
+
+
+def test_random_real_reads_only_its_draw_and_matches_the_draw_from_memory(tmp_path):
+    """The random_real baseline draws class by class from the shards (one class's index, only the drawn
+    images decoded), byte-identical to the draw from the whole split in memory, which is never loaded."""
+    from conftest import digit_shards
+
+    from ddkit.data import load_tensors
+    from ddkit.errors import DataError
+    from ddkit.evaluate.runs import RealTrain, random_real_subset
+
+    data = digit_shards(tmp_path, classes=4, per_class=15)
+    shards = next(s.split("=", 1)[1] for s in data if s.startswith("data.shards="))
+    train = RealTrain(shards)
+    for seed in (0, 1, 7):
+        xs, ys = train.random_subset(3, seed, 4)
+        want = random_real_subset(*load_tensors(shards, "train"), 3, seed, 4)
+        assert torch.equal(xs, want[0]) and torch.equal(ys, want[1])
+    assert train._tensors is None  # the whole split was not read
+    with pytest.raises(DataError, match=r"random_real: class 0 has \d+ training images, fewer than IPC 100"):
+        train.random_subset(100, 0, 4)

@@ -132,11 +132,29 @@ class ClassReader:
         Raises:
             DataError: an undecodable or wrong-sized image (names shard and key).
         """
+        rows = np.flatnonzero(self.label == k)
+        return self._read(k, rows if limit is None else rows[:limit])
+
+    def images_at(self, k: int, positions) -> object:
+        """Class ``k``'s images at ``positions`` (indices into :meth:`images`' order, any order): only those
+        are read, e.g. a random draw of IPC out of 1,300 ImageNet images.
+
+        Returns:
+            uint8 [len(positions), C, H, W].
+
+        Raises:
+            IndexError: a position outside ``[0, count(k))``; DataError: as :meth:`images`.
+        """
+        rows = np.flatnonzero(self.label == k)
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(rows)):
+            raise IndexError(f"class {k}: positions outside [0, {len(rows)})")
+        return self._read(k, rows[pos])
+
+    def _read(self, k: int, rows: np.ndarray):
+        """uint8 [len(rows), C, H, W]: the samples at ``rows`` (indices into the split's sample table)."""
         import torch
 
-        rows = np.flatnonzero(self.label == k)
-        if limit is not None:
-            rows = rows[:limit]
         if len(rows) == 0:
             return torch.zeros(0, self.channels, self.resolution, self.resolution, dtype=torch.uint8)
 

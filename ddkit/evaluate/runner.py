@@ -24,7 +24,7 @@ from ddkit.distilled import load_distilled as read_distilled
 from ddkit.errors import DataError
 from ddkit.evaluate.protocols import Protocol, RDEDProtocol, get_protocol
 from ddkit.evaluate.results import Report
-from ddkit.evaluate.runs import Bench, RunCache, TrainSet, random_real_subset, run_key
+from ddkit.evaluate.runs import Bench, RealTrain, RunCache, TrainSet, random_real_subset, run_key
 from ddkit.evaluate.teacher import teacher_for
 from ddkit.evaluate.trainer import student_precision
 from ddkit.io import atomic_write_json, hardware_info, mark_done, write_run_config
@@ -122,14 +122,14 @@ def evaluate(
     ipc = cfg.ipc or (sets[0].ipc if sets else 10)
     check_real_counts(index, cfg, ipc, str(real))
     test_u8, test_y = load_tensors(real, "test")
-    train_u8, train_y = load_tensors(real, "train")
+    train = RealTrain(real)
     real_fp = run_key({"real": str(Path(real).resolve()), "sha": index.get("sha256", {})})
     precision = _precision(out, cfg, protocol, network, index, ipc, device)
     cfg = dataclasses.replace(
         cfg, precision=precision.precision
     )  # run keys and students use the resolved one
-    sets += _baselines(cfg, ipc, train_u8, train_y, len(index["classes"]), real_fp)
-    bench = Bench(protocol, network, cfg, index, ipc, train_u8, train_y, test_u8, test_y, device)
+    sets += _baselines(cfg, ipc, train, len(index["classes"]), real_fp)
+    bench = Bench(protocol, network, cfg, index, ipc, train, test_u8, test_y, device)
     if isinstance(protocol, RDEDProtocol):
         bench.teacher, bench.teacher_fp = teacher_for(bench, out, progress, real_fp)
 
@@ -161,8 +161,7 @@ def _precision(out: Path, cfg: EvaluateConfig, protocol: Protocol, network: str,
     return precision
 
 
-def _baselines(cfg: EvaluateConfig, ipc: int, train_u8: torch.Tensor, train_y: torch.Tensor, k: int,
-               real_fp: str) -> list[TrainSet]:  # fmt: skip
+def _baselines(cfg: EvaluateConfig, ipc: int, train: RealTrain, k: int, real_fp: str) -> list[TrainSet]:
     """The baseline training sets named in ``cfg.baselines``, in that order: ``random_real`` (drawn per
     repeat, see :func:`ddkit.evaluate.runs.random_real_subset`) and ``full`` (the real train split)."""
     sets = []
@@ -174,8 +173,8 @@ def _baselines(cfg: EvaluateConfig, ipc: int, train_u8: torch.Tensor, train_y: t
                 )
             )
         elif b == "full":
-            n_full = int(train_y.shape[0])
-            sets.append(TrainSet("full", "full", train_u8, train_y, max(1, n_full // k), f"full:{real_fp}"))
+            train_u8, train_y = train.tensors()  # the one baseline that trains on the whole split
+            sets.append(TrainSet("full", "full", train_u8, train_y, max(1, len(train_y) // k), f"full:{real_fp}"))
     return sets
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ddkit.config import EvaluateConfig, to_dict
+from ddkit.data import ClassReader, load_tensors
 from ddkit.errors import DataError
 from ddkit.evaluate.batched import Student, group_size, supports, train_students
 from ddkit.evaluate.protocols import ECCV2024Protocol, Protocol
@@ -44,23 +45,73 @@ def run_key(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def random_real_subset(images: torch.Tensor, labels: torch.Tensor, ipc: int, seed: int, num_classes: int):
-    """``ipc`` real training images per class drawn without replacement with ``torch.Generator(seed)``.
+def random_real_positions(counts: list[int], ipc: int, seed: int) -> list[torch.Tensor]:
+    """random_real's draw: per class, ``ipc`` positions among its ``counts[c]`` train images (in the split's
+    sample order) without replacement, classes in order from one ``torch.Generator(seed)``.
 
-    ``images`` any dtype ``[N, ...]``, ``labels`` int64 ``[N]`` -> ``(images[idx], labels[idx])``, class-major.
+    Returns:
+        int64 [ipc] per class.
 
     Raises:
         DataError: a class has fewer than ``ipc`` images.
     """
     g = torch.Generator().manual_seed(seed)
-    idx = []
-    for c in range(num_classes):
-        pool = torch.nonzero(labels == c).flatten()
-        if len(pool) < ipc:
-            raise DataError(f"random_real: class {c} has {len(pool)} training images, fewer than IPC {ipc}")
-        idx.append(pool[torch.randperm(len(pool), generator=g)[:ipc]])
-    idx_t = torch.cat(idx)
-    return images[idx_t], labels[idx_t]
+    out = []
+    for c, n in enumerate(counts):
+        if n < ipc:
+            raise DataError(f"random_real: class {c} has {n} training images, fewer than IPC {ipc}")
+        out.append(torch.randperm(n, generator=g)[:ipc])
+    return out
+
+
+def random_real_subset(images: torch.Tensor, labels: torch.Tensor, ipc: int, seed: int, num_classes: int):
+    """:func:`random_real_positions`' draw from tensors in memory: ``images`` any dtype ``[N, ...]``,
+    ``labels`` int64 ``[N]`` -> ``(images[idx], labels[idx])``, class-major.
+
+    Raises:
+        DataError: a class has fewer than ``ipc`` images.
+    """
+    pools = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    pos = random_real_positions([len(p) for p in pools], ipc, seed)
+    idx = torch.cat([pool[q] for pool, q in zip(pools, pos, strict=True)])
+    return images[idx], labels[idx]
+
+
+class RealTrain:
+    """An evaluation's real train split, read only as far as it is needed: ``random_real``'s draws class by
+    class (only the drawn images, :class:`ddkit.data.ClassReader`), the whole split only for what trains on
+    all of it (the ``full`` baseline, the rded teacher), once.
+
+    Args:
+        shards: the real shard directory.
+    """
+
+    def __init__(self, shards: str | Path) -> None:
+        self.shards = shards
+        self._reader = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split: uint8 [N, C, H, W], int64 [N] (loaded on the first call)."""
+        if self._tensors is None:
+            self._tensors = load_tensors(self.shards, "train")
+        return self._tensors
+
+    def random_subset(self, ipc: int, seed: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`random_real_subset` of the split, byte-identical, reading only the drawn images unless the
+        split is in memory already.
+
+        Raises:
+            DataError: a class has fewer than ``ipc`` images, or unreadable shards.
+        """
+        if self._tensors is not None:
+            return random_real_subset(*self._tensors, ipc, seed, num_classes)
+        if self._reader is None:
+            self._reader = ClassReader(self.shards, "train")
+        pos = random_real_positions([self._reader.count(c) for c in range(num_classes)], ipc, seed)
+        xs = torch.cat([self._reader.images_at(c, q.numpy()) for c, q in enumerate(pos)])
+        ys = torch.cat([torch.full((len(q),), c, dtype=torch.int64) for c, q in enumerate(pos)])
+        return xs, ys
 
 
 @dataclass
@@ -73,8 +124,7 @@ class Bench:
     cfg: EvaluateConfig  # with the resolved precision (never "auto")
     index: dict[str, Any]  # the real shard set's index (classes, channels, resolution, mean, std)
     ipc: int  # images per class of random_real
-    train_u8: torch.Tensor  # real train split, uint8 [N, C, H, W]
-    train_y: torch.Tensor  # int64 [N]
+    train: RealTrain  # the real train split, read as far as needed
     test_x: torch.Tensor  # real test split, uint8 [M, C, H, W]; converted per batch by the trainer
     test_y: torch.Tensor  # int64 [M]
     device: torch.device
@@ -169,7 +219,7 @@ class RunCache:
                 what["batched"] = True
             key = run_key(what)
             if s.kind == "random_real":
-                xs, ys = random_real_subset(bench.train_u8, bench.train_y, bench.ipc, seed, bench.num_classes)
+                xs, ys = bench.train.random_subset(bench.ipc, seed, bench.num_classes)
             else:
                 xs, ys = s.images, s.labels
             done = self.done.get(key)

@@ -64,7 +64,7 @@ def teacher_for(bench: Bench, out: Path, progress: bool, real_fp: str) -> tuple[
     )
     with bar(f"teacher {tnet}", epochs, enabled=progress) as update:
         model = train_teacher(
-            protocol, tnet, bench.train_u8, bench.train_y, on_epoch=lambda _epochs_done: update(), **kwargs
+            protocol, tnet, *bench.train.tensors(), on_epoch=lambda _epochs_done: update(), **kwargs
         )
     atomic_torch_save({k_: v.cpu() for k_, v in model.state_dict().items()}, path)
     return model, fp
