@@ -18,7 +18,8 @@ before the stage: what the stage itself added):
 - ``merge``: ``merge_generation`` of those shards;
 - ``package``: ``package_run(..., fmt="folder")``;
 - ``eval-data``: the evaluation's data loading (``ddkit.evaluate.runner``: the distilled set, the real test
-  and train splits).
+  split and one ``random_real`` draw; the ``full`` baseline, which trains on the whole train split, is not
+  part of it).
 
 Each stage's exponent is the least-squares slope of log(cost) on log(K), over all K and over the last two
 (at 10 classes fixed costs, imports and warm-ups, dominate). CPU seconds (process time, all threads) are
@@ -192,10 +193,11 @@ def stage(a, name: str, work: Path) -> dict:
     elif name == "eval-data":
         from ddkit.data import load_tensors, read_index
         from ddkit.evaluate.runner import load_distilled
+        from ddkit.evaluate.runs import RealTrain
 
         load_distilled(gen / "dataset.pt", read_index(work / "shards"))
         load_tensors(work / "shards", "test")
-        load_tensors(work / "shards", "train")
+        RealTrain(work / "shards").random_subset(min(a.ipc, a.train_per_class), 0, k)  # random_real's draw
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu": cpu, "peak_mb": _peak_mb(), "added_mb": max(0.0, _peak_mb() - base)}
 
