@@ -272,9 +272,13 @@ class MinimaxMemory:
     def update(self, x0: torch.Tensor, x0_pred: torch.Tensor, labels: torch.Tensor) -> None:
         """Push a batch (after the loss, as the reference). x0, x0_pred: float [B, ...]; labels: int64 [B]
         subset class indices (CPU tensor preferred: no device sync)."""
-        for c, idx in _class_groups(labels, x0.device):
-            self.real.push(c, x0.index_select(0, idx))
-            self.gen.push(c, x0_pred.detach().index_select(0, idx))
+        classes, order, counts = _class_runs(labels, x0.device)
+        # One gather per memory, then views per class: the per-class cost is one cat, not three index ops.
+        real = x0.index_select(0, order).split(counts)
+        gen = x0_pred.detach().index_select(0, order).split(counts)
+        for c, r, g in zip(classes, real, gen):
+            self.real.push(c, r)
+            self.gen.push(c, g)
 
     def state_dict(self) -> dict:
         return {"real": self.real.state_dict(), "gen": self.gen.state_dict()}
@@ -284,14 +288,39 @@ class MinimaxMemory:
         self.gen.load_state_dict(state["gen"], device)
 
 
-def _class_groups(labels: torch.Tensor, device: torch.device) -> list[tuple[int, torch.Tensor]]:
-    """[(class, int64 row indices on ``device``)] for each class present, in ascending class order."""
+def _class_runs(labels: torch.Tensor, device: torch.device) -> tuple[list[int], torch.Tensor, list[int]]:
+    """The batch sorted by class: (classes present, ascending; int64 [B] row order on ``device``, stable, so
+    a class keeps its batch order; rows per class). One sort however many classes are present."""
     lab = labels.detach().to("cpu")
-    out = []
-    for c in torch.unique(lab).tolist():
-        idx = torch.nonzero(lab == c, as_tuple=False).flatten()
-        out.append((int(c), idx.to(device, non_blocking=True)))
-    return out
+    classes, counts = torch.unique(lab, return_counts=True)
+    order = torch.argsort(lab, stable=True)
+    return classes.tolist(), order.to(device, non_blocking=True), counts.tolist()
+
+
+def _has(mem: ClassMemory, c: int) -> bool:
+    entries = mem.get(c)
+    return entries is not None and len(entries) > 0
+
+
+def _class_extreme(
+    emb: torch.Tensor, group: torch.Tensor, bank: list[torch.Tensor], largest: bool
+) -> torch.Tensor:
+    """Σ over groups of the min (or max) cosine similarity between a group's rows and its own bank.
+
+    emb: float32 [R, D]; group: int64 [R] in [0, G); bank: G float tensors [M_g, D]. All banks are stacked
+    into one [ΣM_g, D] matrix and one similarity matrix [R, ΣM_g] is masked to each row's own group, so the
+    kernel count does not grow with the classes present (the reference loops over classes). The values are
+    the reference's per-class ``cosine_similarity(...).min()`` / ``.max()``; only float rounding differs.
+    """
+    sizes = torch.tensor([len(b) for b in bank], device=emb.device)
+    owner = torch.repeat_interleave(torch.arange(len(bank), device=emb.device), sizes)  # [ΣM]
+    sims = cosine_similarity_matrix(emb, torch.cat(bank).to(emb.dtype))  # [R, ΣM]
+    fill = float("-inf") if largest else float("inf")
+    per_row = sims.masked_fill(group[:, None] != owner[None, :], fill)  # [R, ΣM]
+    per_row = per_row.amax(1) if largest else per_row.amin(1)  # [R]
+    per_group = per_row.new_full((len(bank),), fill)
+    per_group = per_group.scatter_reduce(0, group, per_row, "amax" if largest else "amin", include_self=False)
+    return per_group.sum()
 
 
 def minimax_terms(
@@ -310,21 +339,21 @@ def minimax_terms(
         (1 − min cos) resp. (max cos), each divided by the number of classes present in the batch — and
         how many classes had a memory. Both are 0 (no graph) when no class had one.
     """
-    groups = _class_groups(labels, x0_pred.device)
+    lab = labels.detach().to("cpu")
+    present = torch.unique(lab).tolist()
     emb = x0_pred.flatten(1).float()
-    l_r = emb.new_zeros(())
-    l_d = emb.new_zeros(())
-    used = 0
-    for c, idx in groups:
-        real, gen = memory.real.get(c), memory.gen.get(c)
-        if real is None or gen is None or len(gen) == 0:
-            continue
-        e = emb.index_select(0, idx)
-        l_r = l_r + (1.0 - cosine_similarity_matrix(e, real.float()).min())
-        l_d = l_d + cosine_similarity_matrix(e, gen.float()).max()
-        used += 1
-    n = max(len(groups), 1)
-    return l_r / n, l_d / n, used
+    used = [c for c in present if _has(memory.real, c) and _has(memory.gen, c)]
+    if not used:
+        return emb.new_zeros(()), emb.new_zeros(()), 0
+    slot = torch.full((int(lab.max()) + 1,), -1, dtype=torch.long)
+    slot[torch.tensor(used)] = torch.arange(len(used))
+    group = slot[lab]  # [B]: index into ``used``, -1 for a class without memory
+    rows = torch.nonzero(group >= 0).flatten()
+    e, g = emb.index_select(0, rows.to(emb.device)), group[rows].to(emb.device)
+    l_r = len(used) - _class_extreme(e, g, [memory.real.get(c) for c in used], largest=False)
+    l_d = _class_extreme(e, g, [memory.gen.get(c) for c in used], largest=True)
+    n = len(present)
+    return l_r / n, l_d / n, len(used)
 
 
 def minimax_objective(
