@@ -178,13 +178,20 @@ class _Step:
         self.forward = lambda z: model(z, torch.full((len(z),), t), labels)
 
 
-def test_the_guided_step_descends_the_objective_inside_the_window_only(trajectory):
+def _guided(trajectory):
+    """(net, checkpoints, real gradients, a fake backbone, x_t [2, 1, 16, 16], memories, the reference-scaled
+    guide for classes 0 and 3)."""
     net, ckpts, images = trajectory
     real = torch.stack([real_gradients(net, ckpts, images[:40], c) for c in range(4)])
     model = FakeBackbone(in_channels=1, input_size=16, num_classes=4, learn_sigma=False)
     x = torch.randn(2, 1, 16, 16) * 0.3
     mem = [torch.zeros(0, 1, 16, 16), torch.randn(2, 1, 16, 16)]
     guide = InfluenceGuide(net, ckpts, real, [0, 3], mem, (600, 900), 5.0, 120.0, lambda z: z.clamp(-1, 1))
+    return net, ckpts, real, model, x, mem, guide
+
+
+def test_the_guided_step_descends_the_objective_inside_the_window_only(trajectory):
+    net, ckpts, real, model, x, mem, guide = _guided(trajectory)
     outside = _Step(model, x, 300, torch.tensor([0, 3]))
     assert torch.equal(guide(outside), outside.x_prev)
     s = _Step(model, x, 700, torch.tensor([0, 3]))
@@ -267,3 +274,55 @@ def test_igd_generates_a_guided_set_and_the_unguided_limit_is_plain_dit(digits, 
         cfg.generate, igd=dataclasses.replace(cfg.generate.igd, scale=0.0, dev_scale=0.0)))
     plain, _, _ = run(off, "igd", "igd-off")
     assert torch.equal(plain["images"], dit["images"])  # k = γ = 0: exactly the plain chain, same seeds
+
+
+def test_igd_on_modes_adds_both_offsets_in_either_order(trajectory):
+    """igd+mgd3's step: the mode pull and the influence step each add an offset computed from x_t, so the
+    composed step is their sum and the order of the two guides does not matter."""
+    import dataclasses
+
+    from ddkit.methods.igd_mgd3 import composed
+    from ddkit.methods.modes import mode_step_guide
+    from ddkit.sampling import GuideStep
+
+    _, _, _, model, x, _, igd = _guided(trajectory)
+    pull = mode_step_guide(torch.rand(2, 1, 16, 16) * 2 - 1, 1.0, 0.5, 1.0)
+    raw = _Step(model, x, 700, torch.tensor([0, 3]))
+    s = GuideStep(**{f.name: getattr(raw, f.name) for f in dataclasses.fields(GuideStep)})
+    both = composed(pull, igd)(s)
+    expected = s.x_prev + (pull(s) - s.x_prev) + (igd(s) - s.x_prev)
+    torch.testing.assert_close(both, expected)
+    torch.testing.assert_close(composed(igd, pull)(s), both)
+    assert not torch.allclose(both, pull(s)) and not torch.allclose(both, igd(s))
+
+
+def test_igd_on_modes_is_each_method_when_the_other_is_off(digits, tmp_path):
+    """igd+mgd3 with IGD's scales at 0 samples MGD^3's set exactly, and with the mode pull at 0 IGD's; its
+    record carries both methods' prepared files and its bundle ships both."""
+    import dataclasses
+
+    from ddkit.distilled import load_distilled
+    from ddkit.generate import generate
+    from ddkit.methods import registry
+
+    cfg, model = digits
+    g = cfg.generate
+
+    def run(c, method, name):
+        out = generate(c, method=method, time_limit=600, out_dir=tmp_path / name, progress=False, model=model)
+        return torch.load(out / "dataset.pt", weights_only=False)["images"], out
+
+    no_igd = dataclasses.replace(cfg, generate=dataclasses.replace(
+        g, igd=dataclasses.replace(g.igd, scale=0.0, dev_scale=0.0)))
+    no_pull = dataclasses.replace(cfg, generate=dataclasses.replace(g, modes=dataclasses.replace(g.modes, scale=0.0)))
+    assert torch.equal(run(no_igd, "igd+mgd3", "a")[0], run(no_igd, "mgd3", "b")[0])
+    assert torch.equal(run(no_pull, "igd+mgd3", "c")[0], run(no_pull, "igd", "d")[0])
+    both, out = run(cfg, "igd+mgd3", "e")
+    assert not torch.equal(both, run(cfg, "igd", "f")[0]) and not torch.equal(both, run(cfg, "mgd3", "g")[0])
+    import json
+
+    rec = json.loads((out / "manifest.json").read_text())["record"]
+    assert set(rec["prepared"]) == {"modes", "igd_surrogate", "igd_memory"}
+    shipped = registry.build("igd+mgd3", cfg).bundle_files(load_distilled(out), Path("unused"))
+    assert set(shipped) == {"generate.modes.file", "generate.igd.surrogate"}
+    assert registry.sections_read("igd+mgd3") == ("generate.igd", "generate.modes")

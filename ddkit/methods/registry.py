@@ -18,14 +18,15 @@ from ddkit.errors import ConfigError
 
 SELECT = "+select"
 
-#: name -> ("module:Class", its own config section under ``generate`` or None). The one place a method is
-#: registered; only that method's fingerprint reads its section.
-METHODS: dict[str, tuple[str, str | None]] = {
-    "minimax": ("ddkit.methods.dit:Minimax", None),
-    "dit": ("ddkit.methods.dit:PlainDiT", None),
-    "d3hr": ("ddkit.methods.d3hr.method:D3HR", "d3hr"),
-    "mgd3": ("ddkit.methods.mgd3:MGD3", "modes"),
-    "igd": ("ddkit.methods.igd.method:IGD", "igd"),
+#: name -> ("module:Class", the config sections under ``generate`` it reads). The one place a method is
+#: registered; only that method's fingerprint reads its sections. A composition reads its parts' sections.
+METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "minimax": ("ddkit.methods.dit:Minimax", ()),
+    "dit": ("ddkit.methods.dit:PlainDiT", ()),
+    "d3hr": ("ddkit.methods.d3hr.method:D3HR", ("d3hr",)),
+    "mgd3": ("ddkit.methods.mgd3:MGD3", ("modes",)),
+    "igd": ("ddkit.methods.igd.method:IGD", ("igd",)),
+    "igd+mgd3": ("ddkit.methods.igd_mgd3:IGDOnModes", ("igd", "modes")),
 }
 SELECT_SECTION = "select"  # generate.select: the +select wrapper's section
 #: Pseudo-methods: a name resolved to a registered method per experiment (:func:`resolve`).
@@ -78,16 +79,20 @@ def sections_read(name: str) -> tuple[str, ...]:
     """The method-owned ``generate.<section>`` keys that ``name`` reads (its own and, with ``+select``,
     ``generate.select``)."""
     if name in PSEUDO:  # resolved per experiment: any method's section may be read
-        return tuple(f"generate.{s}" for _, s in METHODS.values() if s) + (f"generate.{SELECT_SECTION}",)
+        return _every_section()
     base, selected = split(name)
-    section = METHODS[base][1] if base in METHODS else None
-    return ((f"generate.{section}",) if section else ()) + ((f"generate.{SELECT_SECTION}",) if selected else ())
+    own = METHODS[base][1] if base in METHODS else ()
+    return tuple(f"generate.{s}" for s in own) + ((f"generate.{SELECT_SECTION}",) if selected else ())
+
+
+def _every_section() -> tuple[str, ...]:
+    own = dict.fromkeys(s for _, sections in METHODS.values() for s in sections)
+    return tuple(f"generate.{s}" for s in own) + (f"generate.{SELECT_SECTION}",)
 
 
 def sections_ignored(name: str) -> tuple[str, ...]:
     """The method-owned ``generate.<section>`` keys that ``name`` does not read."""
-    every = [f"generate.{s}" for _, s in METHODS.values() if s] + [f"generate.{SELECT_SECTION}"]
-    return tuple(k for k in every if k not in sections_read(name))
+    return tuple(k for k in _every_section() if k not in sections_read(name))
 
 
 def build(name: str, cfg: Any) -> Any:
