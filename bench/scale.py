@@ -163,12 +163,11 @@ def stage(a, name: str, work: Path) -> dict:
         )
         class_modes_for(s, min(a.ipc, a.train_per_class), None)
     elif name == "select":
-        from ddkit.methods.select import encode, select_per_class
+        from ddkit.methods.select import select_streamed
         from ddkit.methods.selected import encoder_for
 
         net, means, _ = encoder_for(cfg)
-        feats, logits = encode(net, setup["pool"])
-        select_per_class(feats, logits, setup["labels"], a.ipc, real_means=means)
+        select_streamed(net, setup["pool"], setup["labels"], a.ipc, real_means=means)
     elif name == "generate":
         from ddkit.generate import generate
 

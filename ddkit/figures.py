@@ -151,7 +151,7 @@ def write_selection_grid(path: Path, images: torch.Tensor, labels: torch.Tensor,
     blank = torch.zeros_like(images[0]) if images.numel() else torch.zeros(1, 8, 8, dtype=torch.uint8)
     tiles = []
     for c in range(k):
-        chosen = [images[i] for i in keep.tolist() if int(labels[i]) == c][:ipc]
+        chosen = list(images[keep[labels[keep] == c][:ipc]])
         rejected = images[(labels == c) & ~kept][:max_rejected]
         row = chosen + [blank] * (ipc - len(chosen)) + [blank] + list(rejected)
         row += [blank] * (cols - len(row))

@@ -65,6 +65,33 @@ def test_select_per_class_is_class_major_balanced_and_inside_each_class():
         S.select_per_class(feats, logits, labels, 9)
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 13, 500])
+@pytest.mark.parametrize("criterion", S.CRITERIA)
+def test_streamed_selection_equals_the_whole_pool_selection(batch_size, criterion):
+    """select_streamed (the pool read one encode batch at a time, a class chosen once complete) keeps exactly
+    what select_per_class keeps on the whole pool's features, whether a batch ends inside a class, holds
+    several classes, or holds one row; a pool that is not class-major is refused."""
+    from ddkit.evaluate.networks import ConvNet
+
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    net = ConvNet(1, 4, 8, width=4).eval()
+    counts = [5, 9, 3, 6]  # uneven, as a pool cut by the deadline is not (merge balances it), to test the bounds
+    labels = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    images = torch.randint(0, 256, (len(labels), 1, 8, 8), generator=g, dtype=torch.uint8)
+    means = torch.randn(4, net.embed(torch.zeros(1, 1, 8, 8)).shape[1], generator=g)
+    feats, logits = S.encode(net, images, batch_size=batch_size)
+    kw = dict(criterion=criterion, min_confidence=0.3, real_means=means)
+    whole = S.select_per_class(feats, logits, labels, 3, **kw)
+    streamed = S.select_streamed(net, images, labels, 3, batch_size=batch_size, **kw)
+    assert streamed.keep.tolist() == whole.keep.tolist()
+    assert torch.equal(streamed.confidence, whole.confidence)
+    with pytest.raises(ValueError, match="candidates < ipc"):
+        S.select_streamed(net, images, labels, 4, batch_size=batch_size, **kw)
+    with pytest.raises(ValueError, match="class-major"):
+        S.select_streamed(net, images, labels.flip(0), 3, batch_size=batch_size, **kw)
+
+
 def test_selection_reserve_is_the_timed_cost_of_one_class_times_the_candidates(tmp_path):
     """The reserve +select keeps for its selection is measured on the encoder (one class's candidates
     encoded and chosen), scaled by the dataset's classes: a slower machine gets a larger reserve."""

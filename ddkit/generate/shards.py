@@ -17,7 +17,7 @@ from ddkit.errors import BudgetError, DataError
 from ddkit.figures import write_budget_plot, write_grid
 from ddkit.generate import record as rec
 from ddkit.generate.layout import SHARD_FILE, shard_dirs
-from ddkit.io import atomic_torch_save, atomic_write_json, hardware_info, is_done, mark_done
+from ddkit.io import atomic_torch_save, atomic_write_json, gather_rows, hardware_info, is_done, mark_done
 
 
 def shard_record(sampler, runner, samples: dict[str, list], job, plan_at: float) -> dict[str, Any]:
@@ -109,7 +109,8 @@ def _load_shards(gen_dir: Path) -> list[dict[str, Any]]:
     dirs = shard_dirs(gen_dir)
     if not dirs:
         raise DataError(f"{gen_dir}: no shard-<rank> directories to merge")
-    first = torch.load(dirs[0] / SHARD_FILE, weights_only=False) if is_done(dirs[0]) else None
+    # mmap: a shard's images stay on disk; the merge copies only the kept rows (_class_major)
+    first = torch.load(dirs[0] / SHARD_FILE, weights_only=False, mmap=True) if is_done(dirs[0]) else None
     if first is None:
         raise DataError(f"{dirs[0]}: shard not done (no DONE marker); rerun generation for it")
     world = int(first["world_size"])
@@ -119,44 +120,46 @@ def _load_shards(gen_dir: Path) -> list[dict[str, Any]]:
         d = gen_dir / f"shard-{r}"
         if not is_done(d):
             raise DataError(f"{d}: shard missing or not done (world size {world}); rerun that rank")
-        s = first if d == dirs[0] else torch.load(d / SHARD_FILE, weights_only=False)
+        s = first if d == dirs[0] else torch.load(d / SHARD_FILE, weights_only=False, mmap=True)
         if s["world_size"] != world or s["classes"] != first["classes"]:
             raise DataError(f"{d / SHARD_FILE}: from a different run (world size or classes differ)")
         shards.append(s)
     return shards
 
 
-def _class_major(shards: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _class_major(shards: list[dict[str, Any]], scratch_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(``dataset.pt``'s dict, what the manifest needs: ``keep`` (indices into the concatenated shards),
     ``labels``, ``index``, ``steps`` and per-class ``counts``). Each class keeps its ``ipc`` = smallest
-    per-class count lowest image indices."""
+    per-class count lowest image indices.
+
+    The shards' images are never concatenated: :func:`ddkit.io.gather_rows` copies the kept rows from each
+    (memory-mapped) shard into a file-backed tensor in ``scratch_dir``, so the merge adds one chunk of
+    anonymous memory at any set size."""
     import torch
 
     classes = list(shards[0]["classes"])
     K = len(classes)
-    images = torch.cat([s["images"] for s in shards])
     labels = torch.cat([s["labels"] for s in shards])
     index = torch.cat([s["index"] for s in shards])
     steps = torch.cat([s["steps"] for s in shards])
-    counts = [int((labels == k).sum()) for k in range(K)]
+    counts = torch.bincount(labels, minlength=K)[:K].tolist() if K else []
     ipc = min(counts) if counts else 0
-    # Class-major, and within a class by image index; keep the first ipc of each class.
-    order = sorted(range(len(labels)), key=lambda j: (int(labels[j]), int(index[j])))
-    keep, seen = [], [0] * K
-    for j in order:
-        c = int(labels[j])
-        if seen[c] < ipc:
-            keep.append(j)
-            seen[c] += 1
-    keep_t = torch.tensor(keep, dtype=torch.long)
+    # Class-major, and within a class by image index (two stable sorts); keep the first ipc of each class.
+    order = torch.argsort(index, stable=True)
+    order = order[torch.argsort(labels[order], stable=True)]
+    count_t = torch.tensor(counts, dtype=torch.long)
+    class_start = torch.cumsum(count_t, 0) - count_t
+    rank_in_class = torch.arange(len(order)) - class_start[labels[order]]
+    keep_t = order[rank_in_class < ipc]
     dataset = {
-        "images": images[keep_t].contiguous(),
+        "images": gather_rows([s["images"] for s in shards], keep_t, scratch_dir),
         "labels": labels[keep_t].contiguous(),
         "classes": classes,
         "ipc": ipc,
     }
-    kept_steps = steps[keep_t] if len(keep) else steps
-    return dataset, {"keep": keep, "labels": labels, "index": index, "kept_steps": kept_steps, "counts": counts}
+    kept_steps = steps[keep_t] if len(keep_t) else steps
+    return dataset, {"keep": keep_t.tolist(), "labels": labels, "index": index, "kept_steps": kept_steps,
+                     "counts": counts}  # fmt: skip
 
 
 def _images_possible(shards: list[dict[str, Any]]) -> int:
@@ -242,7 +245,7 @@ def merge(
     """
     gen_dir = Path(gen_dir)
     shards = _load_shards(gen_dir)
-    dataset, cut = _class_major(shards)
+    dataset, cut = _class_major(shards, gen_dir)
     ipc = dataset["ipc"]
     out = gen_dir / "dataset.pt"
     atomic_torch_save(dataset, out)

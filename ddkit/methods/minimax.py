@@ -276,7 +276,7 @@ class MinimaxMemory:
         # One gather per memory, then views per class: the per-class cost is one cat, not three index ops.
         real = x0.index_select(0, order).split(counts)
         gen = x0_pred.detach().index_select(0, order).split(counts)
-        for c, r, g in zip(classes, real, gen):
+        for c, r, g in zip(classes, real, gen, strict=True):
             self.real.push(c, r)
             self.gen.push(c, g)
 

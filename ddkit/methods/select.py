@@ -184,6 +184,66 @@ def select_per_class(
     return Selection(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long), conf, ipc)
 
 
+@torch.no_grad()
+def select_streamed(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ipc: int,
+    *,
+    criterion: str = "herding",
+    min_confidence: float = 0.5,
+    real_means: torch.Tensor | None = None,
+    batch_size: int = 500,
+) -> Selection:
+    """:func:`select_per_class` of :func:`encode`'s features, over a class-major pool read ``batch_size`` rows
+    at a time: a class is chosen as soon as its last candidate is encoded, and only the classes not yet
+    complete keep their features. With ``images`` memory-mapped (``torch.load(mmap=True)``), memory is one
+    encode batch plus one class's features, at any pool size. The batches are :func:`encode`'s, so the
+    result equals ``select_per_class(*encode(net, images, batch_size), labels, ipc, ...)`` exactly.
+
+    Args:
+        net: :func:`train_encoder`'s encoder; images: uint8 [N, C, H, W], class-major; labels: int64 [N],
+            non-decreasing; ipc, criterion, min_confidence, real_means: as :func:`select_per_class`.
+
+    Returns:
+        The :class:`Selection` (``keep`` indices into ``images``, class-major).
+
+    Raises:
+        ValueError: no candidates, labels not class-major, or the errors of :func:`select_per_class`.
+    """
+    n = int(labels.shape[0])
+    if n == 0:
+        raise ValueError("select_streamed: no candidates")
+    if bool((labels[1:] < labels[:-1]).any()):
+        raise ValueError("labels: the pool is not class-major (labels must be non-decreasing)")
+    ends: torch.Tensor | None = None
+    keep, confidence = [], []
+    held_f = held_c = None  # features and confidences of rows lo.. (the classes not chosen yet)
+    lo, c = 0, 0  # first row held; next class to choose
+    for i in range(0, n, batch_size):
+        f = net.embed(images[i : i + batch_size].float() / 127.5 - 1.0)
+        logits = net.classifier(f)
+        if ends is None:  # the encoder's classes, as select_per_class counts them
+            ends = torch.cumsum(torch.bincount(labels, minlength=logits.shape[1]), 0)
+            held_f, held_c = f[:0], logits.new_zeros(0)
+        conf = F.softmax(logits.float(), dim=1).gather(1, labels[i : i + batch_size].view(-1, 1)).squeeze(1)
+        confidence.append(conf)
+        held_f, held_c = torch.cat([held_f, f]), torch.cat([held_c, conf])  # rows lo .. i + len(f)
+        while c < len(ends) and int(ends[c]) <= i + f.shape[0]:
+            start, end = (int(ends[c - 1]) if c else 0), int(ends[c])
+            if end - start < ipc:
+                raise ValueError(f"class {c}: {end - start} candidates < ipc {ipc}")
+            target = None if real_means is None else real_means[c]
+            sel = select_class(held_f[start - lo : end - lo], held_c[start - lo : end - lo], ipc, criterion=criterion,
+                               min_confidence=min_confidence, target=target)  # fmt: skip
+            keep.append(start + sel)
+            c += 1
+        done = (int(ends[c - 1]) if c else 0) - lo
+        held_f, held_c, lo = held_f[done:], held_c[done:], lo + done
+    return Selection(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long), torch.cat(confidence), ipc)
+
+
 def tensor_batches(images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64, seed: int = 0):
     """:func:`train_encoder`'s ``batches`` over tensors in memory: a fresh seeded permutation per epoch.
 

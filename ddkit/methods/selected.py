@@ -27,10 +27,10 @@ from ddkit.config import ExperimentConfig
 from ddkit.errors import DataError
 from ddkit.figures import write_grid, write_selection_grid
 from ddkit.generate.record import mark_done_stamped
-from ddkit.io import atomic_torch_save, atomic_write_json, read_json
+from ddkit.io import atomic_torch_save, atomic_write_json, gather_rows, read_json
 from ddkit.methods.base import GenerationMethod, Sampling
 from ddkit.methods.registry import label
-from ddkit.methods.select import encode, select_class, select_per_class, train_encoder
+from ddkit.methods.select import encode, select_class, select_streamed, train_encoder
 
 POOL = "pool"
 ENCODER_BATCH = 64  # Adam's batch for the selector's encoder
@@ -212,17 +212,17 @@ def select_pool(cfg: ExperimentConfig, method: str, out: Path) -> Path:
     encoder, real_means, encoder_path = encoder_for(cfg)
     encoder_s = time.monotonic() - t0
     t1 = time.monotonic()
-    data = torch.load(pool / "dataset.pt", map_location="cpu", weights_only=True)
+    # mmap: the pool (ratio x the set) stays on disk; select_streamed reads it one encode batch at a time
+    data = torch.load(pool / "dataset.pt", map_location="cpu", weights_only=True, mmap=True)
     the_plan = read_json(pool / "manifest.json")["plan"]
     # A pool cut short by the deadline keeps its planned IPC only while it has the candidates.
     ipc = max(1, min(int(the_plan.get("kept_ipc") or data["ipc"]), int(data["ipc"])))
-    feats, logits = encode(encoder, data["images"])
-    sel = select_per_class(
-        feats, logits, data["labels"], ipc, criterion=scfg.criterion,
+    sel = select_streamed(
+        encoder, data["images"], data["labels"], ipc, criterion=scfg.criterion,
         min_confidence=scfg.min_confidence, real_means=real_means,
     )
     chosen = {
-        "images": data["images"][sel.keep].contiguous(),
+        "images": gather_rows([data["images"]], sel.keep, out),  # file-backed: the set adds no anonymous memory
         "labels": data["labels"][sel.keep].contiguous(),
         "classes": data["classes"],
         "ipc": ipc,
@@ -259,6 +259,6 @@ def _manifest(pool: dict[str, Any], method, sel, data, ipc, encoder_path, encode
             "pool_judge_accuracy": float((conf > 0.5).float().mean()),
             "kept_mean_confidence": float(conf[kept].mean()) if kept.any() else None,
             "rejected_mean_confidence": float(conf[~kept].mean()) if (~kept).any() else None,
-            "per_class_kept": [int(kept[labels == c].sum()) for c in range(int(labels.max()) + 1)],
+            "per_class_kept": torch.bincount(labels[sel.keep], minlength=int(labels.max()) + 1).tolist(),
         },
     }
