@@ -46,7 +46,34 @@ def ipc_table(cfg, methods: list[str], ipcs: list[int], steps: int, repeats: int
             sets[m] = d / "dataset.pt"
         ecfg = replace(cfg.evaluate, repeats=repeats, ipc=ipc, baselines=("random_real",))
         out[ipc] = evaluate(sets, cfg.data.shards, ecfg, out_dir=bench / f"eval-ipc{ipc}", progress=progress)
+        for m, f in sets.items():
+            out[ipc][m]["cost"] = cost(f.parent)
     return out
+
+
+PREPARATION = ("d3hr_statistics", "d3hr_latents", "mgd3_modes", "igd_surrogate_made_s", "igd_memory")
+
+
+def cost(gen_dir: Path) -> dict:
+    """One generation's cost from its ``manifest.json``: the method's preparation (seconds per phase, summed
+    over ranks; IGD's surrogate as the seconds it took to make, also when read from the cache; ``+select``'s
+    encoder and selection), the calibration, and sampling seconds per image generated."""
+    from ddkit.io import read_json
+
+    m = read_json(gen_dir / "manifest.json")
+    ranks = [v for k, v in m["phases"].items() if k.startswith("rank")]
+    prep = {k: sum(r.get(k, 0.0) for r in ranks) for k in PREPARATION if any(k in r for r in ranks)}
+    if "selection" in m:
+        prep["select_encoder"] = m["selection"]["encoder_seconds"]
+        prep["select"] = m["selection"]["select_seconds"]
+    return {
+        "preparation": prep,
+        "preparation_s": sum(prep.values()),
+        "calibrate_s": sum(r.get("calibrate", 0.0) for r in ranks),
+        "sample_s_per_image": sum(r.get("sample", 0.0) for r in ranks) / max(1, m["images_generated"]),
+        "images_generated": m["images_generated"],
+        "precision": (m.get("precision") or {}).get("precision"),
+    }
 
 
 def planner_vs_fixed(cfg, method: str, budget: float, seeds: list[int], progress: bool) -> dict:
@@ -138,6 +165,14 @@ def main() -> None:
             rr = table[i]["random_real"]["mean"]
             cells.append(f"{r['mean']:5.1f} ({r['mean'] / rr:.2f})" if r else "   -   ")
         print(f"{n:>16} " + " ".join(cells))
+    print("\ncost: preparation s (its parts) · calibration s · sampling s per image generated")
+    for i in args.ipcs:
+        for n, r in sorted(table[i].items()):
+            if "cost" in r:
+                c = r["cost"]
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in c["preparation"].items())
+                print(f"IPC {i:>3} {n:>16} {c['preparation_s']:8.1f} ({parts}) · {c['calibrate_s']:6.1f} · "
+                      f"{c['sample_s_per_image']:.3f} ({c['images_generated']} images, {c['precision']})")
 
 
 if __name__ == "__main__":
