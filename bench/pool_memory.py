@@ -7,9 +7,11 @@ the pool one batch at a time and chooses a class once its last candidate is enco
 (``ddkit.methods.select.select_streamed``). So the memory they add should be about the set they write, not
 the pool they read.
 
-This bench generates a ``dit+select`` pool with the tiny latent stand-in (``bench/scale.py``'s, random
-weights) as two ranks' shards, for each ``--ratios`` at a fixed kept IPC, then runs, each in its own process:
+For each ``--ratios`` at a fixed kept IPC, this bench runs, each in its own process, with the tiny latent
+stand-in (``bench/scale.py``'s, random weights):
 
+- ``generate``: a ``dit+select`` pool as two ranks' shards, one rank after the other; a rank spools its
+  images to disk as they are sampled (``ddkit.rows.RowSpool``; "set MB" is one rank's share);
 - ``merge``: ``ddkit.generate.merge`` of the pool's shards (the library);
 - ``merge-in-memory``: the reference: every shard loaded whole, the images concatenated, the kept rows taken;
 - ``select``: ``ddkit.methods.selected.select_pool`` (the library; the encoder is trained in the setup);
@@ -40,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-STAGES = ("merge", "merge-in-memory", "select", "select-in-memory")
+STAGES = ("generate", "merge", "merge-in-memory", "select", "select-in-memory")
 
 
 def _anon_mb() -> float:
@@ -81,12 +83,11 @@ def _cfg(a, work: Path, ratio: int):
     return replace(cfg, generate=replace(cfg.generate, select=replace(cfg.generate.select, ratio=ratio)))
 
 
-def setup(a, work: Path, ratio: int) -> Path:
-    """Shards of the real stand-in, the encoder, and a ``dit+select`` pool of two ranks (not merged)."""
-    from scale import backbone, make_folder
+def setup(a, work: Path, ratio: int) -> None:
+    """Shards of the real stand-in and the selector's encoder (trained once)."""
+    from scale import make_folder
 
     from ddkit.data import shard_dataset
-    from ddkit.generate import generate
     from ddkit.methods.selected import encoder_for
 
     cfg = _cfg(a, work, ratio)
@@ -94,18 +95,13 @@ def setup(a, work: Path, ratio: int) -> Path:
         make_folder(work / "folder", a.classes, a.train_per_class, 1, 8 * a.latent)
         shard_dataset(cfg.data, work / "shards")
     encoder_for(cfg)
-    gen = work / "run" / f"gen-r{ratio}"
-    model = backbone(a)
-    for rank in (0, 1):
-        generate(cfg, method="dit+select", time_limit=1e5, out_dir=gen, rank=rank, world_size=2, model=model,
-                 progress=False, merge_when_done=False, follow_changes=False)  # fmt: skip
-    return gen
 
 
 def stage(a, name: str, work: Path, ratio: int) -> dict:
     import torch
+    from scale import backbone
 
-    from ddkit.generate import merge
+    from ddkit.generate import generate, merge
     from ddkit.methods.select import encode, select_per_class
     from ddkit.methods.selected import encoder_for, select_pool
 
@@ -115,10 +111,15 @@ def stage(a, name: str, work: Path, ratio: int) -> dict:
     if name.startswith("select") and not (pool / "dataset.pt").is_file():
         merge(pool)
     encoder, means, _ = encoder_for(cfg) if name == "select-in-memory" else (None, None, None)
+    model = backbone(a) if name == "generate" else None
     base = _anon_mb()
     t0 = time.perf_counter()
     with AnonPeak() as peak:
-        if name == "merge":
+        if name == "generate":  # both ranks' shards of the pool, one after the other, not merged
+            for rank in (0, 1):
+                generate(cfg, method="dit+select", time_limit=1e5, out_dir=gen, rank=rank, world_size=2,
+                         model=model, progress=False, merge_when_done=False, follow_changes=False)  # fmt: skip
+        elif name == "merge":
             merge(pool)
         elif name == "merge-in-memory":
             shards = [torch.load(d / "images.pt", weights_only=False) for d in sorted(pool.glob("shard-*"))]
@@ -136,8 +137,11 @@ def stage(a, name: str, work: Path, ratio: int) -> dict:
             data["images"][sel.keep].contiguous()
     seconds = time.perf_counter() - t0
     pool_mb = sum(f.stat().st_size for f in pool.glob("shard-*/images.pt")) / 2**20
-    set_mb = torch.load(pool / "dataset.pt" if name.startswith("merge") else gen / "dataset.pt",
-                        weights_only=True, mmap=True)["images"].numel() / 2**20  # fmt: skip
+    written = {"generate": None, "merge": pool / "dataset.pt", "merge-in-memory": pool / "dataset.pt"}
+    f = written.get(name, gen / "dataset.pt")
+    set_mb = (
+        pool_mb / 2 if f is None else torch.load(f, weights_only=True, mmap=True)["images"].numel() / 2**20
+    )
     return {"seconds": seconds, "added_mb": max(0.0, peak.peak - base), "pool_mb": pool_mb, "set_mb": set_mb}
 
 

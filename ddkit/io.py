@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -174,52 +173,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     with atomic_file(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
-
-
-GATHER_ROWS = 1024  # rows copied per chunk by gather_rows: the only anonymous memory it needs
-
-
-def gather_rows(sources: list[Any], keep: Any, scratch_dir: str | Path) -> Any:
-    """``torch.cat(sources)[keep]`` without the concatenation in memory: rows are copied source by source,
-    :data:`GATHER_ROWS` at a time, into a tensor whose storage is a shared memory map of an unlinked file in
-    ``scratch_dir``. Its pages are page cache, which the kernel writes back and drops under pressure, so
-    gathering a set of any size from memory-mapped sources (``torch.load(mmap=True)``) adds one chunk of
-    anonymous memory. The file's blocks are freed when the tensor is. ``torch.save`` writes it as any tensor.
-
-    Args:
-        sources: tensors [N_i, *S] of one dtype and row shape S; keep: int64 [M] indices into their
-            concatenation; scratch_dir: a directory on a disk with room for the M rows.
-
-    Returns:
-        [M, *S] tensor, the rows in ``keep``'s order.
-
-    Raises:
-        IndexError: an index outside the concatenation.
-    """
-    import torch
-
-    total = sum(int(s.shape[0]) for s in sources)
-    if len(keep) and (int(keep.min()) < 0 or int(keep.max()) >= total):
-        raise IndexError(f"gather_rows: indices outside [0, {total})")
-    shape, dtype = (len(keep), *sources[0].shape[1:]), sources[0].dtype
-    numel = math.prod(shape)
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    fd, tmp = tempfile.mkstemp(prefix=".gather-", dir=scratch_dir)
-    os.close(fd)
-    try:
-        out = torch.from_file(tmp, shared=True, size=numel, dtype=dtype).view(shape)
-    finally:
-        os.unlink(tmp)  # the mapping keeps the inode: no file is left behind, even on a crash after this
-    start = 0
-    for src in sources:
-        n = int(src.shape[0])
-        pos = torch.nonzero((keep >= start) & (keep < start + n)).flatten()
-        for c in range(0, len(pos), GATHER_ROWS):
-            p = pos[c : c + GATHER_ROWS]
-            out[p] = src[keep[p] - start]
-        start += n
-    return out
 
 
 @contextlib.contextmanager

@@ -109,33 +109,3 @@ def test_dist_env_from_launchers():
 )  # fmt: skip
 def test_first_host(nodelist, first):
     assert first_host(nodelist) == first
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 1024])
-def test_gather_rows_is_the_concatenation_indexed_and_leaves_no_file(tmp_path, monkeypatch, chunk):
-    """gather_rows (the merge's and the selection's copy of kept rows from memory-mapped shards) equals
-    torch.cat(sources)[keep] for any order of keep, chunk size and source sizes, survives torch.save, and
-    leaves nothing in its scratch directory."""
-    import torch
-
-    import ddkit.io as io_mod
-
-    monkeypatch.setattr(io_mod, "GATHER_ROWS", chunk)
-    g = torch.Generator().manual_seed(0)
-    sources = [torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8) for n in (5, 0, 7, 2)]
-    whole = torch.cat(sources)
-    for f in ("a.pt", "b.pt"):  # sources as the merge reads them: memory-mapped torch files
-        torch.save({"images": whole}, tmp_path / f)
-    mapped = [torch.load(tmp_path / "a.pt", mmap=True, weights_only=True)["images"][:9],
-              torch.load(tmp_path / "b.pt", mmap=True, weights_only=True)["images"][9:]]  # fmt: skip
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    for srcs in (sources, mapped):
-        for keep in (torch.randperm(14, generator=g)[:9], torch.arange(14).flip(0), torch.zeros(0, dtype=torch.long)):
-            out = io_mod.gather_rows(srcs, keep, scratch)
-            assert torch.equal(out, whole[keep])
-            io_mod.atomic_torch_save({"images": out}, tmp_path / "out.pt")
-            assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True)["images"], whole[keep])
-    assert list(scratch.iterdir()) == []
-    with pytest.raises(IndexError, match=r"\[0, 14\)"):
-        io_mod.gather_rows(sources, torch.tensor([14]), scratch)

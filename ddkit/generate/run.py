@@ -26,6 +26,7 @@ from ddkit.generate.shards import merge, save_shard
 from ddkit.io import is_done, write_run_config
 from ddkit.methods import registry
 from ddkit.progress import bar
+from ddkit.rows import RowSpool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +262,7 @@ def _sample(cfg, meth, gen_dir: Path, *, rank, world_size, t0, clock, model, dev
                       gen_dir=gen_dir, progress=progress, phases=phases, clock=clock)  # fmt: skip
     rec = {**rec, **meth.base.record()}  # with what on_plan prepared (MGD^3's modes digest)
     mark = clock()
-    samples = run_budget(sampler, runner, progress=progress, rank=job.rank, phase=phase)
+    samples = run_budget(sampler, runner, progress=progress, rank=job.rank, phase=phase, scratch_dir=gen_dir)
     phases["sample"] = clock() - mark
     save_shard(gen_dir / f"shard-{job.rank}", sampler, runner, samples, job, plan_at=plan_at, phases=phases,
                clock=clock, record=rec)  # fmt: skip
@@ -393,21 +394,25 @@ def _note_table_method(the_plan, quality, method: str):
     return dataclasses.replace(the_plan, reason=the_plan.reason + note)
 
 
-def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int, phase=None) -> dict[str, list]:
+def run_budget(sampler: Sampler, runner, *, progress: bool, rank: int, scratch_dir: Path, phase=None) -> dict[str, Any]:
     """Sample the runner's batches until it stops (done, or out of time: :class:`ddkit.budget.Runner`
     re-plans steps before each batch and may shorten or abandon one mid-chain).
 
     Returns:
-        ``{"images": [uint8 [b, C, H, W], ...], "labels": [class, ...], "index": [image index, ...],
-        "steps": [steps, ...]}``, one entry per image finished (lists, in sampling order).
+        ``{"images": RowSpool, "labels": [class, ...], "index": [image index, ...], "steps": [steps, ...]}``,
+        one entry per image finished, in sampling order. The images (uint8 [N, C, H, W], ``.rows()``) are
+        spooled to an unlinked file in ``scratch_dir`` (:class:`ddkit.rows.RowSpool`), so a rank holds one
+        batch of them in memory however large its share.
     """
     import torch
 
     from ddkit.sampling import SamplingAborted
 
     device, clock, deadline = sampler.device, runner.clock, runner.deadline
-    out: dict[str, list] = {"images": [], "labels": [], "index": [], "steps": []}
     total = sum(len(b.items) for b in runner.batches)
+    # mapped at the planned size: a sparse file, whose blocks are written only as images arrive
+    out: dict[str, Any] = {"images": RowSpool(scratch_dir, sampler.image_shape, torch.uint8, capacity=total),
+                           "labels": [], "index": [], "steps": []}  # fmt: skip
 
     def check(i: int, n: int) -> bool | int:
         if device.type == "cuda":

@@ -17,7 +17,8 @@ from ddkit.errors import BudgetError, DataError
 from ddkit.figures import write_budget_plot, write_grid
 from ddkit.generate import record as rec
 from ddkit.generate.layout import SHARD_FILE, shard_dirs
-from ddkit.io import atomic_torch_save, atomic_write_json, gather_rows, hardware_info, is_done, mark_done
+from ddkit.io import atomic_torch_save, atomic_write_json, hardware_info, is_done, mark_done
+from ddkit.rows import gather_rows
 
 
 def shard_record(sampler, runner, samples: dict[str, list], job, plan_at: float) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def shard_record(sampler, runner, samples: dict[str, list], job, plan_at: float)
 
     Args:
         sampler: the :class:`ddkit.generate.Sampler`; runner: the :class:`ddkit.budget.Runner` after the
-            last batch; samples: :func:`ddkit.generate.run_budget`'s lists; job: this rank; plan_at: the
+            last batch; samples: :func:`ddkit.generate.run_budget`'s spool and lists; job: this rank; plan_at: the
             clock time of the plan.
 
     Returns:
@@ -34,10 +35,10 @@ def shard_record(sampler, runner, samples: dict[str, list], job, plan_at: float)
     """
     import torch
 
-    images, cost, t0 = samples["images"], runner.cost, job.t0
+    images, cost, t0 = samples["images"].rows(), runner.cost, job.t0
     gcfg = sampler.settings
     return {
-        "images": torch.cat(images) if images else torch.zeros(0, *sampler.image_shape, dtype=torch.uint8),
+        "images": images,
         "labels": torch.tensor(samples["labels"], dtype=torch.long),
         "index": torch.tensor(samples["index"], dtype=torch.long),
         "steps": torch.tensor(samples["steps"], dtype=torch.long),

@@ -27,10 +27,11 @@ from ddkit.config import ExperimentConfig
 from ddkit.errors import DataError
 from ddkit.figures import write_grid, write_selection_grid
 from ddkit.generate.record import mark_done_stamped
-from ddkit.io import atomic_torch_save, atomic_write_json, gather_rows, read_json
+from ddkit.io import atomic_torch_save, atomic_write_json, read_json
 from ddkit.methods.base import GenerationMethod, Sampling
 from ddkit.methods.registry import label
 from ddkit.methods.select import encode, select_class, select_streamed, train_encoder
+from ddkit.rows import gather_rows
 
 POOL = "pool"
 ENCODER_BATCH = 64  # Adam's batch for the selector's encoder
