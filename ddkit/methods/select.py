@@ -197,7 +197,7 @@ def select_streamed(
     batch_size: int = 500,
 ) -> Selection:
     """:func:`select_per_class` of :func:`encode`'s features, over a class-major pool read ``batch_size`` rows
-    at a time: a class is chosen as soon as its last candidate is encoded, and only the classes not yet
+    at a time (:func:`encode_batches`): a class is chosen as soon as its last candidate is encoded, and only the classes not yet
     complete keep their features. With ``images`` memory-mapped (``torch.load(mmap=True)``), memory is one
     encode batch plus one class's features, at any pool size. The batches are :func:`encode`'s, so the
     result equals ``select_per_class(*encode(net, images, batch_size), labels, ipc, ...)`` exactly.
@@ -221,9 +221,7 @@ def select_streamed(
     keep, confidence = [], []
     held_f = held_c = None  # features and confidences of rows lo.. (the classes not chosen yet)
     lo, c = 0, 0  # first row held; next class to choose
-    for i in range(0, n, batch_size):
-        f = net.embed(images[i : i + batch_size].float() / 127.5 - 1.0)
-        logits = net.classifier(f)
+    for i, f, logits in encode_batches(net, images, batch_size):
         if ends is None:  # the encoder's classes, as select_per_class counts them
             ends = torch.cumsum(torch.bincount(labels, minlength=logits.shape[1]), 0)
             held_f, held_c = f[:0], logits.new_zeros(0)
@@ -299,13 +297,17 @@ def train_encoder(
 
 
 @torch.no_grad()
+def encode_batches(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 500):
+    """Yield (first row, features float [b, D], logits float [b, K]) of uint8 [N, C, H, W] ``images`` under
+    :func:`train_encoder`'s encoder, ``batch_size`` rows at a time (a memory-mapped pool is read batch by
+    batch)."""
+    for i in range(0, images.shape[0], batch_size):
+        f = net.embed(images[i : i + batch_size].float() / 127.5 - 1.0)
+        yield i, f, net.classifier(f)
+
+
 def encode(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Features float [N, D] and logits float [N, K] of uint8 [N, C, H, W] images under :func:`train_encoder`'s
-    encoder."""
-    feats, logits = [], []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size].float() / 127.5 - 1.0
-        f = net.embed(x)
-        feats.append(f)
-        logits.append(net.classifier(f))
-    return torch.cat(feats), torch.cat(logits)
+    encoder (:func:`encode_batches`, concatenated)."""
+    out = list(encode_batches(net, images, batch_size))
+    return torch.cat([f for _, f, _ in out]), torch.cat([lg for _, _, lg in out])
